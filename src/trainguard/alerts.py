@@ -1,0 +1,383 @@
+"""Alerts: one small record, and the sinks every guard sends it to.
+
+An :class:`Alert` says which guard saw what, at which step, on which rank, with the evidence and the UTC time.
+An :class:`Alerter` hands it to each of its sinks; a sink that fails is reported once on the ``trainguard``
+logger and never breaks training.
+
+Sinks:
+
+- :class:`LoggerSink`: the ``trainguard`` logger (the default everywhere).
+- :class:`TrainerLogSink`: the Trainer's own log stream (``trainer.log``), so W&B, TensorBoard, MLflow and
+  ``state.log_history`` show ``trainguard/<guard>/<level>`` counters beside the loss.
+- :class:`JsonlSink`: one JSON object a line in ``output_dir/trainguard-events.jsonl``.
+- :class:`WebhookSink`: a JSON POST to a URL (Slack-compatible ``text`` field included), sent from a background
+  thread so a slow endpoint never stalls a step.
+
+Guards attached to a Trainer use the logger, the Trainer's log and the JSONL file by default, plus a webhook when
+``webhook_url=`` or the ``TRAINGUARD_WEBHOOK_URL`` environment variable is set.
+
+Example::
+
+    from trainguard.alerts import Alert, Alerter, JsonlSink, LoggerSink
+    Alerter([LoggerSink(), JsonlSink("out/trainguard-events.jsonl")]).emit(Alert("nan_guard", "error", "loss is NaN", step=7))
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import queue
+import threading
+import urllib.request
+import weakref
+from collections import Counter
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+from . import distributed
+from .atomic import append_line
+from .errors import _jsonable
+
+__all__ = [
+    "EVENTS_FILE",
+    "LEVELS",
+    "WEBHOOK_ENV",
+    "Alert",
+    "AlertSink",
+    "Alerter",
+    "JsonlSink",
+    "LoggerSink",
+    "TrainerLogSink",
+    "WebhookSink",
+    "get_logger",
+]
+
+LEVELS = ("info", "warning", "error", "critical")
+EVENTS_FILE = "trainguard-events.jsonl"
+WEBHOOK_ENV = "TRAINGUARD_WEBHOOK_URL"
+
+_LOG_LEVELS = {
+    "info": logging.INFO,
+    "warning": logging.WARNING,
+    "error": logging.ERROR,
+    "critical": logging.CRITICAL,
+}
+
+
+def get_logger() -> logging.Logger:
+    """The ``trainguard`` logger. It propagates to the root logger; configure it like any other."""
+    return logging.getLogger("trainguard")
+
+
+def _utc_now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+@dataclass(frozen=True)
+class Alert:
+    """What a guard saw.
+
+    Args:
+        guard: The guard's name, ``snake_case`` (``"nan_guard"``).
+        level: One of ``"info"``, ``"warning"``, ``"error"``, ``"critical"``.
+        message: One or two sentences a person can act on.
+        step: The optimizer step (``state.global_step``), when there is one.
+        rank: The global rank that saw it; defaults to this process's rank.
+        evidence: JSON-able facts behind the alert (values, paths, fingerprints).
+        time: UTC time in ISO 8601; defaults to now.
+    """
+
+    guard: str
+    level: str
+    message: str
+    step: int | None = None
+    rank: int = field(default_factory=distributed.rank)
+    evidence: Mapping[str, Any] = field(default_factory=dict)
+    time: str = field(default_factory=_utc_now)
+
+    def __post_init__(self) -> None:
+        if self.level not in LEVELS:
+            raise ValueError(f"Alert level must be one of {LEVELS}, not {self.level!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict with every field."""
+        return {
+            "time": self.time,
+            "guard": self.guard,
+            "level": self.level,
+            "step": self.step,
+            "rank": self.rank,
+            "message": self.message,
+            "evidence": _jsonable(dict(self.evidence)),
+        }
+
+    def format(self) -> str:
+        """One line for logs: ``[nan_guard] error at step 7 on rank 1: loss is NaN``."""
+        where = []
+        if self.step is not None:
+            where.append(f"step {self.step}")
+        where.append(f"rank {self.rank}")
+        return f"[{self.guard}] {self.level} at {' on '.join(where)}: {self.message}"
+
+
+@runtime_checkable
+class AlertSink(Protocol):
+    """Anything with ``send(alert)``; ``close(timeout)`` is optional."""
+
+    def send(self, alert: Alert) -> None: ...
+
+
+def _level_index(level: str) -> int:
+    return LEVELS.index(level)
+
+
+class LoggerSink:
+    """Logs every alert on the ``trainguard`` logger at the matching level."""
+
+    def __init__(self, logger: logging.Logger | None = None) -> None:
+        self.logger = logger or get_logger()
+
+    def send(self, alert: Alert) -> None:
+        self.logger.log(_LOG_LEVELS[alert.level], alert.format())
+
+
+class JsonlSink:
+    """Appends each alert as one JSON line to ``path`` (created with its folder when missing).
+
+    Each line is one ``O_APPEND`` write, so several ranks can share the file on a local filesystem.
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+
+    def send(self, alert: Alert) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        append_line(self.path, json.dumps(alert.to_dict(), ensure_ascii=False, allow_nan=False))
+
+
+class TrainerLogSink:
+    """Puts alert counters into the Trainer's log stream (``trainer.log``), where every reporting integration
+    (W&B, TensorBoard, MLflow, ...) and ``state.log_history`` picks them up.
+
+    Logged keys are numbers, which every integration accepts: ``trainguard/<guard>/<level>`` (how many alerts of
+    that guard and level so far) and ``trainguard/alerts`` (all alerts so far). The text is in the other sinks.
+
+    Alerts sent from another thread (a hashing worker, a watchdog) are held and delivered at the next alert or
+    :meth:`flush` on the thread that bound the trainer, because ``trainer.log`` is not thread-safe.
+    """
+
+    def __init__(self, trainer: Any = None) -> None:
+        self._trainer: weakref.ReferenceType[Any] | None = None
+        self._thread: int | None = None
+        self._counts: Counter[str] = Counter()
+        self._pending: list[Alert] = []
+        self._lock = threading.Lock()
+        self._active = False
+        if trainer is not None:
+            self.bind(trainer)
+
+    def bind(self, trainer: Any) -> None:
+        """Attach to a Trainer; call it from the training thread."""
+        self._trainer = weakref.ref(trainer)
+        self._thread = threading.get_ident()
+
+    @property
+    def trainer(self) -> Any:
+        return self._trainer() if self._trainer is not None else None
+
+    def send(self, alert: Alert) -> None:
+        if self._trainer is None:
+            return  # not attached to a Trainer: there is no log stream to feed
+        with self._lock:
+            self._pending.append(alert)
+        if threading.get_ident() == self._thread:
+            self.flush()
+
+    def flush(self) -> None:
+        """Deliver held alerts; a no-op off the training thread, without a trainer, or inside a delivery."""
+        trainer = self.trainer
+        if trainer is None or self._active or threading.get_ident() != self._thread:
+            return
+        with self._lock:
+            pending, self._pending = self._pending, []
+        if not pending:
+            return
+        for alert in pending:
+            self._counts[f"trainguard/{alert.guard}/{alert.level}"] += 1
+            self._counts["trainguard/alerts"] += 1
+        payload: dict[str, float] = {k: float(v) for k, v in self._counts.items()}
+        control = getattr(trainer, "control", None)
+        # CallbackHandler.on_log clears should_log; an alert raised before a scheduled log must not cancel it.
+        saved = getattr(control, "should_log", None)
+        self._active = True
+        try:
+            trainer.log(payload)
+        finally:
+            self._active = False
+            new_control = getattr(trainer, "control", None)
+            if saved is not None and new_control is not None:
+                new_control.should_log = saved
+
+
+class WebhookSink:
+    """POSTs each alert at or above ``min_level`` as JSON to ``url`` from a background thread.
+
+    The body is the alert's fields plus ``text`` (the one-line form), so Slack and Mattermost incoming webhooks
+    show it as is. A failed POST is logged once on the ``trainguard`` logger; training never waits for the network
+    except in :meth:`close`, which waits at most ``timeout`` seconds for queued alerts.
+
+    Args:
+        url: An ``http://`` or ``https://`` endpoint.
+        min_level: The lowest level sent (default ``"warning"``: info alerts stay local).
+        timeout: Seconds per request.
+        headers: Extra HTTP headers (an auth token, for example).
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        min_level: str = "warning",
+        timeout: float = 5.0,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        if not url.startswith(("http://", "https://")):
+            raise ValueError(f"webhook url must start with http:// or https://, got {url!r}")
+        if min_level not in LEVELS:
+            raise ValueError(f"min_level must be one of {LEVELS}, not {min_level!r}")
+        self.url = url
+        self.min_level = min_level
+        self.timeout = timeout
+        self.headers = {"Content-Type": "application/json", **dict(headers or {})}
+        self._queue: queue.Queue[Alert | None] = queue.Queue()
+        self._thread: threading.Thread | None = None
+        self._start_lock = threading.Lock()
+        self._warned = False
+        self.sent = 0
+        self.failed = 0
+
+    def send(self, alert: Alert) -> None:
+        if _level_index(alert.level) < _level_index(self.min_level):
+            return
+        self._ensure_worker()
+        self._queue.put(alert)
+
+    def _ensure_worker(self) -> None:
+        with self._start_lock:
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._run, name="trainguard-webhook", daemon=True)
+                self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            alert = self._queue.get()
+            try:
+                if alert is None:
+                    return
+                self._post(alert)
+            finally:
+                self._queue.task_done()
+
+    def _post(self, alert: Alert) -> None:
+        body = {**alert.to_dict(), "text": alert.format()}
+        request = urllib.request.Request(
+            self.url, data=json.dumps(body).encode("utf-8"), headers=self.headers, method="POST"
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=self.timeout) as response:
+                response.read()
+            self.sent += 1
+        except Exception as exc:
+            self.failed += 1
+            if not self._warned:
+                self._warned = True
+                get_logger().warning(
+                    "trainguard webhook %s failed (%s: %s); alerts still go to the other sinks",
+                    self.url,
+                    type(exc).__name__,
+                    exc,
+                )
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Wait up to ``timeout`` seconds for queued alerts to be sent."""
+        if self._thread is None or not self._thread.is_alive():
+            return
+        self._queue.put(None)
+        self._thread.join(timeout)
+
+
+class Alerter:
+    """Sends each alert to every sink; a failing sink is reported once and skipped, never raised.
+
+    Args:
+        sinks: The sinks. Defaults to ``[LoggerSink()]``.
+
+    Example::
+
+        alerter = Alerter([LoggerSink(), WebhookSink("http://127.0.0.1:9000/hook")])
+        alerter.emit(Alert("hang_watchdog", "critical", "no progress for 600 s", step=10))
+    """
+
+    def __init__(self, sinks: Iterable[AlertSink] | None = None) -> None:
+        self.sinks: list[AlertSink] = list(sinks) if sinks is not None else [LoggerSink()]
+        self._broken: set[int] = set()
+        self.history: list[Alert] = []
+
+    def emit(self, alert: Alert) -> Alert:
+        """Send ``alert`` to every sink and return it."""
+        self.history.append(alert)
+        for sink in self.sinks:
+            try:
+                sink.send(alert)
+            except Exception as exc:
+                if id(sink) not in self._broken:
+                    self._broken.add(id(sink))
+                    get_logger().warning(
+                        "trainguard alert sink %s failed (%s: %s); training continues, other sinks still get alerts",
+                        type(sink).__name__,
+                        type(exc).__name__,
+                        exc,
+                    )
+        return alert
+
+    def flush(self) -> None:
+        """Deliver alerts that sinks hold for the training thread (see :class:`TrainerLogSink`)."""
+        for sink in self.sinks:
+            flush = getattr(sink, "flush", None)
+            if callable(flush):
+                try:
+                    flush()
+                except Exception as exc:
+                    get_logger().warning("trainguard alert sink %s failed to flush: %s", type(sink).__name__, exc)
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Flush, then let sinks with background work finish (bounded by ``timeout`` per sink)."""
+        self.flush()
+        for sink in self.sinks:
+            close = getattr(sink, "close", None)
+            if callable(close):
+                try:
+                    close(timeout)
+                except Exception as exc:
+                    get_logger().warning("trainguard alert sink %s failed to close: %s", type(sink).__name__, exc)
+
+
+def default_sinks(
+    output_dir: str | os.PathLike[str] | None = None,
+    *,
+    trainer: Any = None,
+    webhook_url: str | None = None,
+) -> list[AlertSink]:
+    """The sinks a guard attached to a Trainer uses: logger, Trainer log, JSONL in ``output_dir``, and a webhook
+    when ``webhook_url`` or ``TRAINGUARD_WEBHOOK_URL`` is set."""
+    sinks: list[AlertSink] = [LoggerSink(), TrainerLogSink(trainer)]
+    if output_dir is not None:
+        sinks.append(JsonlSink(Path(output_dir) / EVENTS_FILE))
+    url = webhook_url or os.environ.get(WEBHOOK_ENV)
+    if url:
+        sinks.append(WebhookSink(url))
+    return sinks

@@ -1,0 +1,116 @@
+"""The base every trainguard callback stands on: alert plumbing and access to the owning Trainer."""
+
+from __future__ import annotations
+
+import sys
+import weakref
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar
+
+from transformers import TrainerCallback
+
+from .. import distributed
+from ..alerts import Alert, Alerter, AlertSink, TrainerLogSink, default_sinks
+
+__all__ = ["GuardCallback", "find_trainer"]
+
+
+def find_trainer(max_depth: int = 12) -> Any:
+    """The ``transformers.Trainer`` whose ``__init__`` (or method) is on the call stack, or None.
+
+    Callback events do not receive the Trainer, and ``on_init_end`` is fired from ``Trainer.__init__``, so the
+    instance is ``self`` a few frames up. Used once per run, never per step.
+    """
+    from transformers import Trainer
+
+    frame = sys._getframe(1)
+    depth = 0
+    while frame is not None and depth < max_depth:
+        candidate = frame.f_locals.get("self")
+        if isinstance(candidate, Trainer):
+            return candidate
+        frame = frame.f_back
+        depth += 1
+    return None
+
+
+class GuardCallback(TrainerCallback):
+    """Base class of trainguard callbacks: sets up alert sinks at ``on_init_end`` and offers :meth:`alert`.
+
+    Args:
+        alert_sinks: Replace the default sinks (logger, the Trainer's log stream, ``trainguard-events.jsonl`` in
+            ``output_dir``, and a webhook when ``webhook_url`` or ``TRAINGUARD_WEBHOOK_URL`` is set).
+        webhook_url: Also POST warnings and worse to this URL.
+    """
+
+    #: The guard's name in alerts, logs and ``trainguard/<name>/...`` log keys.
+    guard_name: ClassVar[str] = "guard"
+
+    def __init__(
+        self,
+        *,
+        alert_sinks: Sequence[AlertSink] | None = None,
+        webhook_url: str | None = None,
+    ) -> None:
+        self._alert_sinks = list(alert_sinks) if alert_sinks is not None else None
+        self._webhook_url = webhook_url
+        self._alerter: Alerter | None = None
+        self._trainer_ref: weakref.ReferenceType[Any] | None = None
+
+    # ----------------------------------------------------------------------------------------------- wiring
+    @property
+    def trainer(self) -> Any:
+        """The Trainer this callback was attached to, when it could be found at ``on_init_end``."""
+        return self._trainer_ref() if self._trainer_ref is not None else None
+
+    @property
+    def alerter(self) -> Alerter:
+        if self._alerter is None:
+            sinks = self._alert_sinks if self._alert_sinks is not None else default_sinks(
+                webhook_url=self._webhook_url
+            )
+            self._alerter = Alerter(sinks)
+        return self._alerter
+
+    def _attach(self, args: Any) -> None:
+        trainer = find_trainer()
+        if trainer is not None:
+            self._trainer_ref = weakref.ref(trainer)
+        if self._alert_sinks is not None:
+            sinks: list[AlertSink] = list(self._alert_sinks)
+        else:
+            sinks = default_sinks(getattr(args, "output_dir", None), webhook_url=self._webhook_url)
+        for sink in sinks:
+            if isinstance(sink, TrainerLogSink) and trainer is not None and sink.trainer is None:
+                sink.bind(trainer)
+        self._alerter = Alerter(sinks)
+
+    def on_init_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+        self._attach(args)
+        return control
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+        if self._alerter is not None:
+            self._alerter.close()
+        return control
+
+    # ------------------------------------------------------------------------------------------------ alerts
+    def alert(
+        self,
+        level: str,
+        message: str,
+        *,
+        step: int | None = None,
+        evidence: Mapping[str, Any] | None = None,
+    ) -> Alert:
+        """Send an alert from this guard through every sink and return it."""
+        return self.alerter.emit(
+            Alert(
+                guard=self.guard_name,
+                level=level,
+                message=message,
+                step=step,
+                rank=distributed.rank(),
+                evidence=dict(evidence or {}),
+            )
+        )

@@ -1,0 +1,150 @@
+"""Rank facts and rank-consistent decisions, the same under ``torchrun``, ``accelerate launch`` and one process.
+
+A decision taken from local facts (a NaN on this rank, this host's disk, this process's clock) must be taken by
+every rank at the same step, or the ranks that go on wait forever in their next collective. :func:`any_rank` is
+the one way trainguard turns a local flag into a shared decision.
+
+Rank facts come from ``torch.distributed`` when a process group is initialised, and otherwise from the launcher's
+environment (``RANK``/``WORLD_SIZE``/``LOCAL_RANK`` from torchrun, accelerate and DeepSpeed; Open MPI, PMI and
+Slurm variables as fallbacks), so they are right even before ``Trainer`` initialises the group. torch is imported
+only when a process group can exist, so this module is cheap to import.
+
+Example::
+
+    from trainguard import distributed
+    if distributed.any_rank(loss_is_nan):   # every rank calls it, every rank gets the same answer
+        control.should_training_stop = True
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any
+
+__all__ = [
+    "all_ranks",
+    "any_rank",
+    "barrier",
+    "broadcast_object",
+    "is_distributed",
+    "is_local_main_process",
+    "is_main_process",
+    "local_rank",
+    "rank",
+    "world_size",
+]
+
+_RANK_VARS = ("RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "SLURM_PROCID")
+_WORLD_VARS = ("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "SLURM_NTASKS")
+_LOCAL_VARS = ("LOCAL_RANK", "OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID", "SLURM_LOCALID")
+
+
+def _env_int(names: tuple[str, ...], default: int) -> int:
+    for name in names:
+        value = os.environ.get(name)
+        if value is not None and value.strip().lstrip("-").isdigit():
+            return int(value)
+    return default
+
+
+def _dist() -> Any | None:
+    """``torch.distributed`` if a process group is initialised, else None. Never imports torch on its own."""
+    if "torch" not in sys.modules:
+        return None
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist
+    return None
+
+
+def is_distributed() -> bool:
+    """True when more than one process takes part in this run."""
+    return world_size() > 1
+
+
+def rank() -> int:
+    """The global rank of this process (0 when not distributed)."""
+    dist = _dist()
+    if dist is not None:
+        return int(dist.get_rank())
+    return _env_int(_RANK_VARS, 0)
+
+
+def world_size() -> int:
+    """The number of processes in the run (1 when not distributed)."""
+    dist = _dist()
+    if dist is not None:
+        return int(dist.get_world_size())
+    return max(1, _env_int(_WORLD_VARS, 1))
+
+
+def local_rank() -> int:
+    """The rank of this process on its own node (0 when not distributed)."""
+    return _env_int(_LOCAL_VARS, 0)
+
+
+def is_main_process() -> bool:
+    """True on global rank 0: the process that writes run-wide files."""
+    return rank() == 0
+
+
+def is_local_main_process() -> bool:
+    """True on local rank 0 of each node."""
+    return local_rank() == 0
+
+
+def _collective_device(dist: Any) -> Any:
+    import torch
+
+    # NCCL only reduces CUDA tensors; gloo and mpi reduce CPU tensors.
+    if dist.get_backend() == "nccl" and torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _reduce_flag(flag: bool, op_name: str) -> bool:
+    dist = _dist()
+    if dist is None or dist.get_world_size() == 1:
+        return bool(flag)
+    import torch
+
+    value = torch.tensor([1 if flag else 0], dtype=torch.int32, device=_collective_device(dist))
+    dist.all_reduce(value, op=getattr(dist.ReduceOp, op_name))
+    return bool(value.item())
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank if ``flag`` is true on at least one rank.
+
+    This is a collective: every rank must call it, in the same order as its other collectives. Without a process
+    group it returns ``flag``.
+
+    Example::
+
+        stop = distributed.any_rank(local_problem)
+    """
+    return _reduce_flag(flag, "MAX")
+
+
+def all_ranks(flag: bool) -> bool:
+    """True on every rank if ``flag`` is true on every rank (a collective, like :func:`any_rank`)."""
+    return _reduce_flag(flag, "MIN")
+
+
+def barrier() -> None:
+    """Wait until every rank reaches this point (a no-op without a process group)."""
+    dist = _dist()
+    if dist is not None and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """Return rank ``src``'s ``obj`` on every rank (pickled; a collective). Without a process group: ``obj``."""
+    dist = _dist()
+    if dist is None or dist.get_world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src, device=_collective_device(dist))
+    return box[0]

@@ -1,0 +1,178 @@
+"""The trainguard error hierarchy.
+
+Every error trainguard raises is a :class:`TrainGuardError`. Each carries three structured parts that are also
+rendered into its message, so a log line alone is enough to act on:
+
+- ``what``: what was found ("checkpoint-50/model.safetensors changed since it was saved").
+- ``where``: an ordered mapping of locations (``file``, ``line``, ``field``, ``step``, ``rank``, ...).
+- ``next_step``: what the user can do now. Each subclass has a default; a raise site may give a sharper one.
+
+Example::
+
+    from trainguard.errors import CheckpointIntegrityError
+    raise CheckpointIntegrityError("model.safetensors is truncated", where={"file": path}, next_step="...")
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+__all__ = [
+    "CheckpointIntegrityError",
+    "DataValidationError",
+    "DatasetMismatchError",
+    "HangError",
+    "LoraConfigMismatchError",
+    "NonFiniteError",
+    "PreflightError",
+    "RunLockedError",
+    "TrainGuardError",
+]
+
+# Keys rendered first and in this order; any other key follows in insertion order.
+_WHERE_ORDER = ("file", "line", "field", "step", "rank", "host", "pid")
+
+
+class TrainGuardError(Exception):
+    """Base class of every error trainguard raises.
+
+    Args:
+        what: What was found, in one sentence.
+        where: Where it was found: ``file``, ``line``, ``field``, ``step``, ``rank`` or any other named location.
+        next_step: What the user can do next. Defaults to the subclass's ``default_next_step``.
+        evidence: Extra machine-readable facts (both fingerprints, both values, ...), shown in ``to_dict``.
+
+    Example::
+
+        try:
+            trainguard.verify_checkpoint("out/checkpoint-50")
+        except trainguard.TrainGuardError as err:
+            print(err.what, err.where, err.next_step)
+    """
+
+    default_next_step: ClassVar[str] = "See the trainguard documentation for this error."
+
+    def __init__(
+        self,
+        what: str,
+        *,
+        where: Mapping[str, Any] | None = None,
+        next_step: str | None = None,
+        evidence: Mapping[str, Any] | None = None,
+    ) -> None:
+        self.what = what
+        self.where: dict[str, Any] = dict(where or {})
+        self.next_step = next_step if next_step is not None else self.default_next_step
+        self.evidence: dict[str, Any] = dict(evidence or {})
+        super().__init__(self._render())
+
+    def _render(self) -> str:
+        lines = [self.what]
+        if self.where:
+            keys = [k for k in _WHERE_ORDER if k in self.where]
+            keys += [k for k in self.where if k not in _WHERE_ORDER]
+            lines.append("  where: " + ", ".join(f"{k}={self.where[k]}" for k in keys))
+        if self.next_step:
+            lines.append("  next: " + self.next_step)
+        return "\n".join(lines)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Keyword-only fields must survive pickling (multiprocessing, torch.distributed object collectives).
+        return (_rebuild, (type(self), self.what, self.where, self.next_step, self.evidence))
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready form: ``{"error": class name, "what", "where", "next_step", "evidence"}``."""
+        return {
+            "error": type(self).__name__,
+            "what": self.what,
+            "where": {k: _jsonable(v) for k, v in self.where.items()},
+            "next_step": self.next_step,
+            "evidence": {k: _jsonable(v) for k, v in self.evidence.items()},
+        }
+
+
+def _rebuild(
+    cls: type[TrainGuardError],
+    what: str,
+    where: dict[str, Any],
+    next_step: str,
+    evidence: dict[str, Any],
+) -> TrainGuardError:
+    return cls(what, where=where, next_step=next_step, evidence=evidence)
+
+
+def _jsonable(value: Any) -> Any:
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set, frozenset)):
+        items = sorted(value, key=str) if isinstance(value, (set, frozenset)) else value
+        return [_jsonable(v) for v in items]
+    return str(value)
+
+
+class RunLockedError(TrainGuardError):
+    """Another live process holds the run lock on this ``output_dir``."""
+
+    default_next_step = (
+        "Wait for the other run to finish, stop it, or give this run another output_dir. "
+        "The lock is released by the kernel when its holder exits, so it is never stale."
+    )
+
+
+class PreflightError(TrainGuardError):
+    """A resource check before training failed (disk space, memory, a repeating crash)."""
+
+    default_next_step = "Free the resource named above, or lower what the run needs, then start again."
+
+
+class DatasetMismatchError(TrainGuardError):
+    """The run resumes from a checkpoint that was trained on other data (or another global batch)."""
+
+    default_next_step = (
+        "Resume with the dataset the checkpoint was trained on, or start fresh (old checkpoints are archived, "
+        "never deleted), or continue from the checkpoint's weights with the step counter reset."
+    )
+
+
+class LoraConfigMismatchError(TrainGuardError):
+    """The LoRA configuration differs from the one the checkpoint was trained with."""
+
+    default_next_step = (
+        "Use the checkpoint's LoRA settings to resume, or start a new run in another output_dir "
+        "for the new settings."
+    )
+
+
+class CheckpointIntegrityError(TrainGuardError):
+    """A checkpoint is missing files, truncated, or its content changed since it was saved."""
+
+    default_next_step = (
+        "Resume from an older verified checkpoint (`trainguard verify OUTPUT_DIR` lists them); "
+        "the damaged folder can be set aside, it is never deleted."
+    )
+
+
+class NonFiniteError(TrainGuardError):
+    """A loss, gradient norm, metric or parameter became NaN or infinite."""
+
+    default_next_step = (
+        "Resume from the newest good checkpoint with a lower learning rate, gradient clipping, "
+        "or bf16 instead of fp16; inspect the batch at the step named above."
+    )
+
+
+class HangError(TrainGuardError):
+    """No training progress was seen within the watchdog's budget."""
+
+    default_next_step = (
+        "Read the stack dump named above: the frames of the main thread show where the step stalled."
+    )
+
+
+class DataValidationError(TrainGuardError):
+    """The training data failed validation (unreadable, malformed, or over a threshold)."""
+
+    default_next_step = "Fix the records named above, or relax the threshold if the data is as intended."

@@ -1,0 +1,254 @@
+"""The test rig: tiny real models, real datasets, a real tokenizer, real Trainer runs and real torchrun jobs.
+
+Everything is built in the test from configs and code: no hub download, ever. Importable from tests (pytest puts
+this folder on ``sys.path``) and from scripts run under torchrun (``run_torchrun`` puts it on ``PYTHONPATH``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import socket
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+OFFLINE_ENV = {
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "WANDB_MODE": "disabled",
+    "DISABLE_MLFLOW_INTEGRATION": "TRUE",
+}
+for _k, _v in OFFLINE_ENV.items():
+    os.environ.setdefault(_k, _v)
+
+TESTS_DIR = Path(__file__).resolve().parent
+REPO_ROOT = TESTS_DIR.parent
+VOCAB_SIZE = 128
+SEQ_LEN = 16
+
+CORPUS = [
+    "the run resumed from the newest verified checkpoint",
+    "a flipped byte in the optimizer state is caught before loading",
+    "the loss became nan at step seven and the guard stopped the run",
+    "two runs on one output directory would overwrite each other",
+    "the watchdog dumped every thread when the step hung",
+    "lora alpha changed between the checkpoint and the new config",
+    "the dataset changed size so the resume would train nothing",
+    "gradient accumulation with four micro batches per optimizer step",
+]
+
+
+def make_tokenizer(vocab_size: int = VOCAB_SIZE) -> Any:
+    """A fast BPE tokenizer trained here on a small corpus, wrapped as ``PreTrainedTokenizerFast``."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "<unk>", "<s>", "</s>"])
+    tok.train_from_iterator(CORPUS * 4, trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", bos_token="<s>", eos_token="</s>"
+    )
+
+
+def tiny_llama_config(vocab_size: int = VOCAB_SIZE, **overrides: Any) -> Any:
+    from transformers import LlamaConfig
+
+    kwargs: dict[str, Any] = {
+        "vocab_size": vocab_size,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 64,
+        "pad_token_id": 0,
+        "bos_token_id": 2,
+        "eos_token_id": 3,
+    }
+    kwargs.update(overrides)
+    return LlamaConfig(**kwargs)
+
+
+def make_tiny_llama(seed: int = 0, **config_overrides: Any) -> Any:
+    """A randomly initialised 2-layer Llama with hidden size 32 (about 25k parameters)."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(tiny_llama_config(**config_overrides))
+
+
+def make_lm_dataset(n_rows: int = 32, seq_len: int = SEQ_LEN, seed: int = 0, vocab_size: int = VOCAB_SIZE) -> Any:
+    """A ``datasets.Dataset`` of random token rows with ``input_ids``, ``attention_mask`` and ``labels``."""
+    from datasets import Dataset
+
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n_rows):
+        ids = [rng.randrange(4, vocab_size) for _ in range(seq_len)]
+        rows.append({"input_ids": ids, "attention_mask": [1] * seq_len, "labels": list(ids)})
+    return Dataset.from_list(rows)
+
+
+def training_args(output_dir: str | os.PathLike[str], **overrides: Any) -> Any:
+    """``TrainingArguments`` for a fast, quiet, deterministic CPU run."""
+    from transformers import TrainingArguments
+
+    kwargs: dict[str, Any] = {
+        "output_dir": str(output_dir),
+        "per_device_train_batch_size": 2,
+        "max_steps": 4,
+        "learning_rate": 1e-3,
+        "logging_steps": 1,
+        "save_strategy": "no",
+        "report_to": "none",
+        "use_cpu": True,
+        "dataloader_num_workers": 0,
+        "disable_tqdm": True,
+        "seed": 0,
+    }
+    kwargs.update(overrides)
+    return TrainingArguments(**kwargs)
+
+
+def make_trainer(
+    output_dir: str | os.PathLike[str],
+    *,
+    callbacks: Sequence[Any] = (),
+    model: Any = None,
+    train_dataset: Any = None,
+    eval_dataset: Any = None,
+    trainer_cls: Any = None,
+    **args: Any,
+) -> Any:
+    """A real ``Trainer`` on the tiny Llama and a small dataset (both made here unless given)."""
+    from transformers import Trainer
+
+    cls = trainer_cls or Trainer
+    return cls(
+        model=model if model is not None else make_tiny_llama(),
+        args=training_args(output_dir, **args),
+        train_dataset=train_dataset if train_dataset is not None else make_lm_dataset(),
+        eval_dataset=eval_dataset,
+        callbacks=list(callbacks),
+    )
+
+
+def run_trainer(
+    output_dir: str | os.PathLike[str],
+    *,
+    resume_from_checkpoint: Any = None,
+    **kwargs: Any,
+) -> tuple[Any, Any]:
+    """Build a Trainer with :func:`make_trainer`, train it, and return ``(trainer, train_output)``."""
+    trainer = make_trainer(output_dir, **kwargs)
+    output = trainer.train(resume_from_checkpoint=resume_from_checkpoint)
+    return trainer, output
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def subprocess_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment for a child Python: offline, with the rig and ``src`` importable."""
+    env = dict(os.environ)
+    env.update(OFFLINE_ENV)
+    paths = [str(TESTS_DIR), str(REPO_ROOT / "src")]
+    if env.get("PYTHONPATH"):
+        paths.append(env["PYTHONPATH"])
+    env["PYTHONPATH"] = os.pathsep.join(paths)
+    env.setdefault("OMP_NUM_THREADS", "1")
+    env.update(extra or {})
+    return env
+
+
+def run_torchrun(
+    script: str | os.PathLike[str],
+    *args: str,
+    nproc: int = 2,
+    timeout: float = 300,
+    env: dict[str, str] | None = None,
+    cwd: str | os.PathLike[str] | None = None,
+) -> subprocess.CompletedProcess[str]:
+    """Run ``script`` under ``python -m torch.distributed.run --nproc_per_node nproc`` (gloo on CPU).
+
+    Returns the completed process (stdout and stderr captured as text); never raises on a non-zero exit.
+    """
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc_per_node={nproc}",
+        "--nnodes=1",
+        "--rdzv-backend=c10d",
+        f"--rdzv-endpoint=127.0.0.1:{free_port()}",
+        "--max-restarts=0",
+        str(script),
+        *args,
+    ]
+    return subprocess.run(
+        cmd,
+        env=subprocess_env(env),
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def run_python(
+    code_or_script: str,
+    *args: str,
+    timeout: float = 120,
+    env: dict[str, str] | None = None,
+) -> subprocess.CompletedProcess[str]:
+    """Run Python code (``-c``) or a script file in a child process with the rig importable."""
+    is_script = code_or_script.endswith(".py") and Path(code_or_script).is_file()
+    target = [code_or_script] if is_script else ["-c", code_or_script]
+    return subprocess.run(
+        [sys.executable, *target, *args],
+        env=subprocess_env(env),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+@contextlib.contextmanager
+def mounted_tmpfs(size: str = "3m") -> Iterator[Path]:
+    """Mount a real, small tmpfs (a disk that really fills up) and unmount it afterwards.
+
+    Skips the calling test, with the reason, where mounting is not permitted (not root, no CAP_SYS_ADMIN).
+    """
+    import pytest
+
+    folder = Path(tempfile.mkdtemp(prefix="trainguard-tmpfs-"))
+    result = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if result.returncode != 0:
+        folder.rmdir()
+        pytest.skip(f"cannot mount a tmpfs here ({result.stderr.strip() or 'mount failed'}); needs root")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], capture_output=True, check=False)
+        with contextlib.suppress(OSError):
+            folder.rmdir()

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from _rig import make_lm_dataset, make_tiny_llama, make_tokenizer, mounted_tmpfs
 
 

@@ -17,8 +17,8 @@ from typing import TYPE_CHECKING, Any
 from ._version import __version__
 from .errors import (
     CheckpointIntegrityError,
-    DataValidationError,
     DatasetMismatchError,
+    DataValidationError,
     HangError,
     LoraConfigMismatchError,
     NonFiniteError,
@@ -39,7 +39,7 @@ _LAZY: dict[str, str] = {
     "GuardCallback": "trainguard.callbacks._base",
 }
 
-__all__ = [
+__all__ = [  # noqa: RUF022 - grouped: errors, then lazily loaded names
     "CheckpointIntegrityError",
     "DataValidationError",
     "DatasetMismatchError",
@@ -50,7 +50,14 @@ __all__ = [
     "RunLockedError",
     "TrainGuardError",
     "__version__",
-    *_LAZY,
+    "Alert",
+    "Alerter",
+    "JsonlSink",
+    "LoggerSink",
+    "TrainerLogSink",
+    "WebhookSink",
+    "all_guards",
+    "GuardCallback",
 ]
 
 if TYPE_CHECKING:

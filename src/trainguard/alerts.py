@@ -19,7 +19,8 @@ Guards attached to a Trainer use the logger, the Trainer's log and the JSONL fil
 Example::
 
     from trainguard.alerts import Alert, Alerter, JsonlSink, LoggerSink
-    Alerter([LoggerSink(), JsonlSink("out/trainguard-events.jsonl")]).emit(Alert("nan_guard", "error", "loss is NaN", step=7))
+    alerter = Alerter([LoggerSink(), JsonlSink("out/trainguard-events.jsonl")])
+    alerter.emit(Alert("nan_guard", "error", "loss is NaN", step=7))
 """
 
 from __future__ import annotations

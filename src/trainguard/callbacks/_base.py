@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 import weakref
 from collections.abc import Mapping, Sequence
+from types import FrameType
 from typing import Any, ClassVar
 
 from transformers import TrainerCallback
@@ -23,7 +24,7 @@ def find_trainer(max_depth: int = 12) -> Any:
     """
     from transformers import Trainer
 
-    frame = sys._getframe(1)
+    frame: FrameType | None = sys._getframe(1)
     depth = 0
     while frame is not None and depth < max_depth:
         candidate = frame.f_locals.get("self")
@@ -93,6 +94,11 @@ class GuardCallback(TrainerCallback):
         if self._alerter is not None:
             self._alerter.close()
         return control
+
+    def summary(self) -> str:
+        """One line on what this guard checked in the run so far (guards override it with their specifics)."""
+        n = len(self._alerter.history) if self._alerter is not None else 0
+        return f"{n} alert(s)"
 
     # ------------------------------------------------------------------------------------------------ alerts
     def alert(

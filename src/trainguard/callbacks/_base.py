@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import sys
 import weakref
 from collections.abc import Mapping, Sequence
@@ -13,7 +14,9 @@ from transformers import TrainerCallback
 from .. import distributed
 from ..alerts import Alert, Alerter, AlertSink, TrainerLogSink, default_sinks
 
-__all__ = ["GuardCallback", "find_trainer"]
+__all__ = ["GuardCallback", "find_trainer", "install_train_hook"]
+
+_HOOK_MARK = "_trainguard_train_hook"
 
 
 def find_trainer(max_depth: int = 12) -> Any:
@@ -33,6 +36,27 @@ def find_trainer(max_depth: int = 12) -> Any:
         frame = frame.f_back
         depth += 1
     return None
+
+
+def install_train_hook(trainer: Any) -> None:
+    """Wrap ``trainer.train`` (on this instance only, once) so that every attached :class:`GuardCallback` gets
+    :meth:`GuardCallback.before_train` before the Trainer loads a checkpoint.
+
+    One wrapper serves every guard, whatever their number, and the user's code still calls ``trainer.train(...)``.
+    """
+    if getattr(trainer, _HOOK_MARK, False):
+        return
+    original = trainer.train
+
+    @functools.wraps(original)
+    def train(resume_from_checkpoint: Any = None, *args: Any, **kwargs: Any) -> Any:
+        for callback in list(trainer.callback_handler.callbacks):
+            if isinstance(callback, GuardCallback):
+                resume_from_checkpoint = callback.before_train(trainer, resume_from_checkpoint)
+        return original(resume_from_checkpoint, *args, **kwargs)
+
+    trainer.train = train
+    setattr(trainer, _HOOK_MARK, True)
 
 
 class GuardCallback(TrainerCallback):
@@ -88,7 +112,19 @@ class GuardCallback(TrainerCallback):
 
     def on_init_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
         self._attach(args)
+        if self.trainer is not None:
+            install_train_hook(self.trainer)
         return control
+
+    def before_train(self, trainer: Any, resume_from_checkpoint: Any) -> Any:
+        """Run inside ``trainer.train()`` before the Trainer resolves or loads anything; return the
+        (possibly changed) ``resume_from_checkpoint``.
+
+        This is the only point where a guard can act before a resumed checkpoint's weights, optimizer and
+        ``trainer_state.json`` are loaded (they load before ``on_train_begin``). It runs on every rank, in callback
+        order. The default does nothing.
+        """
+        return resume_from_checkpoint
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
         if self._alerter is not None:

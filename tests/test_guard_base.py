@@ -5,7 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from trainguard.callbacks import GuardCallback
+from trainguard.errors import PreflightError
 
 from _rig import make_trainer, run_trainer
 
@@ -48,3 +51,27 @@ def test_one_wrapper_serves_every_guard(output_dir: Path):
     trainer = make_trainer(output_dir, callbacks=guards, max_steps=1)
     trainer.train()
     assert [g.calls for g in guards] == [[(None, 0)], [(None, 0)]]  # each called once, not once per wrapper
+
+
+class _StopsThenRaises(GuardCallback):
+    guard_name = "stops_then_raises"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ended = False
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+        self.ended = True
+        return super().on_train_end(args, state, control, **kwargs)
+
+    def after_train(self, trainer: Any, output: Any) -> None:
+        raise PreflightError("stopped on purpose", where={"step": output.global_step})
+
+
+def test_after_train_raises_only_once_every_callback_has_finished(output_dir: Path):
+    first, second = _StopsThenRaises(), _SeesResume()
+    trainer = make_trainer(output_dir, callbacks=[first, second], max_steps=2)
+    with pytest.raises(PreflightError, match="stopped on purpose") as info:
+        trainer.train()
+    assert first.ended  # the Trainer finished cleanly before the error reached the user
+    assert info.value.where == {"step": 2}

@@ -12,7 +12,7 @@ from typing import Any, ClassVar
 from transformers import TrainerCallback
 
 from .. import distributed
-from ..alerts import Alert, Alerter, AlertSink, TrainerLogSink, default_sinks
+from ..alerts import Alert, Alerter, AlertSink, TrainerLogSink, default_sinks, get_logger
 
 __all__ = ["GuardCallback", "find_trainer", "install_train_hook"]
 
@@ -40,7 +40,9 @@ def find_trainer(max_depth: int = 12) -> Any:
 
 def install_train_hook(trainer: Any) -> None:
     """Wrap ``trainer.train`` (on this instance only, once) so that every attached :class:`GuardCallback` gets
-    :meth:`GuardCallback.before_train` before the Trainer loads a checkpoint.
+    :meth:`GuardCallback.before_train` before the Trainer loads a checkpoint,
+    :meth:`GuardCallback.after_train` when training returns, and
+    :meth:`GuardCallback.on_train_error` when training raises (the Trainer has no ``on_exception`` event).
 
     One wrapper serves every guard, whatever their number, and the user's code still calls ``trainer.train(...)``.
     """
@@ -53,7 +55,22 @@ def install_train_hook(trainer: Any) -> None:
         for callback in list(trainer.callback_handler.callbacks):
             if isinstance(callback, GuardCallback):
                 resume_from_checkpoint = callback.before_train(trainer, resume_from_checkpoint)
-        return original(resume_from_checkpoint, *args, **kwargs)
+        try:
+            output = original(resume_from_checkpoint, *args, **kwargs)
+        except BaseException as exc:
+            for callback in list(trainer.callback_handler.callbacks):
+                if isinstance(callback, GuardCallback):
+                    try:
+                        callback.on_train_error(trainer, exc)
+                    except Exception as hook_exc:  # the training error is what the user must see
+                        get_logger().warning(
+                            "trainguard %s.on_train_error failed: %s", type(callback).__name__, hook_exc
+                        )
+            raise
+        for callback in list(trainer.callback_handler.callbacks):
+            if isinstance(callback, GuardCallback):
+                callback.after_train(trainer, output)
+        return output
 
     trainer.train = train
     setattr(trainer, _HOOK_MARK, True)
@@ -125,6 +142,20 @@ class GuardCallback(TrainerCallback):
         order. The default does nothing.
         """
         return resume_from_checkpoint
+
+    def after_train(self, trainer: Any, output: Any) -> None:
+        """Run when ``trainer.train()`` has returned normally, after every callback's ``on_train_end``.
+
+        A guard that stopped the run on purpose raises its error here, so the user's script does not go on to save
+        or push the model, while the Trainer and every other callback still finished cleanly. The default does
+        nothing.
+        """
+
+    def on_train_error(self, trainer: Any, exc: BaseException) -> None:
+        """Run when ``trainer.train()`` raises (``on_train_end`` does not run then), on the rank that raised, in
+        callback order, before the exception propagates unchanged. ``KeyboardInterrupt`` and ``SystemExit`` come
+        here too. The default does nothing; an exception from this hook is logged, never raised.
+        """
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
         if self._alerter is not None:

@@ -1,0 +1,1 @@
+"""The subcommands of the `trainguard` command, one module each, each exposing `register(subparsers)`."""

@@ -1,0 +1,227 @@
+"""The ways forward when a resume is refused: start fresh, or continue on the new data from the old weights.
+
+Both are pre-flights the user calls before ``trainer.train()``. Neither deletes anything: the old ``checkpoint-*``
+folders are moved (renamed, same filesystem) into ``output_dir/trainguard-archive/<UTC time>-<fingerprint>/``, where
+the Trainer's resume and rotation logic never look (both only see top-level ``checkpoint-<N>`` folders).
+
+- :func:`start_fresh`: archive the checkpoints; the next ``trainer.train()`` starts at step 0 from the model as it
+  is now (the base model).
+- :func:`continue_on_new_data`: load the weights of the newest verified checkpoint into ``trainer.model`` (for a
+  PEFT model: the adapter weights), confirm they arrived, then archive the checkpoints; the next ``trainer.train()``
+  starts at step 0 with a new optimizer and schedule on whatever data the Trainer now holds, from those weights.
+
+Example::
+
+    trainguard.continue_on_new_data(trainer)     # weights of the newest verified checkpoint, step reset
+    trainer.train()
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import re
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from ..errors import CheckpointIntegrityError, TrainGuardError
+from ._resume import TRAINER_STATE, checkpoint_dirs, on_main_then_share, read_json_object
+
+__all__ = ["ARCHIVE_DIR", "continue_on_new_data", "start_fresh"]
+
+ARCHIVE_DIR = "trainguard-archive"
+_LOG = logging.getLogger("trainguard")
+
+
+def _output_dir_of(output_dir_or_trainer: Any) -> Path:
+    args = getattr(output_dir_or_trainer, "args", None)
+    if args is not None and getattr(args, "output_dir", None) is not None:
+        return Path(args.output_dir)
+    if isinstance(output_dir_or_trainer, (str, os.PathLike)):
+        return Path(output_dir_or_trainer)
+    raise TypeError(
+        f"expected a Trainer or an output_dir path, not {type(output_dir_or_trainer).__name__}"
+    )
+
+
+def _stored_fingerprint(checkpoint: Path) -> str:
+    """The short train fingerprint DatasetGuard recorded in ``checkpoint`` ("unknown" when there is none)."""
+    try:
+        state = read_json_object(checkpoint / TRAINER_STATE)
+    except TrainGuardError:
+        return "unknown"
+    entry = (state.get("stateful_callbacks") or {}).get("DatasetGuard")
+    if isinstance(entry, list) and entry:
+        entry = entry[-1]
+    record = ((entry or {}).get("attributes") or {}).get("run_identity") if isinstance(entry, dict) else None
+    fingerprint = ((record or {}).get("train") or {}).get("fingerprint") if isinstance(record, dict) else None
+    return str(fingerprint)[:12] if fingerprint else "unknown"
+
+
+def _archive_checkpoints(output_dir: Path) -> Path | None:
+    checkpoints = checkpoint_dirs(output_dir)
+    if not checkpoints:
+        return None
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    label = re.sub(r"[^0-9A-Za-z]", "", _stored_fingerprint(checkpoints[-1])) or "unknown"
+    base = output_dir / ARCHIVE_DIR / f"{stamp}-{label}"
+    target, n = base, 1
+    while target.exists():
+        n += 1
+        target = base.with_name(f"{base.name}-{n}")
+    target.mkdir(parents=True)
+    for checkpoint in checkpoints:
+        os.rename(checkpoint, target / checkpoint.name)
+    _LOG.warning(
+        "trainguard: moved %d checkpoint(s) (%s) from %s into %s; nothing was deleted",
+        len(checkpoints),
+        ", ".join(c.name for c in checkpoints),
+        output_dir,
+        target,
+    )
+    return target
+
+
+def start_fresh(output_dir_or_trainer: Any) -> Path | None:
+    """Move every ``checkpoint-*`` folder of the run into ``output_dir/trainguard-archive/<UTC time>-<fingerprint>/``
+    so that the next ``trainer.train()`` starts at step 0. Nothing is deleted.
+
+    Call it on every rank of a distributed run (the main process moves, the others wait for it), then call
+    ``trainer.train()`` without ``resume_from_checkpoint``.
+
+    Args:
+        output_dir_or_trainer: The Trainer (its ``args.output_dir``) or the output folder.
+
+    Returns:
+        The archive folder that now holds the checkpoints, or None when there was no checkpoint to move.
+
+    Raises:
+        OSError: A checkpoint could not be moved (those already moved stay in the archive, named in the log).
+
+    Example::
+
+        archive = trainguard.start_fresh(trainer)   # out/trainguard-archive/20250101T120000Z-9f3a.../
+        trainer.train()
+    """
+    output_dir = _output_dir_of(output_dir_or_trainer)
+    result: Path | None = on_main_then_share(_archive_checkpoints, output_dir)
+    return result
+
+
+def _newest_verified(output_dir: Path) -> Path | None:
+    try:
+        from .checkpoint import latest_verified_checkpoint
+    except ImportError:
+        found = checkpoint_dirs(output_dir)
+        return found[-1] if found else None
+    verified = latest_verified_checkpoint(output_dir)
+    return Path(verified) if verified is not None else None
+
+
+def _verify_if_possible(checkpoint: Path) -> None:
+    try:
+        from .checkpoint import verify_checkpoint
+    except ImportError:
+        return
+    verify_checkpoint(checkpoint)
+
+
+def _compare_loaded(model: Any, checkpoint: Path) -> list[str]:
+    """Names of tensors whose values in ``model`` differ from the checkpoint's files (empty: all arrived)."""
+    import torch
+    from safetensors.torch import load_file
+
+    problems: list[str] = []
+    peft_config = getattr(model, "peft_config", None)
+    if isinstance(peft_config, dict) and peft_config:
+        from .lora import compare_adapter_weights
+
+        return compare_adapter_weights(model, checkpoint)
+    files = sorted(checkpoint.glob("model*.safetensors"))
+    params = dict(model.state_dict())
+    for file in files:
+        for name, tensor in load_file(str(file)).items():
+            current = params.get(name)
+            if current is None:
+                continue  # tied or renamed weights are resolved by the loader itself
+            if current.shape != tensor.shape or not torch.equal(current.detach().cpu(), tensor):
+                problems.append(name)
+    return problems
+
+
+def continue_on_new_data(trainer: Any, checkpoint: str | os.PathLike[str] | None = None) -> Path:
+    """Load a checkpoint's weights into ``trainer.model``, then archive the run's checkpoints, so that the next
+    ``trainer.train()`` learns on the Trainer's (new) data from those weights with the step counter, optimizer and
+    learning-rate schedule reset. Nothing is deleted.
+
+    The weights are loaded the way ``Trainer`` itself loads them on resume (for a PEFT model: the adapter weights
+    only), then compared tensor by tensor with the checkpoint's files. Call it on every rank of a distributed run.
+
+    Args:
+        trainer: The Trainer, already holding the new data.
+        checkpoint: The checkpoint to take the weights from. Default: the newest checkpoint in ``output_dir`` that
+            passes ``verify_checkpoint`` (the newest by number where checkpoint verification is not installed).
+
+    Returns:
+        Where the loaded checkpoint now is (inside the archive folder).
+
+    Raises:
+        CheckpointIntegrityError: There is no (verified) checkpoint, it fails verification, or its weights did not
+            arrive in the model.
+
+    Example::
+
+        trainguard.continue_on_new_data(trainer)
+        trainer.train()                      # step 0, new optimizer and schedule, the checkpoint's weights
+    """
+    output_dir = Path(trainer.args.output_dir)
+    if checkpoint is None:
+        source = on_main_then_share(_newest_verified, output_dir)
+        if source is None:
+            raise CheckpointIntegrityError(
+                "no verified checkpoint to continue from",
+                where={"file": str(output_dir)},
+                next_step="Pass checkpoint=PATH, or use trainguard.start_fresh(trainer) to train from the base model.",
+            )
+    else:
+        source = Path(checkpoint)
+        on_main_then_share(_verify_if_possible, source)
+    if not source.is_dir():
+        raise CheckpointIntegrityError("the checkpoint does not exist", where={"file": str(source)})
+    loader = getattr(trainer, "_load_from_checkpoint", None)
+    if loader is None:
+        raise CheckpointIntegrityError(
+            "this transformers version has no Trainer._load_from_checkpoint to load the weights with",
+            where={"file": str(source)},
+            next_step="Load the weights yourself (model.load_state_dict / load_adapter), then call start_fresh.",
+        )
+    peft_config = getattr(trainer.model, "peft_config", None)
+    if isinstance(peft_config, dict) and peft_config:
+        from .lora import check_lora_config
+
+        check_lora_config(source, peft_config)  # a clear refusal instead of a size-mismatch dump
+    try:
+        loader(str(source))
+    except (ValueError, RuntimeError, OSError) as err:
+        raise CheckpointIntegrityError(
+            f"could not load the checkpoint's weights: {str(err).splitlines()[0] if str(err) else type(err).__name__}",
+            where={"file": str(source)},
+            next_step="Check that the model has the checkpoint's architecture; nothing was moved.",
+        ) from err
+    mismatched = _compare_loaded(trainer.model, source)
+    if mismatched:
+        shown = ", ".join(mismatched[:5]) + (f" and {len(mismatched) - 5} more" if len(mismatched) > 5 else "")
+        raise CheckpointIntegrityError(
+            f"the checkpoint's weights did not arrive in the model: {len(mismatched)} tensor(s) differ ({shown})",
+            where={"file": str(source)},
+            next_step="Check that the model has the checkpoint's architecture and adapter names; nothing was moved.",
+            evidence={"tensors": mismatched},
+        )
+    archive = start_fresh(output_dir)
+    moved = archive / source.name if archive is not None and source.parent.resolve() == output_dir.resolve() else source
+    with contextlib.suppress(Exception):
+        trainer.state.global_step = 0
+    _LOG.warning("trainguard: loaded the weights of %s; the next train() starts at step 0 from them", source)
+    return moved

@@ -1,0 +1,210 @@
+"""``CrashLoopGuard``: record how each run ended; refuse a start that would repeat the same failure again."""
+
+from __future__ import annotations
+
+import uuid
+import weakref
+from typing import Any
+
+from .. import distributed
+from ..alerts import AlertSink
+from ..checks import crash_loop
+from ..errors import PreflightError
+from ._base import GuardCallback
+
+__all__ = ["CrashLoopGuard"]
+
+
+def _batch(args: Any) -> dict[str, int]:
+    return {
+        "per_device_train_batch_size": int(args.per_device_train_batch_size),
+        "gradient_accumulation_steps": int(args.gradient_accumulation_steps),
+        "world_size": distributed.world_size(),
+    }
+
+
+class CrashLoopGuard(GuardCallback):
+    """Record starts, failures and clean ends in ``output_dir/trainguard-crashes.jsonl``; refuse a start that
+    would repeat a failure that already ended the last ``max_repeats`` runs at the same step.
+
+    Where it acts: inside ``trainer.train()`` before anything is loaded (the ``before_train`` hook) for the
+    decision, at ``on_train_begin`` for the start record (the resumed step is known then), through the train
+    wrapper's ``on_train_error`` for the failure (the Trainer has no exception event) and at ``on_train_end`` for
+    the clean end. A process killed outright (SIGKILL, the kernel's OOM killer) records nothing: its start without
+    an end counts as a failure of unknown type at the step it started from.
+
+    The decision is taken on global rank 0 and broadcast, so every rank refuses (or applies the OOM fix) together.
+
+    Args:
+        max_repeats: Refuse after this many runs in a row ended with the same failure at the same step (default 3:
+            one failure can be bad luck, two a coincidence, three a pattern that a restart loop would repeat
+            forever). ``None`` or ``0`` records but never refuses.
+        apply_oom_fix: For an out-of-memory loop, instead of refusing, halve ``per_device_train_batch_size`` and
+            double ``gradient_accumulation_steps`` (same global batch) on ``trainer.args`` and go on, with a
+            warning alert. Default False: changing a run's settings is the user's call.
+        alert_sinks: Replace the default alert sinks.
+        webhook_url: Also POST warnings and worse to this URL.
+
+    Raises:
+        PreflightError: From ``trainer.train()`` when the loop is found; says what repeats, where, how often,
+            and for OOM the batch settings that keep the global batch.
+
+    Example::
+
+        trainer = Trainer(..., callbacks=[trainguard.CrashLoopGuard(apply_oom_fix=True)])
+        trainer.train()   # the 4th start after 3 OOMs at one step halves the batch and doubles accumulation
+    """
+
+    guard_name = "crash_loop_guard"
+
+    def __init__(
+        self,
+        *,
+        max_repeats: int | None = 3,
+        apply_oom_fix: bool = False,
+        alert_sinks: list[AlertSink] | None = None,
+        webhook_url: str | None = None,
+    ) -> None:
+        super().__init__(alert_sinks=alert_sinks, webhook_url=webhook_url)
+        if max_repeats is not None and (not isinstance(max_repeats, int) or max_repeats < 0):
+            raise ValueError(f"CrashLoopGuard(max_repeats=...) must be None or an int >= 0, not {max_repeats!r}")
+        self.max_repeats = max_repeats or 0
+        self.apply_oom_fix = bool(apply_oom_fix)
+        self.run_id: str | None = None
+        self._prepared = False
+        self._started = False
+        self._trainer_for_step: weakref.ReferenceType[Any] | None = None
+        #: ``(before, after)`` batch settings when the OOM fix was applied in this run.
+        self.applied_fix: tuple[dict[str, int], dict[str, int]] | None = None
+        self._history_note = ""
+
+    # ------------------------------------------------------------------------------------------- decision
+    def before_train(self, trainer: Any, resume_from_checkpoint: Any) -> Any:
+        self._prepared = False
+        self._started = False
+        self._prepare(trainer, trainer.args)
+        return resume_from_checkpoint
+
+    def _decide(self, trainer: Any, args: Any) -> dict[str, Any]:
+        decision: dict[str, Any] = {"run_id": uuid.uuid4().hex, "action": "none"}
+        runs = crash_loop.load_runs(args.output_dir)
+        failed = [r for r in runs if r.outcome in ("failed", "unknown")]
+        self._history_note = f"{len(runs)} earlier run(s), {len(failed)} ended abnormally"
+        loop = crash_loop.find_crash_loop(args.output_dir, max_repeats=self.max_repeats, runs=runs)
+        if loop is None:
+            return decision
+        bs, ga = int(args.per_device_train_batch_size), int(args.gradient_accumulation_steps)
+        if loop.oom and self.apply_oom_fix:
+            last = loop.last_batch
+            # Halve from where the last failing run stood when it kept this run's global batch (a fix applied
+            # before), so repeated OOMs keep halving instead of restarting from the user's setting.
+            lbs, lga = last.get("per_device_train_batch_size"), last.get("gradient_accumulation_steps")
+            if isinstance(lbs, int) and isinstance(lga, int) and lbs * lga == bs * ga:
+                bs, ga = lbs, lga
+            fix = crash_loop.oom_fix(bs, ga)
+            if fix is not None and not getattr(trainer, "is_deepspeed_enabled", False):
+                decision.update(action="fix", before=(bs, ga), after=fix, loop=loop.describe())
+                return decision
+        decision.update(action="refuse", error=crash_loop.crash_loop_error(args.output_dir, loop, bs, ga))
+        return decision
+
+    def _prepare(self, trainer: Any, args: Any) -> None:
+        if self._prepared:
+            return
+        self._prepared = True
+        decision: dict[str, Any] | BaseException | None = None
+        if distributed.is_main_process():
+            try:
+                decision = self._decide(trainer, args)
+            except Exception as exc:  # an unreadable folder must stop every rank, not hang the others
+                decision = exc
+        decision = distributed.broadcast_object(decision)
+        if isinstance(decision, BaseException):
+            raise decision
+        assert isinstance(decision, dict)
+        self.run_id = str(decision["run_id"])
+        if decision["action"] == "refuse":
+            err = decision["error"]
+            assert isinstance(err, PreflightError)
+            if distributed.is_main_process():
+                self.alert("error", err.what, evidence=err.evidence)
+            raise err
+        if decision["action"] == "fix":
+            (bs, ga), (new_bs, new_ga) = decision["before"], decision["after"]
+            before = {"per_device_train_batch_size": int(args.per_device_train_batch_size),
+                      "gradient_accumulation_steps": int(args.gradient_accumulation_steps)}
+            args.per_device_train_batch_size = new_bs
+            args.gradient_accumulation_steps = new_ga
+            if trainer is not None and hasattr(trainer, "_train_batch_size"):
+                # Trainer.__init__ copied the batch size; train() builds the dataloader from the copy.
+                trainer._train_batch_size = args.train_batch_size
+            after = {"per_device_train_batch_size": new_bs, "gradient_accumulation_steps": new_ga}
+            self.applied_fix = (before, after)
+            if distributed.is_main_process():
+                self.alert(
+                    "warning",
+                    f"crash loop: {decision['loop']}; applied the OOM fix: per_device_train_batch_size {bs} -> "
+                    f"{new_bs}, gradient_accumulation_steps {ga} -> {new_ga} (same global batch)",
+                    evidence={"before": before, "after": after},
+                )
+
+    # ----------------------------------------------------------------------------------------------- events
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+        if self._started:  # auto_find_batch_size re-runs the loop: one start per train() call
+            return control
+        if not self._prepared:  # the train() hook was not installed (Trainer not found at init)
+            self._prepare(self.trainer, args)
+        self._started = True
+        trainer = self.trainer
+        self._trainer_for_step = weakref.ref(trainer) if trainer is not None else None
+        run_id = self.run_id or uuid.uuid4().hex
+        if args.should_save:
+            crash_loop.record_start(args.output_dir, run_id=run_id, step=state.global_step, batch=_batch(args))
+        crash_loop._register_open_run(run_id, args.output_dir, self._current_step)
+        return control
+
+    def _current_step(self) -> int:
+        trainer = self._trainer_for_step() if self._trainer_for_step is not None else None
+        return int(trainer.state.global_step) if trainer is not None else -1
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+        if self._started and self.run_id is not None:
+            if args.should_save:
+                crash_loop.record_end(args.output_dir, run_id=self.run_id, step=state.global_step, status="clean")
+            crash_loop._unregister_open_run(self.run_id)
+        self._started = False
+        self._prepared = False
+        return super().on_train_end(args, state, control, **kwargs)
+
+    def on_train_error(self, trainer: Any, exc: BaseException) -> None:
+        run_id = self.run_id
+        self._prepared = False
+        if run_id is None:
+            return
+        crash_loop._unregister_open_run(run_id)
+        self._started = False
+        args, step = trainer.args, int(trainer.state.global_step)
+        if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+            if args.should_save:
+                crash_loop.record_end(
+                    args.output_dir, run_id=run_id, step=step, status="interrupted", reason=type(exc).__name__
+                )
+            return
+        crash_loop.record_failure(args.output_dir, run_id=run_id, step=step, exc=exc, rank=distributed.rank())
+        name, head = crash_loop.describe_exception(exc)
+        self.alert(
+            "error",
+            f"training failed at step {step} with {name}: {head}",
+            step=step,
+            evidence={"oom": crash_loop.is_oom(exc), "log": str(crash_loop.crash_log_path(args.output_dir))},
+        )
+
+    def summary(self) -> str:
+        if self.applied_fix is not None:
+            before, after = self.applied_fix
+            return (
+                f"crash loop found ({self._history_note}); applied the OOM fix: per-device batch "
+                f"{before['per_device_train_batch_size']}->{after['per_device_train_batch_size']}, accumulation "
+                f"{before['gradient_accumulation_steps']}->{after['gradient_accumulation_steps']}"
+            )
+        return f"no crash loop ({self._history_note})" if self._history_note else "crash history recorded"

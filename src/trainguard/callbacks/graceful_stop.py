@@ -1,0 +1,222 @@
+"""``GracefulStop``: on SIGTERM/SIGUSR1 finish the step, save a checkpoint, stop, on every rank at the same step."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+from collections.abc import Iterable
+from types import FrameType
+from typing import Any
+
+from .. import distributed
+from ..alerts import AlertSink, get_logger
+from ..checks import crash_loop
+from ._base import GuardCallback
+
+__all__ = ["GracefulStop"]
+
+_Handler = Any  # what signal.signal returns: a callable, SIG_DFL, SIG_IGN or None
+
+
+def _signal_number(value: int | str | signal.Signals) -> int:
+    if isinstance(value, str):
+        name = value.upper()
+        name = name if name.startswith("SIG") else "SIG" + name
+        try:
+            return int(signal.Signals[name])
+        except KeyError:
+            raise ValueError(f"GracefulStop: unknown signal {value!r}") from None
+    return int(value)
+
+
+def _cpu_flag_group() -> Any:
+    """A gloo process group for the per-step flag, so sharing it never waits on the GPU.
+
+    ``any_rank`` on NCCL reduces a CUDA tensor and reads it back: a host-device sync every step that stops the CPU
+    from queueing the next step's work. A 4-byte all-reduce over gloo on the CPU costs a network round trip and
+    no sync. Creating a group is a collective: every rank calls this at the same event. Returns None to use the
+    default group (already gloo), or False to fall back to ``any_rank`` where no gloo group can be made.
+    """
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        return False
+    if dist.get_backend() == "gloo":
+        return None
+    try:
+        return dist.new_group(backend="gloo")
+    except Exception as exc:  # no gloo in this build: correct but slower
+        get_logger().warning("GracefulStop: no gloo group for the stop flag (%s); using the default group", exc)
+        return False
+
+
+class GracefulStop(GuardCallback):
+    """Turn a termination signal into "finish this step, save a checkpoint, stop" on every rank.
+
+    The handler only records the signal (nothing else is safe inside a signal handler). At the next
+    ``on_step_end`` every rank shares the flag with one tiny all-reduce on the CPU (only when there is more than
+    one rank; over gloo, also when training uses NCCL, so it never waits on the GPU), so a signal that reached a
+    single rank stops all of them after the same step. Then ``control.should_save`` and
+    ``control.should_training_stop`` are set: the Trainer writes ``checkpoint-N`` through its normal path (so
+    ``on_save`` fires and :class:`~trainguard.CheckpointVerifier` writes and checks the manifest), runs
+    ``on_train_end`` and returns from ``train()`` normally; a script that ends there exits 0. :attr:`stopped` tells
+    the script that the run was stopped rather than finished.
+
+    A second signal while the stop is pending exits at once with status ``128 + signal number`` (143 for SIGTERM)
+    via ``os._exit``: no cleanup that could hang in a collective; the run is recorded as interrupted, not crashed.
+
+    Handlers are installed at ``on_train_begin`` (a signal during model or checkpoint loading keeps its previous
+    behaviour) and the previous ones restored at ``on_train_end`` or when training raises.
+
+    Args:
+        signals: Signals to catch, as numbers or names. Default SIGTERM (Slurm, Kubernetes, torchrun, spot
+            preemption) and SIGUSR1 (Slurm ``--signal=USR1@120`` warnings that leave SIGTERM free).
+        sync_every: With several ranks, share the flag every this many steps (default 1: a preemption grace period
+            can be shorter than a few steps; raise it when steps are very short).
+        alert_sinks: Replace the default alert sinks.
+        webhook_url: Also POST warnings and worse to this URL.
+
+    Example::
+
+        stop = trainguard.GracefulStop()
+        trainer = Trainer(..., callbacks=[stop]); trainer.train()   # kill -TERM <pid>: saves and returns
+    """
+
+    guard_name = "graceful_stop"
+
+    def __init__(
+        self,
+        *,
+        signals: Iterable[int | str | signal.Signals] = (signal.SIGTERM, signal.SIGUSR1),
+        sync_every: int = 1,
+        alert_sinks: list[AlertSink] | None = None,
+        webhook_url: str | None = None,
+    ) -> None:
+        super().__init__(alert_sinks=alert_sinks, webhook_url=webhook_url)
+        self.signals = tuple(dict.fromkeys(_signal_number(s) for s in signals))
+        if not self.signals:
+            raise ValueError("GracefulStop(signals=...) needs at least one signal")
+        if int(sync_every) < 1:
+            raise ValueError(f"GracefulStop(sync_every=...) must be >= 1, not {sync_every!r}")
+        self.sync_every = int(sync_every)
+        self._previous: dict[int, _Handler] = {}
+        self._received: int | None = None
+        self._world_size = 1
+        self._flag_group: Any = None
+        #: The signal that stopped training (a ``signal.Signals``), or None when the run was not stopped by one.
+        self.stop_signal: signal.Signals | None = None
+        #: The step after which training stopped and the checkpoint was saved.
+        self.stopped_at_step: int | None = None
+
+    @property
+    def stopped(self) -> bool:
+        """True when this run was stopped by a signal (on every rank, also those that did not receive it)."""
+        return self.stopped_at_step is not None
+
+    # --------------------------------------------------------------------------------------------- handlers
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if self._received is None:
+            self._received = signum
+            return
+        # Second signal: the user (or the scheduler) wants out now.
+        try:
+            os.write(2, f"\ntrainguard: second signal {signal.Signals(signum).name}: exiting at once\n".encode())
+            crash_loop.record_interrupt_for_open_runs(f"second signal {signal.Signals(signum).name}")
+        finally:
+            os._exit(128 + signum)
+
+    def _install(self) -> None:
+        if self._previous:
+            return  # already installed (auto_find_batch_size re-runs on_train_begin)
+        if threading.current_thread() is not threading.main_thread():
+            self.alert(
+                "warning",
+                "GracefulStop is inactive: training runs outside the main thread, where Python cannot install "
+                "signal handlers",
+            )
+            return
+        jit = []
+        for signum in self.signals:
+            previous = signal.signal(signum, self._handle)
+            self._previous[signum] = previous
+            owner = getattr(previous, "__self__", None)
+            if signum == signal.SIGTERM and type(owner).__name__ == "CheckpointManager":
+                jit.append(signum)
+        if jit:
+            # transformers' enable_jit_checkpoint installed its own SIGTERM handler in Trainer.__init__. Ours
+            # replaces it while training: the save goes through on_save (so it is verified) at a step boundary
+            # agreed by every rank, and only once. JIT restores its original handler at on_train_end.
+            get_logger().info("GracefulStop replaces the enable_jit_checkpoint SIGTERM handler during training")
+        self._received = None
+
+    def _restore(self) -> None:
+        for signum, previous in self._previous.items():
+            try:
+                if signal.getsignal(signum) == self._handle:
+                    signal.signal(signum, previous if previous is not None else signal.SIG_DFL)
+            except (ValueError, OSError):  # not the main thread any more: nothing we can restore
+                pass
+        self._previous.clear()
+
+    # ------------------------------------------------------------------------------------------------ events
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+        self.stop_signal = None
+        self.stopped_at_step = None
+        self._world_size = distributed.world_size()  # read once: on_step_end must cost next to nothing
+        if self._world_size > 1 and self._flag_group is None:
+            self._flag_group = _cpu_flag_group()
+        self._install()
+        return control
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+        local = self._received is not None
+        if self._world_size > 1:
+            if state.global_step % self.sync_every:
+                return control
+            stop = self._share(local)
+        else:
+            stop = local
+        if not stop or self.stopped_at_step is not None:
+            return control
+        control.should_save = True
+        control.should_training_stop = True
+        # A scheduled evaluation would spend the preemption grace period, and with save_strategy="best" its result
+        # would overwrite should_save: the stop saves first; evaluate the checkpoint after the restart.
+        control.should_evaluate = False
+        self.stopped_at_step = int(state.global_step)
+        received = self._received
+        self.stop_signal = signal.Signals(received) if received is not None else None
+        name = f"{self.stop_signal.name} received" if self.stop_signal is not None else "another rank got a stop signal"
+        self.alert(
+            "warning",
+            f"{name}: saving checkpoint-{state.global_step} and stopping after step {state.global_step}; "
+            "a second signal exits at once",
+            step=state.global_step,
+            evidence={"signal": name, "output_dir": str(args.output_dir)},
+        )
+        return control
+
+    def _share(self, local: bool) -> bool:
+        if self._flag_group is False:
+            return distributed.any_rank(local)
+        import torch
+        import torch.distributed as dist
+
+        flag = torch.tensor([1 if local else 0], dtype=torch.int32)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._flag_group)
+        return bool(flag.item())
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+        self._restore()
+        return super().on_train_end(args, state, control, **kwargs)
+
+    def on_train_error(self, trainer: Any, exc: BaseException) -> None:
+        self._restore()
+
+    def summary(self) -> str:
+        names = "/".join(signal.Signals(s).name for s in self.signals)
+        if self.stopped_at_step is not None:
+            return f"stopped by {self.stop_signal.name if self.stop_signal else 'a signal'} after step " \
+                   f"{self.stopped_at_step}, checkpoint saved"
+        return f"watched {names}; no stop requested"

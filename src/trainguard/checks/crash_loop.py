@@ -1,0 +1,462 @@
+"""Crash-loop detection: record how each run in an ``output_dir`` ended, refuse a start that would repeat a failure.
+
+Every start appends a ``start`` record to ``output_dir/trainguard-crashes.jsonl`` (step it starts at, batch
+settings, UTC time, host, PID); an exception out of training appends a ``failure`` record (step, exception type,
+first line of the message, whether it is an out-of-memory error, rank); a finished or gracefully stopped run
+appends ``end`` with ``status="clean"``; a run interrupted on purpose (Ctrl-C, a second stop signal) appends
+``end`` with ``status="interrupted"``. A start with none of these after it and no live process died without a
+trace (SIGKILL, the kernel's OOM killer, a node failure): it counts as a failure of unknown type at the step it
+started from.
+
+:func:`find_crash_loop` walks back from the newest finished run: when the same failure (same step, same exception
+type) ended the last ``max_repeats`` runs in a row, it is a loop. A clean end breaks the streak; an interrupted
+run is neutral. For a CUDA out-of-memory loop :func:`oom_fix` proposes half the per-device batch and twice the
+gradient accumulation, which keeps the global batch.
+
+Every line is one ``append_line`` write, so ranks of one job can record their own failures in the same file.
+
+Example::
+
+    loop = find_crash_loop("out", max_repeats=3)
+    if loop: print(loop.describe())
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from ..alerts import get_logger
+from ..atomic import append_line
+from ..errors import PreflightError
+
+__all__ = [
+    "CRASH_LOG",
+    "CrashLoop",
+    "RunRecord",
+    "check_crash_loop",
+    "crash_log_path",
+    "crash_loop_error",
+    "describe_exception",
+    "find_crash_loop",
+    "is_oom",
+    "load_runs",
+    "oom_fix",
+    "record_end",
+    "record_failure",
+    "record_interrupt_for_open_runs",
+    "record_start",
+]
+
+CRASH_LOG = "trainguard-crashes.jsonl"
+UNKNOWN = "unknown (died without a record: SIGKILL, OOM killer or node failure)"
+_MESSAGE_HEAD = 300
+
+PathLike = str | os.PathLike[str]
+
+
+def _utc_now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def crash_log_path(output_dir: PathLike) -> Path:
+    """``output_dir/trainguard-crashes.jsonl``."""
+    return Path(output_dir) / CRASH_LOG
+
+
+def _append(output_dir: PathLike, record: dict[str, Any]) -> None:
+    Path(output_dir).mkdir(parents=True, exist_ok=True)
+    append_line(crash_log_path(output_dir), json.dumps(record, ensure_ascii=False, default=str))
+
+
+def is_oom(exc: BaseException) -> bool:
+    """True for a CUDA (or other accelerator) out-of-memory error, without importing torch.
+
+    ``torch.OutOfMemoryError`` (alias ``torch.cuda.OutOfMemoryError``) or a ``RuntimeError`` whose message says
+    "out of memory" (older torch, cuDNN, XPU and NPU report it that way).
+    """
+    if any(cls.__name__ == "OutOfMemoryError" for cls in type(exc).__mro__):
+        return True
+    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
+
+
+def describe_exception(exc: BaseException) -> tuple[str, str]:
+    """``(qualified type name, first line of the message, at most 300 characters)``."""
+    cls = type(exc)
+    module = cls.__module__
+    name = cls.__qualname__ if module in ("builtins", "__main__") else f"{module}.{cls.__qualname__}"
+    text = str(exc).strip().splitlines()
+    head = text[0] if text else ""
+    return name, head[:_MESSAGE_HEAD]
+
+
+# -------------------------------------------------------------------------------------------------- writing
+def record_start(
+    output_dir: PathLike,
+    *,
+    run_id: str,
+    step: int,
+    batch: dict[str, Any] | None = None,
+    extra: dict[str, Any] | None = None,
+) -> None:
+    """Append the ``start`` record of run ``run_id`` (one writer per job)."""
+    _append(
+        output_dir,
+        {
+            "event": "start",
+            "run_id": run_id,
+            "step": int(step),
+            "batch": dict(batch or {}),
+            "utc": _utc_now(),
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            **(extra or {}),
+        },
+    )
+
+
+def record_failure(output_dir: PathLike, *, run_id: str, step: int, exc: BaseException, rank: int = 0) -> None:
+    """Append a ``failure`` record: the exception that ended run ``run_id`` on this rank at ``step``."""
+    name, head = describe_exception(exc)
+    _append(
+        output_dir,
+        {
+            "event": "failure",
+            "run_id": run_id,
+            "step": int(step),
+            "exception": name,
+            "message": head,
+            "oom": is_oom(exc),
+            "utc": _utc_now(),
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "rank": int(rank),
+        },
+    )
+
+
+def record_end(output_dir: PathLike, *, run_id: str, step: int, status: str = "clean", reason: str = "") -> None:
+    """Append the ``end`` record of run ``run_id``: ``status`` is ``"clean"`` or ``"interrupted"``."""
+    if status not in ("clean", "interrupted"):
+        raise ValueError(f"status must be 'clean' or 'interrupted', not {status!r}")
+    record: dict[str, Any] = {"event": "end", "run_id": run_id, "step": int(step), "status": status}
+    if reason:
+        record["reason"] = reason
+    record.update({"utc": _utc_now(), "host": socket.gethostname(), "pid": os.getpid()})
+    _append(output_dir, record)
+
+
+# Runs of this process that have started and not ended: run_id -> (output_dir, step getter). A hard exit
+# (second stop signal) marks them interrupted so that a deliberate kill is never counted as a crash.
+_OPEN_RUNS: dict[str, tuple[Path, Any]] = {}
+
+
+def _register_open_run(run_id: str, output_dir: PathLike, step_getter: Any) -> None:
+    _OPEN_RUNS[run_id] = (Path(output_dir), step_getter)
+
+
+def _unregister_open_run(run_id: str) -> None:
+    _OPEN_RUNS.pop(run_id, None)
+
+
+def record_interrupt_for_open_runs(reason: str) -> None:
+    """Mark every run this process has open as interrupted (called just before a deliberate hard exit)."""
+    for run_id, (output_dir, step_getter) in list(_OPEN_RUNS.items()):
+        try:
+            step = int(step_getter()) if callable(step_getter) else 0
+            record_end(output_dir, run_id=run_id, step=step, status="interrupted", reason=reason)
+        except Exception:  # about to exit: never let bookkeeping stop the exit
+            pass
+        _OPEN_RUNS.pop(run_id, None)
+
+
+# -------------------------------------------------------------------------------------------------- reading
+@dataclass
+class RunRecord:
+    """One start and what became of it.
+
+    Attributes:
+        run_id: The id shared by the job's ranks.
+        start: The ``start`` record (empty when the log holds failures of a start it lacks).
+        failures: ``failure`` records, one per rank that recorded one.
+        end: The ``end`` record, or None.
+        outcome: ``clean``, ``failed``, ``interrupted``, ``unknown`` (died without a record) or ``running``.
+    """
+
+    run_id: str
+    start: dict[str, Any] = field(default_factory=dict)
+    failures: list[dict[str, Any]] = field(default_factory=list)
+    end: dict[str, Any] | None = None
+    outcome: str = "running"
+
+    @property
+    def signatures(self) -> set[tuple[int, str]]:
+        """The ``(step, exception type)`` pairs that ended this run (several ranks may record different ones)."""
+        if self.outcome == "unknown":
+            return {(_as_int(self.start.get("step")), UNKNOWN)}
+        return {(_as_int(f.get("step")), str(f.get("exception"))) for f in self.failures}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "run_id": self.run_id,
+            "outcome": self.outcome,
+            "start": self.start,
+            "failures": self.failures,
+            "end": self.end,
+        }
+
+
+def _as_int(value: Any) -> int:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return -1
+
+
+def _pid_alive(pid: Any) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except (TypeError, ValueError, ProcessLookupError, OverflowError):
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _still_running(run: RunRecord, host: str) -> bool:
+    """A start without an end is alive if it is one of this process's open runs or its PID lives on this host."""
+    pid = run.start.get("pid")
+    if pid == os.getpid():
+        return run.run_id in _OPEN_RUNS
+    return run.start.get("host") == host and _pid_alive(pid)
+
+
+def _read_records(path: Path) -> tuple[list[dict[str, Any]], list[int]]:
+    """The records of the log and the line numbers of malformed lines (a torn last line is expected)."""
+    records: list[dict[str, Any]] = []
+    bad: list[int] = []
+    try:
+        with open(path, encoding="utf-8", errors="replace") as fh:
+            lines = fh.read().split("\n")
+    except FileNotFoundError:
+        return records, bad
+    for number, raw in enumerate(lines, start=1):
+        if not raw.strip():
+            continue
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = None
+        if isinstance(value, dict) and isinstance(value.get("event"), str) and isinstance(value.get("run_id"), str):
+            records.append(value)
+        else:
+            bad.append(number)
+    return records, bad
+
+
+def load_runs(output_dir: PathLike, *, warn: bool = True) -> list[RunRecord]:
+    """Every run recorded in ``output_dir/trainguard-crashes.jsonl``, oldest first, with its outcome.
+
+    Malformed lines are skipped (the log must never stop a run); with ``warn`` each is named, with its file and
+    line, on the ``trainguard`` logger. A run whose start has no end and no failure is ``unknown`` unless its
+    process is alive on this host (then ``running``).
+
+    Example::
+
+        [r.outcome for r in load_runs("out")]
+    """
+    path = crash_log_path(output_dir)
+    records, bad = _read_records(path)
+    if bad and warn:
+        get_logger().warning(
+            "%s: skipped %d malformed line(s) (line %s); the crash history may be incomplete",
+            path,
+            len(bad),
+            ", ".join(map(str, bad[:10])),
+        )
+    runs: dict[str, RunRecord] = {}
+    for record in records:
+        run = runs.setdefault(record["run_id"], RunRecord(record["run_id"]))
+        event = record["event"]
+        if event == "start":
+            run.start = record
+        elif event == "failure":
+            run.failures.append(record)
+        elif event == "end":
+            run.end = record
+    host = socket.gethostname()
+    for run in runs.values():
+        if run.end is not None and run.end.get("status") == "interrupted":
+            run.outcome = "interrupted"
+        elif run.failures:
+            run.outcome = "failed"
+        elif run.end is not None:
+            run.outcome = "clean"
+        else:
+            run.outcome = "running" if _still_running(run, host) else "unknown"
+    return list(runs.values())
+
+
+@dataclass
+class CrashLoop:
+    """A failure that ended the last ``count`` runs in a row.
+
+    Attributes:
+        step: The step it happened at (for ``unknown`` deaths: the step the runs started from).
+        exception: The exception type, or :data:`UNKNOWN`.
+        count: How many runs in a row it ended.
+        oom: True when it is an out-of-memory error.
+        runs: Those runs, newest first.
+        message: The first line of the newest failure's message.
+    """
+
+    step: int
+    exception: str
+    count: int
+    oom: bool
+    runs: list[RunRecord]
+    message: str = ""
+
+    @property
+    def last_batch(self) -> dict[str, Any]:
+        """The batch settings the newest of these runs started with (empty if not recorded)."""
+        batch = self.runs[0].start.get("batch") if self.runs else None
+        return dict(batch) if isinstance(batch, dict) else {}
+
+    def describe(self) -> str:
+        where = "started from" if self.exception == UNKNOWN else "at"
+        text = f"the last {self.count} runs in a row ended with {self.exception} {where} step {self.step}"
+        return text + (f" ({self.message})" if self.message else "")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "step": self.step,
+            "exception": self.exception,
+            "count": self.count,
+            "oom": self.oom,
+            "message": self.message,
+            "run_ids": [r.run_id for r in self.runs],
+        }
+
+
+def find_crash_loop(
+    output_dir: PathLike, *, max_repeats: int = 3, runs: Iterable[RunRecord] | None = None
+) -> CrashLoop | None:
+    """The failure that ended the newest ``max_repeats`` (or more) finished runs in a row, or None.
+
+    Runs still running and interrupted runs are skipped; a clean end breaks the streak.
+
+    Example::
+
+        find_crash_loop("out", max_repeats=3)
+    """
+    if max_repeats < 1:
+        return None
+    history = [r for r in (runs if runs is not None else load_runs(output_dir)) if r.outcome in ("clean", "failed",
+                                                                                                   "unknown")]
+    if not history or history[-1].outcome == "clean":
+        return None
+    newest = history[-1]
+    best: CrashLoop | None = None
+    for signature in sorted(newest.signatures):
+        streak: list[RunRecord] = []
+        for run in reversed(history):
+            if signature not in run.signatures:
+                break
+            streak.append(run)
+        step, name = signature
+        failures = [f for f in newest.failures if (_as_int(f.get("step")), str(f.get("exception"))) == signature]
+        oom = any(bool(f.get("oom")) for f in failures)
+        message = str(failures[0].get("message", "")) if failures else ""
+        # Several ranks may record different errors for one failure (an OOM on one, a broken collective on the
+        # others): the longest streak wins, and on a tie the OOM, because it comes with a fix.
+        if best is None or (len(streak), oom) > (best.count, best.oom):
+            best = CrashLoop(step, name, len(streak), oom, streak, message)
+    if best is None or best.count < max_repeats:
+        return None
+    return best
+
+
+def oom_fix(per_device_train_batch_size: int, gradient_accumulation_steps: int) -> tuple[int, int] | None:
+    """Half the per-device batch, twice the accumulation: the same global batch. None when the batch is 1 or odd
+    halving would change the global batch.
+
+    Example::
+
+        oom_fix(8, 2)   # (4, 4)
+    """
+    if per_device_train_batch_size < 2 or per_device_train_batch_size % 2:
+        return None
+    return per_device_train_batch_size // 2, gradient_accumulation_steps * 2
+
+
+def check_crash_loop(
+    output_dir: PathLike,
+    *,
+    max_repeats: int = 3,
+    per_device_train_batch_size: int | None = None,
+    gradient_accumulation_steps: int | None = None,
+) -> CrashLoop | None:
+    """Raise :class:`PreflightError` when the last ``max_repeats`` runs in ``output_dir`` ended the same way.
+
+    For an out-of-memory loop the message proposes the halved per-device batch with doubled accumulation
+    (from the given settings, else from those the failing runs recorded).
+
+    Returns:
+        None when there is no loop.
+
+    Raises:
+        PreflightError: The same failure repeats; the message says which, at which step and how often.
+
+    Example::
+
+        check_crash_loop("out", per_device_train_batch_size=8, gradient_accumulation_steps=1)
+    """
+    loop = find_crash_loop(output_dir, max_repeats=max_repeats)
+    if loop is None:
+        return None
+    raise crash_loop_error(output_dir, loop, per_device_train_batch_size, gradient_accumulation_steps)
+
+
+def crash_loop_error(
+    output_dir: PathLike,
+    loop: CrashLoop,
+    per_device_train_batch_size: int | None = None,
+    gradient_accumulation_steps: int | None = None,
+) -> PreflightError:
+    """The :class:`PreflightError` that refuses a start repeating ``loop`` (with the OOM advice when it applies)."""
+    log = crash_log_path(output_dir)
+    batch = loop.last_batch
+    bs = per_device_train_batch_size or _as_int(batch.get("per_device_train_batch_size"))
+    ga = gradient_accumulation_steps or _as_int(batch.get("gradient_accumulation_steps"))
+    evidence: dict[str, Any] = {"loop": loop.to_dict(), "log": str(log)}
+    advice = ""
+    if loop.oom:
+        fix = oom_fix(bs, max(ga, 1)) if bs > 0 else None
+        if fix is not None:
+            evidence["oom_fix"] = {"per_device_train_batch_size": fix[0], "gradient_accumulation_steps": fix[1]}
+            advice = (
+                f"This is an out-of-memory loop: set per_device_train_batch_size={fix[0]} and "
+                f"gradient_accumulation_steps={fix[1]} (was {bs} and {max(ga, 1)}; the global batch stays the same), "
+                "or pass CrashLoopGuard(apply_oom_fix=True) to apply it automatically. "
+            )
+        else:
+            advice = (
+                f"This is an out-of-memory loop and the per-device batch ({bs if bs > 0 else 'unknown'}) cannot be "
+                "halved evenly: shorten the longest sequences, enable gradient checkpointing, or use a smaller "
+                "model or more memory. "
+            )
+    return PreflightError(
+        f"crash loop in {output_dir}: {loop.describe()}; starting again would most likely fail the same way",
+        where={"file": str(log), "step": loop.step},
+        next_step=advice
+        + f"Fix the cause, then start again; to start anyway, set the log {log.name} aside (rename it) or pass "
+        "CrashLoopGuard(max_repeats=None).",
+        evidence=evidence,
+    )

@@ -1,0 +1,294 @@
+"""``trainguard inspect PATH``: what trainguard knows about a run's ``output_dir``, without touching it.
+
+Shows the run lock (held or free, and who holds or last held it), the recorded runs and crashes (and a crash loop
+if the next start would be refused), the checkpoints (verified with ``trainguard.checks.checkpoint`` where that
+module is installed), merged versions (``v001``, ``v002``, … with their ``trainguard-version.json``) and the run
+identity the guards recorded (``stateful_callbacks`` of the newest checkpoint's ``trainer_state.json`` and any
+``trainguard-run.json``). Reads only; never imports torch. Exit status 0, or 2 when PATH is not a folder.
+
+Example::
+
+    trainguard inspect out
+    trainguard inspect out --json | jq .lock
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+from ..checks import crash_loop
+from ..checks._resume import checkpoint_dirs, checkpoint_step
+from ..checks.run_lock import lock_status
+
+__all__ = ["inspect_output_dir", "register"]
+
+_VERSION_RE = re.compile(r"^v(\d{3,})$")
+_VERSION_METADATA = "trainguard-version.json"
+_RUN_SIDECAR = "trainguard-run.json"
+
+
+def register(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "inspect",
+        help="show a run's lock, crashes, checkpoints, versions and recorded identity",
+        description="Show what trainguard knows about an output_dir (read only). Exit 0, or 2 if PATH is missing.",
+    )
+    parser.add_argument("path", metavar="PATH", help="the run's output_dir")
+    parser.add_argument("--json", action="store_true", help="print one JSON document")
+    parser.add_argument(
+        "--no-verify", action="store_true", help="list checkpoints without verifying them (fast on huge runs)"
+    )
+    parser.set_defaults(func=run)
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return json.load(fh)
+    except (OSError, ValueError) as exc:
+        return {"unreadable": f"{type(exc).__name__}: {exc}"}
+
+
+def _size(folder: Path) -> tuple[int, int]:
+    files = total = 0
+    for item in folder.rglob("*"):
+        try:
+            if item.is_file():
+                files += 1
+                total += item.stat().st_size
+        except OSError:
+            continue
+    return files, total
+
+
+def _verifier() -> Any:
+    """``check_checkpoint`` (returns a report) or ``verify_checkpoint`` (raises) from the checkpoint module, if any."""
+    try:
+        module = importlib.import_module("trainguard.checks.checkpoint")
+    except ImportError:
+        return None
+    return getattr(module, "check_checkpoint", None) or getattr(module, "verify_checkpoint", None)
+
+
+def _verify(verify: Any, path: Path) -> dict[str, Any]:
+    try:
+        result = verify(path)
+    except Exception as exc:  # a TrainGuardError names the damage; anything else is reported, not raised
+        lines = str(exc).splitlines()
+        what = getattr(exc, "what", None) or (lines[0] if lines else "")
+        return {"verified": False, "status": "FAILED", "problem": f"{type(exc).__name__}: {what}"}
+    if result is False:
+        return {"verified": False, "status": "FAILED", "problem": "verification failed"}
+    detail: dict[str, Any] = {"verified": True, "status": "verified"}
+    if result is None or result is True:
+        return detail
+    to_dict = getattr(result, "to_dict", None)
+    detail["report"] = to_dict() if callable(to_dict) else result if isinstance(result, dict) else str(result)
+    if getattr(result, "ok", True) is False:
+        detail["verified"] = False
+        describe = getattr(result, "describe", None)
+        detail["problem"] = describe() if callable(describe) else "verification failed"
+    status = getattr(result, "status", None)
+    if isinstance(status, str):
+        detail["status"] = status
+    return detail
+
+
+def _checkpoints(folder: Path, verify: bool) -> list[dict[str, Any]]:
+    found = [(checkpoint_step(p) or 0, p) for p in checkpoint_dirs(folder)]
+    verifier = _verifier() if verify else None
+    out: list[dict[str, Any]] = []
+    for step, path in found:
+        files, total = _size(path)
+        entry: dict[str, Any] = {"name": path.name, "step": step, "path": str(path), "files": files, "bytes": total}
+        if verifier is not None:
+            entry.update(_verify(verifier, path))
+        else:
+            entry["verified"] = None
+            entry["status"] = "unverified"
+            entry["problem"] = "--no-verify" if not verify else "trainguard.checks.checkpoint is not installed"
+        out.append(entry)
+    return out
+
+
+def _versions(folder: Path) -> list[dict[str, Any]]:
+    # safe_merge's versions folder may be the output_dir itself or any folder directly inside it.
+    places = [folder, *sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))]
+    out: list[dict[str, Any]] = []
+    for place in places:
+        try:
+            children = sorted(
+                (int(m.group(1)), p) for p in place.iterdir() if (m := _VERSION_RE.match(p.name)) and p.is_dir()
+            )
+        except OSError:
+            continue
+        for _number, path in children:
+            meta_file = path / _VERSION_METADATA
+            out.append(
+                {
+                    "name": path.name,
+                    "path": str(path),
+                    "metadata": _read_json(meta_file) if meta_file.is_file() else None,
+                }
+            )
+    return out
+
+
+def _identity(folder: Path, checkpoints: list[dict[str, Any]]) -> dict[str, Any]:
+    identity: dict[str, Any] = {"sidecars": {}, "checkpoint": None, "stateful_callbacks": {}}
+    candidates = [folder / _RUN_SIDECAR] + [Path(c["path"]) / _RUN_SIDECAR for c in checkpoints]
+    for sidecar in candidates:
+        if sidecar.is_file():
+            identity["sidecars"][str(sidecar)] = _read_json(sidecar)
+    if checkpoints:
+        newest = Path(checkpoints[-1]["path"])
+        state = _read_json(newest / "trainer_state.json") if (newest / "trainer_state.json").is_file() else {}
+        callbacks = state.get("stateful_callbacks") if isinstance(state, dict) else None
+        identity["checkpoint"] = newest.name
+        if isinstance(callbacks, dict):
+            # TrainerControl is the Trainer's own; the rest are guards' records (DatasetGuard, LoraConfigGuard...).
+            identity["stateful_callbacks"] = {k: v for k, v in callbacks.items() if k != "TrainerControl"}
+    return identity
+
+
+def inspect_output_dir(path: str | Path, *, verify: bool = True) -> dict[str, Any]:
+    """Everything ``trainguard inspect`` shows, as one JSON-ready dict (reads only).
+
+    Args:
+        path: The run's output_dir.
+        verify: Verify each checkpoint with ``trainguard.checks.checkpoint.verify_checkpoint`` when available.
+
+    Raises:
+        FileNotFoundError: ``path`` is not a folder.
+
+    Example::
+
+        report = inspect_output_dir("out"); report["lock"]["held"]
+    """
+    folder = Path(path)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"not a folder: {folder}")
+    runs = crash_loop.load_runs(folder, warn=False)
+    loop = crash_loop.find_crash_loop(folder, max_repeats=3, runs=runs)
+    checkpoints = _checkpoints(folder, verify)
+    return {
+        "ok": True,
+        "path": str(folder),
+        "lock": lock_status(folder),
+        "runs": [r.to_dict() for r in runs],
+        "crash_loop": loop.to_dict() if loop is not None else None,
+        "checkpoints": checkpoints,
+        "versions": _versions(folder),
+        "identity": _identity(folder, checkpoints),
+    }
+
+
+def _human_bytes(n: int) -> str:
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{n} B"
+
+
+def _print(report: dict[str, Any]) -> None:
+    w = sys.stdout.write
+    w(f"{report['path']}\n")
+    lock = report["lock"]
+    holder = lock.get("holder") or {}
+    who = (
+        f"PID {holder.get('pid')} on {holder.get('host')}, started {holder.get('started_utc')} UTC, "
+        f"command: {holder.get('command')}"
+        if holder
+        else "an unknown holder (no readable .trainguard.lock.json)"
+    )
+    if lock["held"] is True:
+        pids = lock.get("holder_pids") or []
+        extra = f" (kernel: PID {', '.join(map(str, pids))})" if pids and holder.get("pid") not in pids else ""
+        w(f"lock:        HELD by {who}{extra}\n")
+    elif lock["held"] is None:
+        w(f"lock:        unknown (the filesystem cannot tell); last record: {who}\n")
+    elif lock["exists"]:
+        w(f"lock:        free; last held by {who}\n")
+    else:
+        w("lock:        free (never taken by RunLock)\n")
+    if lock.get("reach") != "ok":
+        w(f"             note: {lock.get('note')}\n")
+
+    runs = report["runs"]
+    counts: dict[str, int] = {}
+    for run in runs:
+        counts[run["outcome"]] = counts.get(run["outcome"], 0) + 1
+    summary = ", ".join(f"{v} {k}" for k, v in sorted(counts.items())) or "none recorded"
+    w(f"runs:        {summary}\n")
+    for run in runs:
+        if run["outcome"] in ("failed", "unknown"):
+            start = run["start"]
+            if run["failures"]:
+                for f in run["failures"]:
+                    w(
+                        f"  crash      step {f.get('step')}: {f.get('exception')}: {f.get('message')} "
+                        f"({f.get('utc')}, {f.get('host')}, rank {f.get('rank')})\n"
+                    )
+            else:
+                w(f"  crash      started at step {start.get('step')}, {crash_loop.UNKNOWN} ({start.get('utc')})\n")
+    loop = report["crash_loop"]
+    if loop:
+        w(
+            f"crash loop:  {loop['exception']} at step {loop['step']} ended the last {loop['count']} runs: "
+            "the next start with CrashLoopGuard is refused\n"
+        )
+
+    checkpoints = report["checkpoints"]
+    w(f"checkpoints: {len(checkpoints) or 'none'}\n")
+    for c in checkpoints:
+        status = c.get("status") or {True: "verified", False: "FAILED", None: "unverified"}[c.get("verified")]
+        problem = f" - {c['problem']}" if c.get("problem") else ""
+        w(f"  {c['name']:<20} {c['files']:>4} files {_human_bytes(c['bytes']):>10}  {status}{problem}\n")
+
+    versions = report["versions"]
+    w(f"versions:    {len(versions) or 'none'}\n")
+    for v in versions:
+        meta = v.get("metadata")
+        if isinstance(meta, dict):
+            keys = ("created_utc", "utc", "source_checkpoint", "dataset_fingerprint")
+            facts = ", ".join(f"{k}={meta[k]}" for k in keys if k in meta and not isinstance(meta[k], dict))
+            w(f"  {v['path']}  {facts or 'metadata: ' + ', '.join(sorted(meta))}\n")
+        else:
+            w(f"  {v['path']}  (no {_VERSION_METADATA})\n")
+
+    identity = report["identity"]
+    recorded = identity["stateful_callbacks"]
+    if recorded:
+        w(f"identity:    recorded in {identity['checkpoint']}/trainer_state.json by {', '.join(sorted(recorded))}\n")
+    for name in identity["sidecars"]:
+        w(f"identity:    {name}\n")
+    if not recorded and not identity["sidecars"]:
+        w("identity:    none recorded\n")
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..cli import EXIT_OK, EXIT_USAGE, emit_json
+
+    folder = Path(args.path)
+    if not folder.is_dir():
+        what = f"no such folder: {folder}" if not folder.exists() else f"not a folder: {folder}"
+        if args.json:
+            emit_json({"ok": False, "error": "FileNotFoundError", "what": what})
+        else:
+            sys.stderr.write(f"trainguard inspect: {what}\n")
+        return EXIT_USAGE
+    report = inspect_output_dir(folder, verify=not args.no_verify)
+    if args.json:
+        emit_json(report)
+    else:
+        _print(report)
+    return EXIT_OK
+

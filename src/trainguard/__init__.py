@@ -37,6 +37,33 @@ _LAZY: dict[str, str] = {
     "WebhookSink": "trainguard.alerts",
     "all_guards": "trainguard.callbacks",
     "GuardCallback": "trainguard.callbacks._base",
+    "RunLock": "trainguard.callbacks.run_lock",
+    "GracefulStop": "trainguard.callbacks.graceful_stop",
+    "CrashLoopGuard": "trainguard.callbacks.crash_loop_guard",
+    "acquire_run_lock": "trainguard.checks.run_lock",
+    "check_crash_loop": "trainguard.checks.crash_loop",
+    "dataset_fingerprint": "trainguard.checks.fingerprint",
+    "start_fresh": "trainguard.checks.fresh_start",
+    "continue_on_new_data": "trainguard.checks.fresh_start",
+    "check_lora_config": "trainguard.checks.lora",
+    "DatasetGuard": "trainguard.callbacks.dataset_guard",
+    "LoraConfigGuard": "trainguard.callbacks.lora_config_guard",
+    "check_disk_space": "trainguard.checks.resources",
+    "check_memory": "trainguard.checks.resources",
+    "safe_merge": "trainguard.checks.merge",
+    "PreflightGuard": "trainguard.callbacks.preflight_guard",
+    "validate_data": "trainguard.checks.data",
+    "DataReport": "trainguard.checks.data",
+    "DataGuard": "trainguard.callbacks.data_guard",
+    "CheckpointVerifier": "trainguard.callbacks.checkpoint_verifier",
+    "write_manifest": "trainguard.checks.checkpoint",
+    "verify_checkpoint": "trainguard.checks.checkpoint",
+    "latest_verified_checkpoint": "trainguard.checks.checkpoint",
+    "resolve_verified_resume": "trainguard.checks.checkpoint",
+    "CheckpointReport": "trainguard.checks.checkpoint",
+    "HangWatchdog": "trainguard.callbacks.hang_watchdog",
+    "Watchdog": "trainguard.checks.watchdog",
+    "NanGuard": "trainguard.callbacks.nan_guard",
 }
 
 __all__ = [  # noqa: RUF022 - grouped: errors, then lazily loaded names
@@ -58,12 +85,65 @@ __all__ = [  # noqa: RUF022 - grouped: errors, then lazily loaded names
     "WebhookSink",
     "all_guards",
     "GuardCallback",
+    "RunLock",
+    "GracefulStop",
+    "CrashLoopGuard",
+    "acquire_run_lock",
+    "check_crash_loop",
+    "dataset_fingerprint",
+    "start_fresh",
+    "continue_on_new_data",
+    "check_lora_config",
+    "DatasetGuard",
+    "LoraConfigGuard",
+    "check_disk_space",
+    "check_memory",
+    "safe_merge",
+    "PreflightGuard",
+    "validate_data",
+    "DataReport",
+    "DataGuard",
+    "CheckpointVerifier",
+    "write_manifest",
+    "verify_checkpoint",
+    "latest_verified_checkpoint",
+    "resolve_verified_resume",
+    "CheckpointReport",
+    "HangWatchdog",
+    "Watchdog",
+    "NanGuard",
 ]
 
 if TYPE_CHECKING:
     from .alerts import Alert, Alerter, JsonlSink, LoggerSink, TrainerLogSink, WebhookSink
     from .callbacks import all_guards
     from .callbacks._base import GuardCallback
+    from .callbacks.checkpoint_verifier import CheckpointVerifier
+    from .callbacks.crash_loop_guard import CrashLoopGuard
+    from .callbacks.data_guard import DataGuard
+    from .callbacks.dataset_guard import DatasetGuard
+    from .callbacks.graceful_stop import GracefulStop
+    from .callbacks.hang_watchdog import HangWatchdog
+    from .callbacks.lora_config_guard import LoraConfigGuard
+    from .callbacks.nan_guard import NanGuard
+    from .callbacks.preflight_guard import PreflightGuard
+    from .callbacks.run_lock import RunLock
+    from .checks.checkpoint import (
+        CheckpointReport,
+        latest_verified_checkpoint,
+        resolve_verified_resume,
+        verify_checkpoint,
+        write_manifest,
+    )
+    from .checks.crash_loop import check_crash_loop
+    from .checks.data import DataReport, validate_data
+    from .checks.fingerprint import dataset_fingerprint
+    from .checks.fresh_start import continue_on_new_data, start_fresh
+    from .checks.lora import check_lora_config
+    from .checks.merge import safe_merge
+    from .checks.resources import check_disk_space, check_memory
+    from .checks.run_lock import acquire_run_lock
+    from .checks.watchdog import Watchdog
 
 
 def __getattr__(name: str) -> Any:

@@ -23,7 +23,11 @@ EXIT_USAGE = 2
 
 # Each subcommand module exposes ``register(subparsers)``, which adds its parser and sets ``func``: a callable
 # taking the parsed namespace and returning an exit status.
-_SUBCOMMANDS: tuple[str, ...] = ()
+_SUBCOMMANDS: tuple[str, ...] = (
+    "trainguard.commands.inspect",
+    "trainguard.commands.validate_data",
+    "trainguard.commands.verify",
+)
 
 
 class _Parser(argparse.ArgumentParser):

@@ -9,7 +9,33 @@ from ._base import GuardCallback
 __all__ = ["GuardCallback", "all_guards"]
 
 # Guard classes in the order they should run, as (keyword, "module:Class"). all_guards() builds one of each.
-_GUARDS: tuple[tuple[str, str], ...] = ()
+_GUARDS: tuple[tuple[str, str], ...] = (
+    # First: refuse at Trainer(...) before any other guard does work or writes into an output_dir another run owns.
+    ("run_lock", "trainguard.callbacks.run_lock:RunLock"),
+    # Refuse a start that would repeat the same crash, before anything loads; records how each run ends.
+    ("crash_loop_guard", "trainguard.callbacks.crash_loop_guard:CrashLoopGuard"),
+    # Sets control.should_save at on_step_end on a stop signal: guards that inspect or veto a pending save
+    # (free-space check, NaN guard) must come after it so they see that save.
+    ("graceful_stop", "trainguard.callbacks.graceful_stop:GracefulStop"),
+    # Before step 1: refuse a run whose checkpoints cannot fit on disk (or short of RAM); before each save
+    # (including a stop-signal save set above): cancel a save that cannot fit and stop cleanly.
+    ("preflight_guard", "trainguard.callbacks.preflight_guard:PreflightGuard"),
+    # Redirects resume_from_checkpoint=True to the newest verified checkpoint (setting failed ones aside) before the
+    # guards below read the checkpoint; after run_lock, so it never renames inside an output_dir another run owns.
+    ("checkpoint_verifier", "trainguard.callbacks.checkpoint_verifier:CheckpointVerifier"),
+    # Run identity: refuse in before_train, before the checkpoint loads. After any guard that redirects the resume
+    # (checkpoint verification), so they check the checkpoint that will actually be loaded.
+    ("dataset_guard", "trainguard.callbacks.dataset_guard:DatasetGuard"),
+    ("lora_config_guard", "trainguard.callbacks.lora_config_guard:LoraConfigGuard"),
+    # Refuse in before_train a tokenized train set with rows that teach nothing; needs nothing from the checkpoint.
+    ("data_guard", "trainguard.callbacks.data_guard:DataGuard"),
+    # Vetoes the save of a non-finite step and stops every rank at the same step: after every guard that schedules
+    # a save (graceful_stop, preflight_guard), before hang_watchdog, which must see the save it cancelled.
+    ("nan_guard", "trainguard.callbacks.nan_guard:NanGuard"),
+    # Last: its on_step_end reads the final should_evaluate/should_save flags (after every guard that sets or
+    # clears them) to pick the budget of the evaluation or save that follows.
+    ("hang_watchdog", "trainguard.callbacks.hang_watchdog:HangWatchdog"),
+)
 
 
 def all_guards(**overrides: Any) -> list[GuardCallback]:

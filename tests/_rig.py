@@ -16,7 +16,7 @@ import sys
 import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 OFFLINE_ENV = {
     "HF_HUB_OFFLINE": "1",
@@ -262,3 +262,19 @@ def mounted_tmpfs(size: str = "3m") -> Iterator[Path]:
         subprocess.run(["umount", "-l", str(folder)], capture_output=True, check=False)
         with contextlib.suppress(OSError):
             folder.rmdir()
+
+
+def exit_worker(code: int = 0) -> NoReturn:
+    """End a torchrun worker script: wait for the other ranks, flush, then leave with ``os._exit``.
+
+    Interpreter teardown with a live gloo process group sometimes aborts a worker in torch 2.13 ("terminate called
+    without an active exception", SIGABRT) once its peer has exited, which turns a passing job into a failed one.
+    The scripts have written their results by then, so skipping teardown loses nothing.
+    """
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        with contextlib.suppress(Exception):
+            dist.barrier()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

@@ -26,7 +26,7 @@ import trainguard
 from trainguard import distributed
 from trainguard.checks import checkpoint as ckpt
 
-from _rig import make_trainer
+from _rig import exit_worker, make_trainer
 
 run_dir, report_dir = (Path(p) for p in sys.argv[1:3])
 report: dict[str, Any] = {"manifest_writes": []}
@@ -88,3 +88,4 @@ resumed = make_trainer(
 resumed.train(resume_from_checkpoint=True)
 
 (report_dir / f"rank{distributed.rank()}.json").write_text(json.dumps(report))
+exit_worker()

@@ -16,7 +16,7 @@ from typing import Any
 import trainguard
 from trainguard import distributed
 
-from _rig import make_lm_dataset, make_trainer
+from _rig import exit_worker, make_lm_dataset, make_trainer
 
 run_dir, report_dir = (Path(p) for p in sys.argv[1:3])
 report: dict[str, Any] = {"steps": 0}
@@ -36,3 +36,4 @@ except trainguard.DataValidationError as err:
 report["rank"] = distributed.rank()
 distributed.barrier()
 (report_dir / f"rank{distributed.rank()}.json").write_text(json.dumps(report))
+exit_worker()

@@ -11,7 +11,7 @@ from transformers import TrainerCallback
 
 from trainguard import DatasetGuard, DatasetMismatchError
 
-from _rig import make_lm_dataset, make_trainer
+from _rig import exit_worker, make_lm_dataset, make_trainer
 
 
 class Steps(TrainerCallback):
@@ -37,3 +37,4 @@ except DatasetMismatchError as err:
 doc["steps"] = Steps.n
 rank = trainer.args.process_index
 (out / f"rank{rank}.json").write_text(json.dumps(doc))
+exit_worker()

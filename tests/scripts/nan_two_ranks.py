@@ -28,7 +28,7 @@ from transformers import Trainer
 import trainguard
 from trainguard import distributed
 
-from _rig import make_tiny_llama, make_trainer
+from _rig import exit_worker, make_tiny_llama, make_trainer
 
 BAD_STEP = 3
 run_dir, report_dir = (Path(p) for p in sys.argv[1:3])
@@ -81,3 +81,4 @@ report = [
     run("nan_forward_sync", sync=None, real_nan=True),
 ]
 (report_dir / f"rank{distributed.rank()}.json").write_text(json.dumps(report))
+exit_worker()

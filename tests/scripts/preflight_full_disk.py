@@ -13,7 +13,7 @@ from pathlib import Path
 
 from trainguard import PreflightError, PreflightGuard, distributed
 
-from _rig import make_trainer
+from _rig import exit_worker, make_trainer
 
 disk, out = Path(sys.argv[1]), Path(sys.argv[2])
 result = {}
@@ -45,3 +45,4 @@ except PreflightError as err:
     result["stopped"] = {"step": trainer.state.global_step, "where_step": err.where.get("step"), "what": err.what}
 
 (out / f"rank{distributed.rank()}.json").write_text(json.dumps(result))
+exit_worker()

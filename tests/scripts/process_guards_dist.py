@@ -23,7 +23,7 @@ import trainguard
 from trainguard import distributed
 from trainguard.callbacks import GuardCallback
 
-from _rig import make_trainer
+from _rig import exit_worker, make_trainer
 
 locked_dir, run_dir, report_dir = (Path(p) for p in sys.argv[1:4])
 report: dict[str, Any] = {}
@@ -77,3 +77,4 @@ for cb in trainer.callback_handler.callbacks:
         report["lock_held"] = cb.handle is not None and cb.handle.held
 distributed.barrier()
 (report_dir / f"rank{distributed.rank()}.json").write_text(json.dumps(report))
+exit_worker()

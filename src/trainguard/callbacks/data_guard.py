@@ -129,7 +129,9 @@ class DataGuard(GuardCallback):
         else:
             self._summary = (
                 f"checked {result.rows} row(s): {result.masked_rows} with no supervised token, "
-                f"{result.empty_rows} empty, {result.over_limit_rows} over {limit or 'no'} positions"
+                f"{result.empty_rows} empty, "
+                # T5 and other relative-position models declare no limit: say so rather than "0 over no positions".
+                + (f"{result.over_limit_rows} over {limit} positions" if limit else "no position limit in the config")
             )
         if not findings and not refuse:
             return result

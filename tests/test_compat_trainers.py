@@ -114,7 +114,7 @@ def _results(stdout: str) -> list[dict[str, Any]]:
 
 @pytest.mark.slow
 @pytest.mark.distributed
-@pytest.mark.parametrize("kind", ["trainer", "sft_lora"])
+@pytest.mark.parametrize("kind", ["trainer", "seq2seq", "sft_lora"])
 def test_all_guards_on_two_ranks_train_save_and_resume(kind: str, tmp_path: Path) -> None:
     out = tmp_path / "run"
     proc = run_torchrun(SCRIPT, kind, str(out), "--phases", "train,resume", timeout=420)

@@ -12,31 +12,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import tempfile
-import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
-
-def best_of(fn: Callable[[], Any], repeat: int = 3) -> float:
-    best = float("inf")
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
+from _common import best_of, cpu_model
 
 
 def main() -> None:
@@ -67,7 +46,7 @@ def main() -> None:
     print(f"machine: {os.cpu_count()} CPU(s), {cpu_model()}")
     print(f"in-memory Dataset: {n} rows x {seq} tokens, {size / 1e9:.2f} GB of Arrow buffers")
 
-    t = best_of(lambda: dataset_fingerprint(ds))
+    t = best_of(lambda: dataset_fingerprint(ds), repeat=3)
     print(f"  Dataset (in memory)        {t:7.3f} s  {size / t / 1e9:6.2f} GB/s")
 
     shuffled = ds.shuffle(seed=0)
@@ -82,7 +61,7 @@ def main() -> None:
                 fh.write(json.dumps(row) + "\n")
         fsize = path.stat().st_size
         dataset_fingerprint(path)  # warm the page cache: measure hashing, not the disk
-        t = best_of(lambda: dataset_fingerprint(path))
+        t = best_of(lambda: dataset_fingerprint(path), repeat=3)
         print(f"  JSONL file (page cache)    {t:7.3f} s  {fsize / t / 1e9:6.2f} GB/s  ({fsize / 1e6:.0f} MB)")
 
         rows = table.slice(0, min(n, 5_000)).to_pylist()

@@ -10,34 +10,17 @@ Times are the best of several wall-clock runs.
 from __future__ import annotations
 
 import os
-import platform
 import sys
 import tempfile
-import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+
+from _common import best_of, cpu_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 
-def best_of(fn: Callable[[], Any], repeat: int = 5) -> float:
-    best = float("inf")
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def main() -> None:

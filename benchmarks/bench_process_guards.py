@@ -11,13 +11,14 @@ of a crash log.
 from __future__ import annotations
 
 import os
-import platform
 import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
+
+from _common import cpu_model
 
 
 def best_of(fn: Callable[[], Any], number: int, repeat: int = 5) -> float:
@@ -31,14 +32,6 @@ def best_of(fn: Callable[[], Any], number: int, repeat: int = 5) -> float:
     return best
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def main() -> None:

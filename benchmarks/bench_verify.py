@@ -30,26 +30,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from _common import best_of, cpu_model
+
 from trainguard.checks import checkpoint as ckpt
-
-
-def best_of(fn: Callable[[], Any], repeat: int = 3) -> float:
-    best = float("inf")
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def single_thread_rate() -> float:
@@ -124,14 +107,14 @@ def bench_hashing(total_gib: float) -> None:
             def gnu() -> None:
                 subprocess.run(["sha256sum", "-c", "--quiet", ckpt.MANIFEST_NAME], cwd=folder, check=True)
 
-            rows.append(("sha256sum -c (GNU, 1 thread)", best_of(gnu)))
+            rows.append(("sha256sum -c (GNU, 1 thread)", best_of(gnu, repeat=3)))
 
         def structural_only() -> None:  # what runs before any hashing: listing, sizes, headers, JSON
             files = ckpt._list_files(folder)
             for name, n_bytes in files.items():
                 ckpt._check_format(folder / name, n_bytes, crc=False)
 
-        structural = best_of(structural_only)
+        structural = best_of(structural_only, repeat=3)
         for name, seconds in rows:
             throughput = size / seconds
             share = 100 * throughput / (rate * cores)

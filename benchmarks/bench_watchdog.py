@@ -24,17 +24,11 @@ import timeit
 from pathlib import Path
 from typing import Any
 
+from _common import cpu_model
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def ns_per_call(stmt: Any, number: int = 1_000_000, repeat: int = 3) -> float:

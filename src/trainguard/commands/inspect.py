@@ -24,6 +24,7 @@ from typing import Any
 
 from ..checks import crash_loop
 from ..checks._resume import checkpoint_dirs, checkpoint_step
+from ..checks.resources import format_bytes
 from ..checks.run_lock import lock_status
 
 __all__ = ["inspect_output_dir", "register"]
@@ -189,13 +190,6 @@ def inspect_output_dir(path: str | Path, *, verify: bool = True) -> dict[str, An
     }
 
 
-def _human_bytes(n: int) -> str:
-    value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if value < 1024 or unit == "TiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return f"{n} B"
 
 
 def _print(report: dict[str, Any]) -> None:
@@ -251,7 +245,7 @@ def _print(report: dict[str, Any]) -> None:
     for c in checkpoints:
         status = c.get("status") or {True: "verified", False: "FAILED", None: "unverified"}[c.get("verified")]
         problem = f" - {c['problem']}" if c.get("problem") else ""
-        w(f"  {c['name']:<20} {c['files']:>4} files {_human_bytes(c['bytes']):>10}  {status}{problem}\n")
+        w(f"  {c['name']:<20} {c['files']:>4} files {format_bytes(c['bytes']):>10}  {status}{problem}\n")
 
     versions = report["versions"]
     w(f"versions:    {len(versions) or 'none'}\n")

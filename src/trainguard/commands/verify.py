@@ -21,6 +21,7 @@ from typing import Any
 
 from ..checks import checkpoint as ckpt
 from ..checks._resume import checkpoint_dirs
+from ..checks.resources import format_bytes
 
 __all__ = ["adopt", "register"]
 
@@ -81,13 +82,6 @@ def _targets(path: Path) -> tuple[str, list[Path]] | None:
     return None
 
 
-def _human_bytes(n: int) -> str:
-    value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if value < 1024 or unit == "TiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return f"{n} B"
 
 
 def _print_table(reports: list[ckpt.CheckpointReport], extra: dict[str, str] | None = None) -> None:
@@ -96,7 +90,7 @@ def _print_table(reports: list[ckpt.CheckpointReport], extra: dict[str, str] | N
     for r in reports:
         step = "" if r.step is None else str(r.step)
         action = f"  [{extra[str(r.path)]}]" if extra and str(r.path) in extra else ""
-        size = _human_bytes(r.bytes)
+        size = format_bytes(r.bytes)
         w(f"{r.path.name:<22} {step:>7} {r.files:>5} {size:>10} {r.seconds:>7.2f}s  {r.status}{action}\n")
         for p in r.problems:
             w(f"    {p.format()}\n")

@@ -273,6 +273,8 @@ class CheckpointVerifier(GuardCallback):
             self._messages.append((level, text, step))
 
     def _flush_messages(self, state: Any = None) -> None:
+        if not self._messages:
+            return  # runs every step: skip the lock while the background writer has nothing to say
         with self._lock:
             messages, self._messages = self._messages, []
         for level, text, step in messages:

@@ -162,7 +162,10 @@ class HangWatchdog(GuardCallback):
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
         self.watchdog.step_end(state.global_step)
-        self._next_phase(control)
+        if control.should_training_stop or control.should_evaluate or control.should_save:
+            self._next_phase(control)
+        elif self.watchdog.phase != "step":
+            self.watchdog.enter("step")  # step_end already recorded the progress of an ordinary step
         return control
 
     def on_epoch_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:

@@ -227,7 +227,8 @@ class NanGuard(GuardCallback):
     # ------------------------------------------------------------------------------------------------ hooks
     def _install(self, trainer: Any) -> None:
         """Wrap this Trainer's ``training_step`` (raw loss of every micro-batch) and its grad-norm function (the
-        norm it computes for clipping), on this instance only. Both wrappers only queue a device op."""
+        norm it computes for clipping), on this instance only. On an accelerator both only queue a device op; on the
+        CPU they read the value (one ``.item()``), which costs less than any tensor op."""
         installed: list[NanGuard] = getattr(trainer, _HOOK_MARK, [])
         if any(guard is self for guard in installed):
             self._hooked = True
@@ -237,9 +238,7 @@ class NanGuard(GuardCallback):
         @functools.wraps(original_step)
         def training_step(*args: Any, **kwargs: Any) -> Any:
             loss = original_step(*args, **kwargs)
-            # training_step(model, inputs, num_items_in_batch): the label-token count the loss is divided by.
-            items = kwargs.get("num_items_in_batch", args[2] if len(args) > 2 else None)
-            self._observe_loss(loss, items)
+            self._after_training_step(loss, args, kwargs)
             return loss
 
         trainer.training_step = training_step
@@ -254,12 +253,32 @@ class NanGuard(GuardCallback):
         @functools.wraps(original_norm)
         def grad_norm(*args: Any, **kwargs: Any) -> Any:
             norm = original_norm(*args, **kwargs)
-            self._observe_grad_norm(norm)
+            self._after_grad_norm(norm)
             return norm
 
         setattr(owner, name, grad_norm)
         setattr(trainer, _HOOK_MARK, [*installed, self])
         self._hooked = True
+
+    # Both run on every micro-batch / step, with cold caches, where Python costs several times its timeit figure:
+    # the common case (a finite value on the CPU) is one .item() and a few attribute reads.
+    def _after_training_step(self, loss: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        if not self._device_flags and getattr(loss, "is_cpu", False) and loss.numel() == 1:
+            value = loss.item()
+            if math.isfinite(value):
+                self._losses.append(value)
+                if self._loss_bad is None:
+                    self._loss_bad = False
+                return
+        # training_step(model, inputs, num_items_in_batch): the label-token count the loss is divided by.
+        self._observe_loss(loss, kwargs.get("num_items_in_batch", args[2] if len(args) > 2 else None))
+
+    def _after_grad_norm(self, norm: Any) -> None:
+        if not self._device_flags and getattr(norm, "is_cpu", False) and norm.numel() == 1:
+            self._grad_norm = value = norm.item()
+            self._grad_bad = not math.isfinite(value)
+        else:
+            self._observe_grad_norm(norm)
 
     def _observe_loss(self, loss: Any, items: Any = None) -> None:
         # A step without a single label token (num_items_in_batch == 0, every label masked) has the loss 0/0 = NaN
@@ -704,6 +723,17 @@ class NanGuard(GuardCallback):
     def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
         if not self._hooked or not self._sync_now:
             return control
+        if (
+            self._loss_bad is False
+            and (self._grad_bad is None or self._grad_bad is False)
+            and self._empty is None
+            and (self._topology or self._ranks())[2] is None
+        ):
+            # The common step on one process: every value seen on the host, all finite. Nothing to share or judge.
+            self._patience.streak = self._scaler_streak.streak = 0
+            self._warned_streak = False
+            self._reset_step()
+            return control
         flags = self._take_step_flags(state.global_step + 1)
         verdict = self._read(flags)
         # Under DeepSpeed the engine already stepped inside backward: nothing is left to skip or prevent.
@@ -731,7 +761,8 @@ class NanGuard(GuardCallback):
                 self._judge(self._read(current), args, state, control, before_update=False)
             else:
                 self._pending = current
-        self._guard_save(args, state, control, kwargs.get("model"))
+        if self.tripped is not None or control.should_save:
+            self._guard_save(args, state, control, kwargs.get("model"))
         return control
 
     def on_epoch_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:

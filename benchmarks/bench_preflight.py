@@ -19,10 +19,6 @@ from _common import best_of, cpu_model
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 
-
-
-
-
 def main() -> None:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM

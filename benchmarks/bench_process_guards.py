@@ -32,8 +32,6 @@ def best_of(fn: Callable[[], Any], number: int, repeat: int = 5) -> float:
     return best
 
 
-
-
 def main() -> None:
     import torch.distributed as dist
 
@@ -58,6 +56,7 @@ def main() -> None:
 
     if main_rank:
         with tempfile.TemporaryDirectory() as tmp:
+
             def lock_once() -> None:
                 run_lock.acquire_run_lock(tmp).release()
 

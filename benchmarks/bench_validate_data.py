@@ -28,11 +28,59 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from trainguard.checks.data import validate_data
 
 WORDS = [
-    "the", "run", "resumed", "from", "newest", "verified", "checkpoint", "a", "flipped", "byte", "in", "optimizer",
-    "state", "is", "caught", "before", "loading", "loss", "became", "nan", "at", "step", "seven", "and", "guard",
-    "stopped", "two", "runs", "on", "one", "output", "directory", "would", "overwrite", "each", "other",
-    "watchdog", "dumped", "every", "thread", "when", "hung", "lora", "alpha", "changed", "between", "config",
-    "dataset", "size", "so", "resume", "train", "nothing",
+    "the",
+    "run",
+    "resumed",
+    "from",
+    "newest",
+    "verified",
+    "checkpoint",
+    "a",
+    "flipped",
+    "byte",
+    "in",
+    "optimizer",
+    "state",
+    "is",
+    "caught",
+    "before",
+    "loading",
+    "loss",
+    "became",
+    "nan",
+    "at",
+    "step",
+    "seven",
+    "and",
+    "guard",
+    "stopped",
+    "two",
+    "runs",
+    "on",
+    "one",
+    "output",
+    "directory",
+    "would",
+    "overwrite",
+    "each",
+    "other",
+    "watchdog",
+    "dumped",
+    "every",
+    "thread",
+    "when",
+    "hung",
+    "lora",
+    "alpha",
+    "changed",
+    "between",
+    "config",
+    "dataset",
+    "size",
+    "so",
+    "resume",
+    "train",
+    "nothing",
 ]
 
 
@@ -83,8 +131,10 @@ def main() -> None:
         path = folder / "train.jsonl"
         generate(path, args.rows)
         size_mb = path.stat().st_size / 1e6
-        print(f"{args.rows} rows, {size_mb:.0f} MB, python {sys.version.split()[0]}, {os.cpu_count()} CPU(s); "
-              f"best of {args.repeat} / {args.repeat_tokenizer} interleaved runs")
+        print(
+            f"{args.rows} rows, {size_mb:.0f} MB, python {sys.version.split()[0]}, {os.cpu_count()} CPU(s); "
+            f"best of {args.repeat} / {args.repeat_tokenizer} interleaved runs"
+        )
 
         # Interleaved, so that load from other processes on a shared machine hits both sides alike.
         base_times, ours_times = [], []
@@ -97,8 +147,10 @@ def main() -> None:
         rss = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before) / 1024
         baseline, ours = min(base_times), min(ours_times)
         print(f"json.loads loop:             {baseline:6.2f} s  {args.rows / baseline:>10,.0f} rows/s")
-        print(f"validate_data, no tokenizer: {ours:6.2f} s  {args.rows / ours:>10,.0f} rows/s  "
-              f"ratio {ours / baseline:.2f}x (goal <= 2x); peak RSS growth {rss:.0f} MB")
+        print(
+            f"validate_data, no tokenizer: {ours:6.2f} s  {args.rows / ours:>10,.0f} rows/s  "
+            f"ratio {ours / baseline:.2f}x (goal <= 2x); peak RSS growth {rss:.0f} MB"
+        )
 
         if args.repeat_tokenizer < 1:
             return
@@ -114,15 +166,29 @@ def main() -> None:
             with_times.append(elapsed)
             assert report.stats["tokens"]["tokenized_rows"] == args.rows
         alone, with_tok = min(alone_times), min(with_times)
-        print(f"tokenizer(batch) alone:      {alone:6.2f} s  {args.rows / alone:>10,.0f} rows/s  "
-              f"({tokens / alone:,.0f} tokens/s)")
-        print(f"validate_data + tokenizer:   {with_tok:6.2f} s  {args.rows / with_tok:>10,.0f} rows/s  "
-              f"throughput {alone / with_tok:.2f}x of the tokenizer alone (goal >= 0.8x)")
+        print(
+            f"tokenizer(batch) alone:      {alone:6.2f} s  {args.rows / alone:>10,.0f} rows/s  "
+            f"({tokens / alone:,.0f} tokens/s)"
+        )
+        print(
+            f"validate_data + tokenizer:   {with_tok:6.2f} s  {args.rows / with_tok:>10,.0f} rows/s  "
+            f"throughput {alone / with_tok:.2f}x of the tokenizer alone (goal >= 0.8x)"
+        )
         st = report.stats["tokens"]
-        print(f"token lengths p50/p99/max: {st['p50']}/{st['p99']}/{st['max']}; "
-              f"over max_length=64: {st['over_max_length']}, answer cut off: {st['answer_cut_off']}")
-        print("all runs (s): json", [round(t, 2) for t in base_times], "ours", [round(t, 2) for t in ours_times],
-              "tokenizer", [round(t, 2) for t in alone_times], "ours+tok", [round(t, 2) for t in with_times])
+        print(
+            f"token lengths p50/p99/max: {st['p50']}/{st['p99']}/{st['max']}; "
+            f"over max_length=64: {st['over_max_length']}, answer cut off: {st['answer_cut_off']}"
+        )
+        print(
+            "all runs (s): json",
+            [round(t, 2) for t in base_times],
+            "ours",
+            [round(t, 2) for t in ours_times],
+            "tokenizer",
+            [round(t, 2) for t in alone_times],
+            "ours+tok",
+            [round(t, 2) for t in with_times],
+        )
     finally:
         shutil.rmtree(folder, ignore_errors=True)
 

@@ -104,6 +104,7 @@ def bench_hashing(total_gib: float) -> None:
             ("verify_checkpoint (default pool)", best_of(lambda: ckpt.verify_checkpoint(folder), repeat=5)),
         ]
         if shutil.which("sha256sum"):
+
             def gnu() -> None:
                 subprocess.run(["sha256sum", "-c", "--quiet", ckpt.MANIFEST_NAME], cwd=folder, check=True)
 
@@ -165,11 +166,23 @@ def bench_training(steps: int, save_steps: int) -> None:
 
     def run(verifier: TimedVerifier | None) -> tuple[float, int, float]:
         with tempfile.TemporaryDirectory(prefix="trainguard-bench-run-") as tmp:
-            model = make_tiny_llama(hidden_size=256, intermediate_size=688, num_hidden_layers=4,
-                                    num_attention_heads=4, num_key_value_heads=4)
-            trainer = make_trainer(tmp, model=model, train_dataset=make_lm_dataset(n_rows=256),
-                                   callbacks=[verifier] if verifier is not None else [],
-                                   max_steps=steps, save_strategy="steps", save_steps=save_steps, logging_steps=1000)
+            model = make_tiny_llama(
+                hidden_size=256,
+                intermediate_size=688,
+                num_hidden_layers=4,
+                num_attention_heads=4,
+                num_key_value_heads=4,
+            )
+            trainer = make_trainer(
+                tmp,
+                model=model,
+                train_dataset=make_lm_dataset(n_rows=256),
+                callbacks=[verifier] if verifier is not None else [],
+                max_steps=steps,
+                save_strategy="steps",
+                save_steps=save_steps,
+                logging_steps=1000,
+            )
             start = time.perf_counter()
             trainer.train()
             elapsed = time.perf_counter() - start
@@ -192,8 +205,10 @@ def bench_training(steps: int, save_steps: int) -> None:
             walls[key].append(elapsed)
             blocked[key].append(verifier.blocked)
     saves = steps // save_steps
-    print(f"training: {steps} steps, a save every {save_steps} ({saves} saves of {size / (1 << 20):.1f} MiB; "
-          f"hashing one took {hashing * 1000:.0f} ms in the last run)")
+    print(
+        f"training: {steps} steps, a save every {save_steps} ({saves} saves of {size / (1 << 20):.1f} MiB; "
+        f"hashing one took {hashing * 1000:.0f} ms in the last run)"
+    )
     print(f"  without CheckpointVerifier       {min(walls['none']):7.2f} s wall (best of 3)")
     for key, label in (("background", "with it (background hashing)"), ("inline", "with it (background=False)")):
         per_save = min(blocked[key]) / saves * 1000

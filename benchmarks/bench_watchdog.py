@@ -29,8 +29,6 @@ from _common import cpu_model
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 
-
-
 def ns_per_call(stmt: Any, number: int = 1_000_000, repeat: int = 3) -> float:
     return min(timeit.repeat(stmt, number=number, repeat=repeat)) / number * 1e9
 
@@ -47,7 +45,10 @@ def trainer_seconds(steps: int, repeat: int) -> tuple[float, float]:
             with tempfile.TemporaryDirectory() as folder:
                 callbacks = [trainguard.HangWatchdog()] if watchdog else []
                 trainer = make_trainer(
-                    folder, callbacks=callbacks, train_dataset=make_lm_dataset(steps * 2), max_steps=steps,
+                    folder,
+                    callbacks=callbacks,
+                    train_dataset=make_lm_dataset(steps * 2),
+                    max_steps=steps,
                     logging_steps=steps,
                 )
                 start = time.perf_counter()

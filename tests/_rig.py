@@ -80,7 +80,7 @@ def tiny_llama_config(vocab_size: int = VOCAB_SIZE, **overrides: Any) -> Any:
 
 
 def make_tiny_llama(seed: int = 0, **config_overrides: Any) -> Any:
-    """A randomly initialised 2-layer Llama with hidden size 32 (about 25k parameters)."""
+    """A randomly initialised 2-layer Llama with hidden size 32 (about 29k parameters)."""
     import torch
     from transformers import LlamaForCausalLM
 

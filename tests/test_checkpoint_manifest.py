@@ -165,7 +165,7 @@ def test_every_problem_is_named_in_one_error(run: Path):
     _flip(folder / "model.safetensors", random.Random(1))
     (folder / "scheduler.pt").unlink()
     _truncate(folder / "optimizer.pt", random.Random(2))
-    (folder / "added.txt").write_text("not saved by the Trainer")
+    shutil.copy(folder / "rng_state.pth", folder / "rng_state_3.pth")  # a stale file a resume would load
     with pytest.raises(CheckpointIntegrityError) as info:
         trainguard.verify_checkpoint(folder)
     kinds = {p["file"]: p["kind"] for p in info.value.evidence["problems"]}
@@ -173,7 +173,7 @@ def test_every_problem_is_named_in_one_error(run: Path):
         "model.safetensors": "changed",
         "scheduler.pt": "missing",
         "optimizer.pt": "truncated",
-        "added.txt": "extra",
+        "rng_state_3.pth": "extra",
     }
     for name in kinds:
         assert name in info.value.what
@@ -208,17 +208,24 @@ def test_a_folder_without_manifest_in_a_run_with_manifests_is_an_interrupted_sav
 def test_leftovers_of_an_interrupted_write_fail_verification(run: Path):
     folder = run / "checkpoint-4"
     (folder / ".tmpAbC123").write_bytes(b"half a tensor")
-    (folder / ckpt.JIT_SENTINEL).write_text("")
     report = ckpt.check_checkpoint(folder)
-    assert {(p.file, p.kind) for p in report.problems} == {
-        (".tmpAbC123", "interrupted"),
-        (ckpt.JIT_SENTINEL, "interrupted"),
-    }
+    assert {(p.file, p.kind) for p in report.problems} == {(".tmpAbC123", "interrupted")}
     # trainguard's own temporary files (a manifest write killed before its rename) are not evidence of anything
     (folder / ".tmpAbC123").unlink()
-    (folder / ckpt.JIT_SENTINEL).unlink()
     (folder / f".{ckpt.MANIFEST_NAME}{TEMP_MARKER}dead").write_text("x")
     assert ckpt.check_checkpoint(folder).ok
+
+
+def test_the_jit_sentinel_marks_a_folder_without_manifest_interrupted_but_is_stale_beside_a_commit_marker(run: Path):
+    folder = run / "checkpoint-4"
+    (folder / ckpt.JIT_SENTINEL).write_text("Checkpoint started at step 4 and in progress...")
+    report = ckpt.check_checkpoint(folder)
+    assert report.ok  # the marker is written only after the Trainer's save returned: the sentinel is a leftover
+    assert [(w.file, w.kind) for w in report.warnings] == [(ckpt.JIT_SENTINEL, "stale")]
+    (folder / ckpt.MANIFEST_NAME).unlink()
+    (folder / ckpt.METADATA_NAME).unlink()
+    report = ckpt.check_checkpoint(folder)
+    assert [(p.file, p.kind) for p in report.problems] == [(ckpt.JIT_SENTINEL, "interrupted")]
 
 
 def test_set_aside_renames_into_quarantine_outside_the_trainers_checkpoint_glob(run: Path):

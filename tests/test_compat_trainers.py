@@ -47,12 +47,13 @@ def _assert_sensible_summaries(summaries: dict[str, str], *, resumed: bool, kind
     assert "0 stall dump(s)" in summaries["hang_watchdog"]
     assert "checked 32 row(s)" in summaries["data_guard"]
     if resumed:
-        assert summaries["checkpoint_verifier"] == "1 manifest(s) written, resumed from checkpoint-4"
+        assert summaries["checkpoint_verifier"].startswith("1 manifest(s) written, lineage ")
+        assert summaries["checkpoint_verifier"].endswith(", resumed from checkpoint-4")
         assert "resumed from checkpoint-4: same data and batch" in summaries["dataset_guard"]
         expected_lora = "checkpoint-4: same LoRA config" if kind == "sft_lora" else "checkpoint-4: no LoRA"
         assert summaries["lora_config_guard"].startswith(expected_lora)
     else:
-        assert summaries["checkpoint_verifier"] == "2 manifest(s) written"
+        assert summaries["checkpoint_verifier"].startswith("2 manifest(s) written, lineage ")
         assert summaries["dataset_guard"].endswith("no resume")
         assert summaries["lora_config_guard"].startswith("no resume")
 

@@ -23,6 +23,7 @@ __all__ = [
     "DataValidationError",
     "DatasetMismatchError",
     "HangError",
+    "LineageError",
     "LoraConfigMismatchError",
     "NonFiniteError",
     "PreflightError",
@@ -152,6 +153,16 @@ class CheckpointIntegrityError(TrainGuardError):
     default_next_step = (
         "Resume from an older verified checkpoint (`trainguard verify OUTPUT_DIR` lists them); "
         "the damaged folder can be set aside, it is never deleted."
+    )
+
+
+class LineageError(TrainGuardError):
+    """The run would mix with another run's checkpoints: a fresh start into an output_dir that holds them, or a
+    resume that would land on them."""
+
+    default_next_step = (
+        "Resume the checkpoints that are there, archive them with trainguard.start_fresh (moved, never deleted), or "
+        "give this run another output_dir."
     )
 
 

@@ -1,4 +1,5 @@
-"""CheckpointVerifier: a sha256 manifest for every save, and resumes only from a checkpoint that verifies."""
+"""CheckpointVerifier: one run lineage per output_dir, a commit marker for every save, and resumes only from a
+checkpoint of this lineage that verifies."""
 
 from __future__ import annotations
 
@@ -12,13 +13,17 @@ from typing import Any
 from .. import distributed
 from ..alerts import get_logger
 from ..checks import checkpoint as _ckpt
-from ..checks._resume import on_main_then_share
-from ..errors import CheckpointIntegrityError
+from ..checks import lineage as _lineage
+from ..checks._layout import JIT_SENTINEL
+from ..checks._resume import checkpoint_dirs, on_main_then_share
+from ..checks.fresh_start import archive_checkpoints
+from ..errors import CheckpointIntegrityError, LineageError
+from . import _trainer_compat
 from ._base import GuardCallback
 
 __all__ = ["CheckpointVerifier"]
 
-_SAVE_HOOK_MARK = "_trainguard_save_hook"
+_EXISTING = ("refuse", "keep", "archive")
 
 
 def _default_workers() -> int:
@@ -27,44 +32,53 @@ def _default_workers() -> int:
 
 
 class CheckpointVerifier(GuardCallback):
-    """Writes a sha256 manifest into every checkpoint and makes a resume load only a checkpoint that verifies.
+    """Keeps an output_dir to one run lineage, commits every save with a sha256 manifest, and makes a resume load
+    only a checkpoint of this lineage that verifies.
 
-    **On every save** (``on_save``, on every rank): all ranks meet at a barrier, so every rank's files
-    (``rng_state_K.pth``, sharded weights and optimizer state) are on disk; then the saving process hands the folder
-    to one background thread that hashes every file and writes ``trainguard-manifest.json`` and, last,
-    ``trainguard-manifest.sha256``: the commit marker. Training goes on meanwhile; the next save, ``on_train_end``
-    and a failing ``train()`` wait for it.
+    **Before step 1** (``trainer.train`` is wrapped at ``on_init_end``: the Trainer loads a resumed checkpoint before
+    ``on_train_begin``):
 
-    **Before a resume loads anything** (``trainer.train`` is wrapped at ``on_init_end``; the Trainer loads weights,
-    optimizer and state before ``on_train_begin``): ``resume_from_checkpoint=True`` is resolved to the newest
-    checkpoint that verifies; newer ones that fail are moved to ``output_dir/trainguard-quarantine/`` (renamed,
-    never deleted) and an alert names each and why. An explicit path that fails is refused with
-    :class:`~trainguard.CheckpointIntegrityError`. Only the main process checks and renames; every rank gets the
-    same answer. If ``train`` was called around the wrapper, ``on_train_begin`` verifies the loaded checkpoint and
-    refuses before the first step.
+    - a *fresh start* into an output_dir that already holds ``checkpoint-N`` folders is refused with
+      :class:`~trainguard.LineageError` naming them (``existing_checkpoints`` allows it deliberately);
+    - ``resume_from_checkpoint=True`` resolves to the newest checkpoint *of the current run lineage* that verifies;
+      newer ones of it that fail are moved to ``output_dir/trainguard-quarantine/`` (renamed, never deleted), and
+      other runs' checkpoints are never chosen; an explicit path that fails is refused with
+      :class:`~trainguard.CheckpointIntegrityError`. A resume continues the lineage of the checkpoint it loads.
 
-    **Rotation** (``save_total_limit``): the Trainer deletes old checkpoints inside its save, before the new one
-    has a manifest; with ``save_total_limit=1`` that leaves, until the manifest is written, no verified checkpoint
-    at all. With ``protect_rotation`` (default) that rotation is run after the new manifest is written instead, so
-    a kill at any moment leaves at least one verified checkpoint. Disk peak is unchanged (``limit + 1``
-    checkpoints), only held a little longer.
+    **Every save** (``_save_checkpoint`` is wrapped on this trainer, so JIT checkpoints are covered too): a folder
+    already at ``checkpoint-N`` that this run did not just commit is moved into ``trainguard-archive/`` first, so
+    the manifest lists only what this save wrote (a second save of the same step by this run is skipped); a saving
+    marker goes in before the Trainer writes. When every rank's files are written, one background thread hashes
+    them and writes ``trainguard-manifest.json`` (which records the lineage, run, step and how it was saved) and,
+    last, ``trainguard-manifest.sha256``: the commit marker. Training goes on meanwhile.
+
+    **Rotation** (``save_total_limit``) deletes only this lineage's committed checkpoints, never another run's, a
+    legacy one, one set aside or the newest, and only after the new checkpoint's manifest is written.
 
     Args:
         verify_resume: Verify before a resume (default True).
-        set_aside: Move newer checkpoints that fail to ``trainguard-quarantine/`` (default True). With False they
-            are skipped but stay in place, where the Trainer would later save into the same folder again.
-        protect_rotation: Defer the Trainer's ``save_total_limit`` rotation until the new checkpoint's manifest is
-            written (default True).
+        set_aside: Move newer checkpoints of the lineage that fail to ``trainguard-quarantine/`` (default True).
+            With False they are skipped but stay in place.
+        protect_rotation: Run the Trainer's ``save_total_limit`` rotation after the new checkpoint's manifest is
+            written, not before (default True).
+        existing_checkpoints: What a fresh start does when ``output_dir`` already holds checkpoints: ``"refuse"``
+            (default), ``"keep"`` (start a new lineage beside them; they are never resumed, saved over or rotated by
+            it) or ``"archive"`` (move them into ``trainguard-archive/`` first, as :func:`~trainguard.start_fresh`).
         background: Hash off the training thread (default True). False hashes inside ``on_save``.
-        workers: Threads hashing one checkpoint's files (default: the CPU count, at most 4, so that hashing leaves
-            cores to the data loader).
+        workers: Threads hashing one checkpoint's files (default: the CPU count, at most 4).
         alert_sinks: Replace the default alert sinks.
         webhook_url: Also POST alerts to this URL.
+
+    Raises:
+        LineageError: At ``train()``: a fresh start into an output_dir holding checkpoints (``"refuse"``), or
+            ``resume_from_checkpoint=True`` where every checkpoint belongs to another lineage.
+        CheckpointIntegrityError: At ``train()``: the explicit checkpoint, or every checkpoint of the lineage,
+            fails verification.
 
     Example::
 
         trainer = Trainer(..., callbacks=[trainguard.CheckpointVerifier()])
-        trainer.train(resume_from_checkpoint=True)   # the newest checkpoint that verifies
+        trainer.train(resume_from_checkpoint=True)   # the newest checkpoint of this run lineage that verifies
     """
 
     guard_name = "checkpoint_verifier"
@@ -75,15 +89,19 @@ class CheckpointVerifier(GuardCallback):
         verify_resume: bool = True,
         set_aside: bool = True,
         protect_rotation: bool = True,
+        existing_checkpoints: str = "refuse",
         background: bool = True,
         workers: int | None = None,
         alert_sinks: Any = None,
         webhook_url: str | None = None,
     ) -> None:
         super().__init__(alert_sinks=alert_sinks, webhook_url=webhook_url)
+        if existing_checkpoints not in _EXISTING:
+            raise ValueError(f"existing_checkpoints must be one of {_EXISTING}, not {existing_checkpoints!r}")
         self.verify_resume = bool(verify_resume)
         self.set_aside = bool(set_aside)
         self.protect_rotation = bool(protect_rotation)
+        self.existing_checkpoints = existing_checkpoints
         self.background = bool(background)
         self.workers = workers if workers is not None else _default_workers()
         self._executor: ThreadPoolExecutor | None = None
@@ -92,120 +110,317 @@ class CheckpointVerifier(GuardCallback):
         # Reports from the hashing thread, turned into alerts on the training thread (sinks such as the Trainer's
         # log stream are not thread-safe).
         self._messages: list[tuple[str, str, int | None]] = []
-        self._deferred_rotation: tuple[Any, dict[str, Any]] | None = None
+        self._deferred_rotation: tuple[str, int | None, str | None] | None = None
+        self._save: dict[str, Any] | None = None  # the save in progress, from before_save to its commit
         self._resume_checked = False
         self._manifests = 0
+        self._skipped_saves = 0
         self._set_aside: list[str] = []
         self._resumed_from: str | None = None
+        self.lineage: str | None = None
+        self.run: str | None = None
+        self._adopts_unrecorded = False
+        self._parent: _lineage.CheckpointOrigin | None = None
+        self._registered: str | None = None
+        self._hooked = False
 
     # -------------------------------------------------------------------------------------------- wiring
     def on_init_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
         super().on_init_end(args, state, control, **kwargs)
         if self.trainer is not None:
-            self._install_save_hook(self.trainer)
+            missing = _trainer_compat.install_checkpoint_hooks(self.trainer, self)
+            for feature in missing:
+                get_logger().warning("[checkpoint_verifier] off on this transformers version: %s", feature)
+            self._hooked = not any(feature.startswith("save hooks") for feature in missing)
         return control
-
-    def _install_save_hook(self, trainer: Any) -> None:
-        """Wrap this trainer's ``_save_checkpoint``: the only "a save begins" point there is (JIT saves call it
-        too). Before the save: finish the previous manifest, so rotation and mtimes see it. During it: hold back
-        the rotation until the new manifest exists (``protect_rotation``)."""
-        original = getattr(trainer, "_save_checkpoint", None)
-        if original is None or getattr(trainer, _SAVE_HOOK_MARK, False):
-            return
-        verifier = self
-
-        @functools.wraps(original)
-        def _save_checkpoint(*args: Any, **kwargs: Any) -> Any:
-            verifier.wait()
-            if not verifier.protect_rotation:
-                return original(*args, **kwargs)
-            import transformers.trainer as trainer_module
-
-            rotate = getattr(trainer_module, "rotate_checkpoints", None)
-            if rotate is None:
-                return original(*args, **kwargs)
-
-            def deferred(*r_args: Any, **r_kwargs: Any) -> None:
-                verifier._deferred_rotation = (rotate, dict(r_kwargs, **_positional_rotation(r_args)))
-
-            trainer_module.rotate_checkpoints = deferred
-            try:
-                return original(*args, **kwargs)
-            finally:
-                if trainer_module.rotate_checkpoints is deferred:
-                    trainer_module.rotate_checkpoints = rotate
-
-        trainer._save_checkpoint = _save_checkpoint
-        setattr(trainer, _SAVE_HOOK_MARK, True)
 
     # ------------------------------------------------------------------------------------------- resume
     def before_train(self, trainer: Any, resume_from_checkpoint: Any) -> Any:
         self._resume_checked = True
         self.wait()
-        if not self.verify_resume or resume_from_checkpoint is None or resume_from_checkpoint is False:
-            return resume_from_checkpoint
         output_dir = getattr(trainer.args, "output_dir", None)
+        fresh = resume_from_checkpoint is None or resume_from_checkpoint is False
         try:
-            outcome = on_main_then_share(self._resolve, output_dir, resume_from_checkpoint)
-        except CheckpointIntegrityError as err:
+            if fresh:
+                outcome = on_main_then_share(self._begin_fresh, output_dir)
+            elif self.verify_resume:
+                outcome = on_main_then_share(self._resolve, output_dir, resume_from_checkpoint)
+            else:
+                outcome = on_main_then_share(self._unverified, output_dir, resume_from_checkpoint)
+        except (CheckpointIntegrityError, LineageError) as err:
             if distributed.is_main_process():
-                self.alert("error", f"resume refused: {err.what}", evidence=err.evidence)
+                self.alert("error", f"{'start' if fresh else 'resume'} refused: {err.what}", evidence=err.evidence)
             raise
+        self._adopt(outcome)
         if distributed.is_main_process():
-            for line in outcome["set_aside"]:
-                self.alert("warning", line)
-        if outcome["path"] is None:
+            for level, line in outcome["notes"]:
+                self.alert(level, line)
+        if fresh or outcome["path"] is None:
             return resume_from_checkpoint  # no checkpoint at all: the Trainer raises its own clear error
         self._resumed_from = outcome["path"]
-        get_logger().info(
-            "[checkpoint_verifier] resuming from %s (%s)", outcome["path"], outcome["status"]
-        )
+        get_logger().info("[checkpoint_verifier] resuming from %s (%s)", outcome["path"], outcome["status"])
         return outcome["path"]
 
+    def _adopt(self, outcome: dict[str, Any]) -> None:
+        self.lineage, self.run = outcome["lineage"], outcome["run"]
+        self._adopts_unrecorded = bool(outcome["adopts"])
+        self._parent = outcome["parent"]
+        self._registered = None
+
+    def _begin_fresh(self, output_dir: Any) -> dict[str, Any]:
+        notes: list[tuple[str, str]] = []
+        origins = [_lineage.checkpoint_origin(d) for d in checkpoint_dirs(output_dir)] if output_dir else []
+        if origins and self.existing_checkpoints == "refuse":
+            raise _lineage.fresh_start_error(output_dir, origins)
+        if origins and self.existing_checkpoints == "archive":
+            archive = archive_checkpoints(Path(output_dir))
+            notes.append(("warning", f"fresh start: moved {len(origins)} earlier checkpoint(s) into {archive}"))
+        elif origins:
+            notes.append(
+                (
+                    "warning",
+                    f"fresh start beside {len(origins)} checkpoint(s) of other runs, kept as they are and never "
+                    f"resumed, saved over or rotated by this run: {_lineage.describe_many(origins)}",
+                )
+            )
+        return {
+            "path": None,
+            "lineage": _lineage.new_id(),
+            "run": _lineage.new_id(),
+            "adopts": False,
+            "parent": None,
+            "notes": notes,
+            "status": "fresh",
+        }
+
+    def _lineage_of(self, output_dir: Any, origin: _lineage.CheckpointOrigin | None) -> tuple[str, bool]:
+        """The lineage a resume from ``origin`` continues, and whether it adopts checkpoints with none recorded."""
+        if origin is not None and origin.lineage is not None:
+            return origin.lineage, bool(output_dir) and _lineage.adopts_unrecorded(output_dir, origin.lineage)
+        scope = _lineage.current_scope(output_dir) if output_dir else _lineage.LineageScope(None)
+        if scope.lineage is not None and scope.adopts_unrecorded:
+            return scope.lineage, True
+        return _lineage.new_id(), True
+
     def _resolve(self, output_dir: Any, resume_from_checkpoint: Any) -> dict[str, Any]:
-        notes: list[str] = []
+        notes: list[tuple[str, str]] = []
 
         def failed(report: _ckpt.CheckpointReport, moved: Path | None) -> None:
             where = f"set aside to {moved}" if moved is not None else "skipped (left in place)"
-            notes.append(f"{report.path.name} failed verification, {where}: " + "; ".join(
-                p.format() for p in report.problems
-            ))
+            notes.append(
+                (
+                    "warning",
+                    f"{report.path.name} failed verification, {where}: "
+                    + "; ".join(p.format() for p in report.problems),
+                )
+            )
             self._set_aside.append(report.path.name)
 
-        path = _ckpt.resolve_verified_resume(
+        choice = _ckpt.resume_choice(
             output_dir, resume_from_checkpoint, set_aside=self.set_aside, workers=self.workers, on_failure=failed
         )
-        status = "not checked"
-        if path is not None:
-            status = "verified" if _ckpt.has_manifest(path) else "structural checks only: no manifest in this run"
-        return {"path": str(path) if path is not None else None, "set_aside": notes, "status": status}
+        if choice is None or choice.path is None:
+            return {
+                "path": None,
+                "lineage": _lineage.new_id(),
+                "run": _lineage.new_id(),
+                "adopts": False,
+                "parent": None,
+                "notes": notes,
+                "status": "not checked",
+            }
+        report = choice.report
+        if report is not None and report.warnings:
+            notes.append(("warning", f"{choice.path.name}: " + "; ".join(w.format() for w in report.warnings)))
+        if report is not None and report.mode == "structural":
+            status = "unverified (legacy): written without trainguard, structural checks only"
+            notes.append(("warning", f"resuming from {choice.path.name}, {status}"))
+        else:
+            status = "verified"
+        lineage, adopts = self._lineage_of(output_dir, choice.origin)
+        return {
+            "path": str(choice.path),
+            "lineage": lineage,
+            "run": _lineage.new_id(),
+            "adopts": adopts,
+            "parent": choice.origin,
+            "notes": notes,
+            "status": status,
+        }
+
+    def _unverified(self, output_dir: Any, resume_from_checkpoint: Any) -> dict[str, Any]:
+        from ..checks._resume import resolve_resume_checkpoint
+
+        path = resolve_resume_checkpoint(output_dir, resume_from_checkpoint)
+        origin = _lineage.checkpoint_origin(path) if path is not None and path.is_dir() else None
+        lineage, adopts = self._lineage_of(output_dir, origin)
+        return {
+            "path": str(path) if path else None,
+            "lineage": lineage,
+            "run": _lineage.new_id(),
+            "adopts": adopts,
+            "parent": origin,
+            "notes": [],
+            "status": "not verified (verify_resume=False)",
+        }
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
-        # The fallback when train() was reached around the wrapper (e.g. Trainer.train(trainer, ...)): the checkpoint
-        # is loaded by now, but no optimizer step has run; refuse here rather than train on damaged state.
-        if self.verify_resume and not self._resume_checked and int(state.global_step or 0) > 0:
+        if not self._resume_checked:
+            # train() was reached around the wrapper (e.g. Trainer.train(trainer, ...)): whatever was loaded is
+            # loaded, but no optimizer step has run; refuse here rather than train on damaged or foreign state.
             self._resume_checked = True
-            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-
-            def check() -> str | None:
-                if not folder.is_dir():
-                    return None
-                _ckpt.verify_checkpoint(folder, workers=self.workers)
-                return str(folder)
-
+            if int(state.global_step or 0) > 0:
+                self._check_loaded(args, state)
+            else:
+                try:
+                    self._adopt(on_main_then_share(self._begin_fresh, args.output_dir))
+                except LineageError as err:
+                    if distributed.is_main_process():
+                        self.alert("error", f"start refused: {err.what}", evidence=err.evidence)
+                    raise
+        if self.lineage is None:
+            self._adopt({"lineage": _lineage.new_id(), "run": _lineage.new_id(), "adopts": False, "parent": None})
+        if distributed.is_main_process() and self._registered != self.run and args.output_dir:
+            # After every guard's before_train passed and the checkpoint loaded: only a run that trains becomes the
+            # output_dir's current lineage.
             try:
-                checked = on_main_then_share(check)
-            except CheckpointIntegrityError as err:
-                if distributed.is_main_process():
-                    self.alert("error", f"the loaded checkpoint fails verification: {err.what}", evidence=err.evidence)
-                raise
-            if checked is None and distributed.is_main_process():
-                self.alert(
-                    "warning",
-                    f"resumed at step {state.global_step} without the train() wrapper, and {folder} is not there: "
-                    "the loaded checkpoint could not be verified",
+                _lineage.record_run(
+                    args.output_dir,
+                    lineage=str(self.lineage),
+                    run=str(self.run),
+                    adopts_unrecorded=self._adopts_unrecorded,
+                    resumed_from=self._parent,
+                    world_size=distributed.world_size(),
                 )
+                self._registered = self.run
+            except OSError as err:
+                get_logger().warning("[checkpoint_verifier] could not record the run lineage: %s", err)
         return control
+
+    def _check_loaded(self, args: Any, state: Any) -> None:
+        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+
+        def check() -> dict[str, Any] | None:
+            if not folder.is_dir():
+                return None
+            _ckpt.verify_checkpoint(folder, workers=self.workers)
+            origin = _lineage.checkpoint_origin(folder)
+            lineage, adopts = self._lineage_of(args.output_dir, origin)
+            return {"lineage": lineage, "run": _lineage.new_id(), "adopts": adopts, "parent": origin}
+
+        try:
+            checked = on_main_then_share(check) if self.verify_resume else None
+        except CheckpointIntegrityError as err:
+            if distributed.is_main_process():
+                self.alert("error", f"the loaded checkpoint fails verification: {err.what}", evidence=err.evidence)
+            raise
+        if checked is not None:
+            self._adopt(checked)
+        elif self.verify_resume and distributed.is_main_process():
+            self.alert(
+                "warning",
+                f"resumed at step {state.global_step} without the train() wrapper, and {folder} is not there: "
+                "the loaded checkpoint could not be verified",
+            )
+
+    # --------------------------------------------------------------------------------- save hooks (compat)
+    def _record(self, trainer: Any, step: int, saved_by: str) -> dict[str, Any]:
+        args = trainer.args
+        return {
+            "lineage": self.lineage,
+            "run": self.run,
+            "step": step,
+            "saved_by": saved_by,
+            "save_only_model": bool(getattr(args, "save_only_model", False)),
+            "world_size": distributed.world_size(),
+            "save_on_each_node": bool(getattr(args, "save_on_each_node", False)),
+            "parent": self._parent.path.name if self._parent is not None else None,
+        }
+
+    def before_save(self, trainer: Any, run_dir: str) -> bool:
+        """Every rank, before the Trainer writes: clear the target folder and put the saving marker in."""
+        self.wait()  # the previous manifest first: rotation and the folder checks below must see it
+        if self.lineage is None:  # a save outside train() (e.g. a direct _save_checkpoint call)
+            self._adopt({"lineage": _lineage.new_id(), "run": _lineage.new_id(), "adopts": False, "parent": None})
+        step = int(trainer.state.global_step)
+        folder = Path(run_dir) / f"checkpoint-{step}"
+        jit = (folder / JIT_SENTINEL).is_file()  # JIT checkpointing writes it just before calling the save
+        decision, commit = "save", True
+        if trainer.args.should_save:
+            try:
+                target = _lineage.prepare_save_target(folder, lineage=self.lineage, run=self.run, step=step)
+                if target.action == "skip":
+                    decision = "skip"
+                else:
+                    _lineage.begin_save(folder, self._record(trainer, step, "jit" if jit else "pending"))
+                    if target.action == "moved":
+                        self._message("warning", f"{target.reason}; moved to {target.moved_to} (nothing deleted)", step)
+            except OSError as err:
+                # Without the move, the Trainer would write into a folder that holds files it did not write: let the
+                # save happen (the run must not die for it), but never commit it.
+                commit = False
+                self._message(
+                    "error",
+                    f"could not prepare {folder} for the save ({type(err).__name__}: {err}); the save goes ahead but "
+                    "gets no commit marker, so a resume will not choose it",
+                    step,
+                )
+        decision = distributed.broadcast_object(decision)  # rank 0's files decide; every rank saves, or none
+        if decision == "skip":
+            self._skipped_saves += 1
+            self._message(
+                "info",
+                f"a second save of step {step} ({'a JIT checkpoint' if jit else 'no on_save'}) was skipped: "
+                f"{folder.name} is already committed by this run at this step",
+                step,
+            )
+            return False
+        self._save = {"folder": folder, "run_dir": run_dir, "step": step, "jit": jit, "commit": commit}
+        return True
+
+    def after_save(self, trainer: Any, run_dir: str) -> None:
+        """Every rank, after the Trainer's save returned. A save with ``on_save`` to come is committed there (after
+        callbacks before this one added their files); a save that bypasses ``on_save`` is committed now."""
+        save = self._save
+        if save is None:
+            return
+        if bool(getattr(trainer.control, "should_save", False)):
+            save["saved_by"] = "on_save"
+            return
+        self._save = None
+        save["saved_by"] = "jit" if save["jit"] else "direct (no on_save)"
+        distributed.barrier()  # every rank's files are written
+        if trainer.args.should_save:
+            self._commit(trainer, save, announce=True)
+
+    def rotate(self, run_dir: str, limit: int | None, best: str | None) -> None:
+        if self.protect_rotation:
+            self._deferred_rotation = (run_dir, limit, best)
+            return
+        self._run_rotation((run_dir, limit, best), newest=None, step=None)
+
+    def end_of_training_candidates(self, run_dir: str, best: str | None) -> list[str]:
+        # The Trainer deletes every listed checkpoint but the best: list only this lineage's, never its newest.
+        mine = _lineage.lineage_checkpoints(run_dir, self.lineage)
+        return [str(o.path) for o in mine[:-1]]
+
+    def _run_rotation(
+        self, rotation: tuple[str, int | None, str | None], newest: Path | None, step: int | None
+    ) -> None:
+        run_dir, limit, best = rotation
+        try:
+            deleted = _lineage.rotate(
+                run_dir, limit=limit, lineage=self.lineage, protect=[best, newest], unfinished=newest is None
+            )
+        except Exception as err:
+            self._message("warning", f"checkpoint rotation failed: {type(err).__name__}: {err}", step)
+            return
+        if deleted:
+            get_logger().info(
+                "[checkpoint_verifier] save_total_limit=%s: deleted %s of this lineage",
+                limit,
+                ", ".join(p.name for p in deleted),
+            )
 
     # --------------------------------------------------------------------------------------------- saves
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
@@ -221,17 +436,40 @@ class CheckpointVerifier(GuardCallback):
 
     def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
         # Every rank reaches on_save, each as soon as its own files are written: meet before hashing so the
-        # manifest covers every rank's files (rng_state_K.pth, sharded states).
+        # manifest covers every rank's files (rng_state_K.pth, sharded states, files other callbacks add here).
         distributed.barrier()
-        rotation, self._deferred_rotation = self._deferred_rotation, None
+        save, self._save = self._save, None
         if not args.should_save:
+            self._deferred_rotation = None
             return control
-        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-        try:
-            _ckpt.mark_run_uses_manifests(args.output_dir)
-        except OSError as err:
-            get_logger().warning("[checkpoint_verifier] could not write %s: %s", _ckpt.RUN_MARKER, err)
-        job = functools.partial(self._manifest_job, folder, int(state.global_step), rotation)
+        if save is None:
+            if self._hooked:
+                return control  # this save was skipped (already committed by this run at this step)
+            # The save hooks are not installed (the Trainer was not found at on_init_end): commit what is there.
+            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            save = {
+                "folder": folder,
+                "run_dir": str(args.output_dir),
+                "step": int(state.global_step),
+                "jit": False,
+                "commit": True,
+                "saved_by": "on_save",
+            }
+        self._commit(self.trainer, save, announce=False)
+        if not self.background:
+            self._flush_messages(state)
+        return control
+
+    def _commit(self, trainer: Any, save: dict[str, Any], *, announce: bool) -> None:
+        rotation, self._deferred_rotation = self._deferred_rotation, None
+        if not save["commit"]:
+            return  # the folder could not be prepared: no marker, and no rotation of the verified ones
+        record = (
+            self._record(trainer, save["step"], save["saved_by"])
+            if trainer is not None
+            else {"lineage": self.lineage, "run": self.run, "step": save["step"], "saved_by": save["saved_by"]}
+        )
+        job = functools.partial(self._manifest_job, save["folder"], save["step"], record, rotation, announce)
         if self.background:
             with self._lock:
                 if self._executor is None:
@@ -239,16 +477,20 @@ class CheckpointVerifier(GuardCallback):
                 self._pending.append(self._executor.submit(job))
         else:
             job()
-            self._flush_messages(state)
-        return control
 
-    def _manifest_job(self, folder: Path, step: int, rotation: tuple[Any, dict[str, Any]] | None) -> None:
-        log = get_logger()
+    def _manifest_job(
+        self,
+        folder: Path,
+        step: int,
+        record: dict[str, Any],
+        rotation: tuple[str, int | None, str | None] | None,
+        announce: bool,
+    ) -> None:
         try:
-            marker = _ckpt.write_manifest(folder, step=step, workers=self.workers)
+            marker = _ckpt.write_manifest(folder, step=step, workers=self.workers, lineage=record)
         except FileNotFoundError:
-            # Removed before it was hashed (save_total_limit=1 cleanup at train end, a user's script): nothing to
-            # vouch for. Rotation is skipped: the newest verified checkpoint stays.
+            # Removed before it was hashed (a user's script): nothing to vouch for. Rotation is skipped: the newest
+            # verified checkpoint stays.
             self._message("warning", f"{folder} vanished before its manifest was written; no manifest", step)
             return
         except Exception as err:  # an I/O error must not kill training; the missing marker is itself the evidence
@@ -260,13 +502,16 @@ class CheckpointVerifier(GuardCallback):
             )
             return
         self._manifests += 1
-        log.info("[checkpoint_verifier] wrote %s", marker)
+        get_logger().info("[checkpoint_verifier] wrote %s", marker)
+        if announce:
+            self._message(
+                "info",
+                f"committed {folder.name}, saved without on_save ({record['saved_by']}): it has its manifest like "
+                "every other save",
+                step,
+            )
         if rotation is not None:
-            rotate, kwargs = rotation
-            try:
-                rotate(**kwargs)
-            except Exception as err:
-                self._message("warning", f"deferred checkpoint rotation failed: {type(err).__name__}: {err}", step)
+            self._run_rotation(rotation, newest=folder, step=step)
 
     def _message(self, level: str, text: str, step: int | None) -> None:
         with self._lock:
@@ -277,6 +522,11 @@ class CheckpointVerifier(GuardCallback):
             return  # runs every step: skip the lock while the background writer has nothing to say
         with self._lock:
             messages, self._messages = self._messages, []
+        if not distributed.is_main_process():
+            for level, text, _step in messages:
+                if level in ("warning", "error"):
+                    get_logger().warning("[checkpoint_verifier] %s", text)
+            return
         for level, text, step in messages:
             self.alert(level, text, step=step)
 
@@ -291,13 +541,17 @@ class CheckpointVerifier(GuardCallback):
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
         self.wait()
         self._flush_messages(state)
-        if self._deferred_rotation is not None:
-            # A save without on_save (JIT checkpoint): its folder has no manifest, so keep the older verified ones.
-            get_logger().info("[checkpoint_verifier] skipped a deferred rotation: its checkpoint has no manifest")
-            self._deferred_rotation = None
+        self._deferred_rotation = None
         self._resume_checked = False
         self._shutdown()
         return super().on_train_end(args, state, control, **kwargs)
+
+    def after_train(self, trainer: Any, output: Any) -> None:
+        self.wait()  # a save after on_train_end (the user's own _save_checkpoint call) still gets its marker
+        with self._lock:
+            messages, self._messages = self._messages, []
+        for _level, text, _step in messages:
+            get_logger().info("[checkpoint_verifier] %s", text)
 
     def on_train_error(self, trainer: Any, exc: BaseException) -> None:
         self.wait()  # a save that completed still gets its commit marker
@@ -316,13 +570,12 @@ class CheckpointVerifier(GuardCallback):
 
     def summary(self) -> str:
         parts = [f"{self._manifests} manifest(s) written"]
+        if self.lineage:
+            parts.append(f"lineage {self.lineage}")
         if self._resumed_from:
             parts.append(f"resumed from {Path(self._resumed_from).name}")
+        if self._skipped_saves:
+            parts.append(f"{self._skipped_saves} repeated save(s) skipped")
         if self._set_aside:
             parts.append(f"set aside {', '.join(self._set_aside)}")
         return ", ".join(parts)
-
-
-def _positional_rotation(args: tuple[Any, ...]) -> dict[str, Any]:
-    names = ("output_dir", "save_total_limit", "best_model_checkpoint", "use_mtime", "checkpoint_prefix")
-    return dict(zip(names, args, strict=False))

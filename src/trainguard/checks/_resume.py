@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from .. import distributed
 from ..errors import CheckpointIntegrityError, TrainGuardError
+from ._layout import CHECKPOINT_RE, TRAINER_STATE, checkpoint_step
 
 __all__ = [
     "TRAINER_STATE",
@@ -31,16 +31,6 @@ __all__ = [
     "resolve_resume_checkpoint",
 ]
 
-TRAINER_STATE = "trainer_state.json"
-# The same pattern as transformers.trainer_utils._re_checkpoint: only top-level "checkpoint-<digits>" folders count.
-_CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
-
-
-def checkpoint_step(folder: str | os.PathLike[str]) -> int | None:
-    """N for a folder named ``checkpoint-N``, else None."""
-    match = _CHECKPOINT_RE.match(Path(folder).name)
-    return int(match.group(1)) if match else None
-
 
 def checkpoint_dirs(output_dir: str | os.PathLike[str]) -> list[Path]:
     """The ``checkpoint-N`` folders directly in ``output_dir``, oldest (lowest N) first; [] when there are none."""
@@ -49,7 +39,7 @@ def checkpoint_dirs(output_dir: str | os.PathLike[str]) -> list[Path]:
         return []
     found = []
     for entry in folder.iterdir():
-        match = _CHECKPOINT_RE.match(entry.name)
+        match = CHECKPOINT_RE.match(entry.name)
         if match and entry.is_dir():
             found.append((int(match.group(1)), entry))
     return [path for _, path in sorted(found)]

@@ -13,9 +13,12 @@ The Trainer writes a checkpoint in place, file by file, with no completion marke
   parallel threads. It raises :class:`~trainguard.errors.CheckpointIntegrityError` naming every problem.
 - :func:`latest_verified_checkpoint` is ``get_last_checkpoint`` that skips what does not verify.
 
-A folder without a manifest in a run whose other checkpoints have one is an interrupted save (or predates
-trainguard: adopt it with ``trainguard manifest``). A run with no manifest at all (an existing run adopting
-trainguard) is checked structurally only, and the report says so.
+A folder without a manifest is either an interrupted save (trainguard's saving marker, a half-written manifest, the
+Trainer's JIT sentinel or a safetensors temp file is still there) or a *legacy* checkpoint, written without
+trainguard: that one gets structural checks only, is reported "unverified (legacy)", never "interrupted", and
+``trainguard manifest`` adopts it. Files the Trainer never loads (``.DS_Store``, ``.ipynb_checkpoints/``, a README)
+found beside a manifest are warnings, not failures. Which run wrote which checkpoint, and which of them a resume may
+use, is :mod:`trainguard.checks.lineage`'s part.
 
 Imports neither torch nor transformers: the ``trainguard verify`` command uses it as is.
 
@@ -36,7 +39,6 @@ import json
 import os
 import platform
 import re
-import secrets
 import struct
 import time
 import zipfile
@@ -50,19 +52,36 @@ from typing import Any
 from .._version import __version__
 from ..alerts import get_logger
 from ..atomic import atomic_write_json, atomic_write_text, fsync_dir, is_temp_name
-from ..errors import CheckpointIntegrityError
+from ..errors import CheckpointIntegrityError, LineageError
+from . import lineage as _lineage
+from ._layout import (
+    ARCHIVE_DIR,
+    JIT_SENTINEL,
+    MANIFEST_FORMAT,
+    MANIFEST_NAME,
+    METADATA_NAME,
+    QUARANTINE_DIR,
+    RUN_MARKER,
+    SAVING_MARKER,
+    TRAINER_STATE,
+    checkpoint_step,
+)
 from ._resume import checkpoint_dirs
 
 __all__ = [
+    "ARCHIVE_DIR",
     "JIT_SENTINEL",
     "MANIFEST_FORMAT",
     "MANIFEST_NAME",
     "METADATA_NAME",
     "QUARANTINE_DIR",
     "RUN_MARKER",
+    "SAVING_MARKER",
     "CheckpointReport",
     "Problem",
+    "ResumeChoice",
     "check_checkpoint",
+    "choose_checkpoint",
     "format_sha256_lines",
     "has_manifest",
     "integrity_error",
@@ -70,6 +89,7 @@ __all__ = [
     "mark_run_uses_manifests",
     "parse_sha256_file",
     "resolve_verified_resume",
+    "resume_choice",
     "run_uses_manifests",
     "scan_output_dir",
     "set_aside_checkpoint",
@@ -78,21 +98,6 @@ __all__ = [
     "write_manifest",
 ]
 
-#: The commit marker: GNU ``sha256sum`` lines for every file of the checkpoint. Written last.
-MANIFEST_NAME = "trainguard-manifest.sha256"
-#: Sizes, step, time and versions; written before the marker and listed in it.
-METADATA_NAME = "trainguard-manifest.json"
-MANIFEST_FORMAT = "trainguard-manifest/1"
-#: Where failed checkpoints are set aside, inside ``output_dir``. Its name does not start with ``checkpoint-``:
-#: the Trainer's rotation globs ``output_dir/checkpoint-*`` and would delete a set-aside folder named like one.
-QUARANTINE_DIR = "trainguard-quarantine"
-#: In ``output_dir``: "this run writes manifests". Written by CheckpointVerifier (and ``trainguard manifest``), so
-#: that a checkpoint without a manifest is an interrupted save even when rotation left no manifested sibling.
-RUN_MARKER = "trainguard-checkpoints.json"
-#: Written by the Trainer's JIT checkpointing before a save and removed after it; nothing in transformers reads it.
-JIT_SENTINEL = "checkpoint-is-incomplete.txt"
-
-_CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 _CHUNK = 4 << 20  # 4 MiB reads: large enough that hashlib releases the GIL and syscalls are negligible
 _MAX_SAFETENSORS_HEADER = 100 << 20  # the limit safetensors itself enforces
@@ -123,7 +128,8 @@ class Problem:
     """One thing wrong with one file of a checkpoint.
 
     ``kind`` is one of ``missing``, ``truncated``, ``size``, ``changed``, ``malformed``, ``extra``,
-    ``interrupted``, ``unreadable``.
+    ``interrupted``, ``unreadable``, ``unverified`` (no manifest where one was required); in
+    :attr:`CheckpointReport.warnings`, ``extra`` (a file the Trainer never loads) or ``stale`` (a leftover marker).
     """
 
     file: str
@@ -142,8 +148,9 @@ class CheckpointReport:
     """What :func:`check_checkpoint` found in one folder.
 
     ``mode`` is ``"manifest"`` (sizes, structure and sha256 of every file against the manifest), ``"structural"``
-    (no manifest anywhere in the run: sizes, headers, JSON, zip CRCs only) or ``"none"`` (nothing could be checked:
-    the folder or its manifest is missing).
+    (a legacy checkpoint, written without trainguard: sizes, headers, JSON, zip CRCs only) or ``"none"`` (nothing
+    could be checked: the folder is missing, or the save was interrupted). ``warnings`` are things worth knowing
+    that do not make the checkpoint unusable (a ``.DS_Store`` added after the save).
     """
 
     path: Path
@@ -156,18 +163,25 @@ class CheckpointReport:
     seconds: float = 0.0
     problems: list[Problem] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    warnings: list[Problem] = field(default_factory=list)
 
     @property
     def status(self) -> str:
-        """``verified``, ``ok (structural only)`` or ``FAILED``."""
+        """``verified``, ``unverified (legacy)`` (structural checks passed, no manifest) or ``FAILED``."""
         if not self.ok:
             return "FAILED"
-        return "verified" if self.mode == "manifest" else "ok (structural only)"
+        return "verified" if self.mode == "manifest" else "unverified (legacy)"
+
+    @property
+    def interrupted(self) -> bool:
+        """True when the folder is an interrupted save (rather than damaged or legacy)."""
+        return any(p.kind == "interrupted" for p in self.problems)
 
     def describe(self) -> str:
         """One line: the status and, when it failed, every problem."""
         if self.ok:
-            return f"{self.path.name}: {self.status} ({self.files} files, {self.mode} checks)"
+            extra = f"; warning: {'; '.join(w.format() for w in self.warnings)}" if self.warnings else ""
+            return f"{self.path.name}: {self.status} ({self.files} files, {self.mode} checks){extra}"
         return f"{self.path.name}: " + "; ".join(p.format() for p in self.problems)
 
     def to_dict(self) -> dict[str, Any]:
@@ -183,6 +197,7 @@ class CheckpointReport:
             "hashed_bytes": self.hashed_bytes,
             "seconds": round(self.seconds, 4),
             "problems": [p.to_dict() for p in self.problems],
+            "warnings": [w.to_dict() for w in self.warnings],
             "notes": list(self.notes),
         }
 
@@ -299,9 +314,7 @@ def _hash_many(
                 results[name] = err
         return results
     with ThreadPoolExecutor(max_workers=n_workers, thread_name_prefix="trainguard-sha256") as pool:
-        pending: dict[Future[str], str] = {
-            pool.submit(sha256_file, folder / name, fsync=fsync): name for name in order
-        }
+        pending: dict[Future[str], str] = {pool.submit(sha256_file, folder / name, fsync=fsync): name for name in order}
         while pending:
             done, _ = wait(pending, return_when=FIRST_COMPLETED)
             failed = False
@@ -323,7 +336,31 @@ def _hash_many(
 
 # -------------------------------------------------------------------------------------------- file listing
 def _is_own_file(name: str) -> bool:
-    return name == MANIFEST_NAME or is_temp_name(name)
+    return name in (MANIFEST_NAME, SAVING_MARKER) or is_temp_name(name)
+
+
+# What the Trainer (and PEFT, DeepSpeed, FSDP/DCP) loads from a checkpoint folder when it resumes: an unlisted file of
+# these kinds can change the resumed state, so it rejects the checkpoint. Anything else unlisted is a warning.
+_LOADED_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".distcp", ".pkl", ".index.json")
+_LOADED_NAMES = frozenset(
+    {TRAINER_STATE, "config.json", "generation_config.json", "adapter_config.json", "latest", ".metadata"}
+)
+_LOADED_DIR_PREFIXES = ("global_step", "pytorch_model_fsdp", "optimizer_", "model_")
+
+
+def _loaded_on_resume(name: str) -> bool:
+    """True when an unlisted file ``name`` (relative posix path) is one a resume would load."""
+    parts = name.split("/")
+    if any(p.startswith(".") for p in parts[:-1]):
+        return False  # inside .ipynb_checkpoints/, .git/, ...: never loaded
+    base = parts[-1]
+    if base in _LOADED_NAMES:
+        return True
+    if base.startswith("."):
+        return False  # .DS_Store, ._model.safetensors (macOS resource forks), editor swap files
+    if base.endswith(_LOADED_SUFFIXES):
+        return True
+    return len(parts) > 1 and parts[0].startswith(_LOADED_DIR_PREFIXES)
 
 
 def _list_files(folder: Path) -> dict[str, int]:
@@ -354,8 +391,7 @@ def _is_partial_write(name: str) -> bool:
 
 
 def _step_of(folder: Path) -> int | None:
-    match = _CHECKPOINT_RE.match(folder.name)
-    return int(match.group(1)) if match else None
+    return checkpoint_step(folder)
 
 
 def has_manifest(folder: str | os.PathLike[str]) -> bool:
@@ -364,33 +400,26 @@ def has_manifest(folder: str | os.PathLike[str]) -> bool:
 
 
 def run_uses_manifests(output_dir: str | os.PathLike[str]) -> bool:
-    """True when a run's checkpoints are expected to carry manifests: ``output_dir`` holds the run marker written
-    by :class:`~trainguard.CheckpointVerifier`, or any ``checkpoint-N`` in it has a manifest."""
+    """True when ``output_dir`` holds trainguard's registry (written by :class:`~trainguard.CheckpointVerifier` and
+    ``trainguard manifest``) or any ``checkpoint-N`` in it has a manifest. Informational: a manifest-less folder is
+    judged by what is in it (interrupted or legacy), never by its siblings."""
     folder = Path(output_dir)
     return (folder / RUN_MARKER).is_file() or any(has_manifest(d) for d in checkpoint_dirs(folder))
 
 
 def mark_run_uses_manifests(output_dir: str | os.PathLike[str]) -> None:
-    """Record in ``output_dir`` that its checkpoints carry manifests (once; atomic)."""
+    """Create ``output_dir``'s registry (with no current lineage) if it has none (once; atomic)."""
     marker = Path(output_dir) / RUN_MARKER
-    if marker.is_file():
+    if os.path.lexists(marker):
         return
     atomic_write_json(
         marker,
         {
-            "format": MANIFEST_FORMAT,
+            "format": _lineage.LINEAGE_FORMAT,
             "since_utc": _utc_now(),
-            "meaning": f"every checkpoint-N here gets {MANIFEST_NAME} when its save completes; one without it is an "
-            "interrupted save",
+            "meaning": f"trainguard's lineage registry; every checkpoint-N trainguard commits has {MANIFEST_NAME}",
         },
     )
-
-
-def _run_has_manifests(folder: Path) -> bool:
-    """For a ``checkpoint-N`` folder: whether its run expects manifests (see :func:`run_uses_manifests`)."""
-    if _step_of(folder) is None:
-        return False
-    return run_uses_manifests(folder.parent)
 
 
 # ----------------------------------------------------------------------------------------- versions, meta
@@ -552,9 +581,7 @@ def _special_extra(name: str) -> Problem | None:
     return None
 
 
-def _check_with_manifest(
-    folder: Path, report: CheckpointReport, workers: int | None, stop_early: bool
-) -> None:
+def _check_with_manifest(folder: Path, report: CheckpointReport, workers: int | None, stop_early: bool) -> None:
     problems = report.problems
     try:
         expected = parse_sha256_file(folder / MANIFEST_NAME)
@@ -586,10 +613,33 @@ def _check_with_manifest(
             problems.append(Problem(name, "missing", "missing (listed in the manifest)"))
             failed.add(name)
     for name in sorted(set(actual) - set(expected)):
-        problems.append(
-            _special_extra(name)
-            or Problem(name, "extra", "not in the manifest: added or renamed after the checkpoint was saved")
-        )
+        special = _special_extra(name)
+        if special is not None and name.rsplit("/", 1)[-1] == JIT_SENTINEL:
+            # The commit marker is written only after the Trainer's save returned: a JIT sentinel beside it is a
+            # leftover of that save (or of a JIT save this run skipped), not an unfinished write.
+            report.warnings.append(
+                Problem(
+                    name,
+                    "stale",
+                    "the Trainer's JIT sentinel is still there, but this save was committed after it completed",
+                )
+            )
+        elif special is not None:
+            problems.append(special)
+        elif _loaded_on_resume(name):
+            problems.append(
+                Problem(
+                    name,
+                    "extra",
+                    "not in the manifest: a file a resume would load, added or renamed after the checkpoint was saved",
+                )
+            )
+        else:
+            report.warnings.append(
+                Problem(
+                    name, "extra", "not in the manifest, ignored: added after the save, and never loaded by a resume"
+                )
+            )
     for name in sorted(set(expected) & set(actual)):
         if name in sizes and actual[name] != sizes[name]:
             kind = "truncated" if actual[name] < sizes[name] else "size"
@@ -632,20 +682,32 @@ def _check_with_manifest(
         report.notes.append("sha256 hashing stopped at the first mismatch")
 
 
+def _interruption(folder: Path) -> Problem | None:
+    """Evidence, in a folder without a commit marker, that trainguard began a save or its commit there."""
+    if (folder / SAVING_MARKER).is_file():
+        origin = _lineage.checkpoint_origin(folder)
+        who = f" (lineage {origin.lineage}, run {origin.run})" if origin.lineage else ""
+        return Problem(
+            SAVING_MARKER,
+            "interrupted",
+            f"trainguard began this save{who} and it never committed: killed during the save or while its manifest "
+            "was written",
+        )
+    if (folder / METADATA_NAME).is_file():
+        return Problem(
+            MANIFEST_NAME,
+            "interrupted",
+            f"{METADATA_NAME} is there but not the commit marker {MANIFEST_NAME}: killed while the manifest was "
+            "being written",
+        )
+    return None
+
+
 def _check_structure_only(folder: Path, report: CheckpointReport, require_state: bool) -> None:
     problems = report.problems
     actual = _list_files(folder)
     report.files = len(actual)
     report.bytes = sum(actual.values())
-    if METADATA_NAME in actual:
-        problems.append(
-            Problem(
-                MANIFEST_NAME,
-                "interrupted",
-                f"{METADATA_NAME} is there but not the commit marker {MANIFEST_NAME}: killed while the manifest "
-                "was being written",
-            )
-        )
     if require_state and "trainer_state.json" not in actual:
         problems.append(
             Problem(
@@ -663,8 +725,9 @@ def _check_structure_only(folder: Path, report: CheckpointReport, require_state:
         if issue is not None:
             problems.append(Problem(name, _issue_kind(issue), issue))
     report.notes.append(
-        "no manifest in this run: structural checks only (sizes, safetensors headers, JSON, zip CRC-32); a changed "
-        "byte inside tensor data is not detectable without a manifest (`trainguard manifest` adopts checkpoints)"
+        "no manifest (a legacy checkpoint, written without trainguard): structural checks only (sizes, safetensors "
+        "headers, JSON, zip CRC-32); a changed byte inside tensor data is not detectable without a manifest "
+        "(`trainguard manifest` adopts it)"
     )
 
 
@@ -679,9 +742,9 @@ def check_checkpoint(
 
     Args:
         path: The checkpoint folder (``out/checkpoint-50``, a LoRA checkpoint, a ``safe_merge`` version, ...).
-        require_manifest: Whether a missing manifest is itself a failure. ``None`` (default): yes when another
-            ``checkpoint-N`` beside it has one (then this folder is an interrupted save), else the folder gets
-            structural checks only.
+        require_manifest: Whether a missing manifest is itself a failure. ``None``/``False`` (default): a folder
+            without one is an interrupted save when trainguard's saving marker or a half-written manifest is there,
+            else a legacy checkpoint that gets structural checks only (``status`` "unverified (legacy)").
         workers: Threads hashing files in parallel (default: the CPU count, at most 8).
         stop_early: Stop at the first problem (for choosing a checkpoint, where the first reason is enough).
 
@@ -701,21 +764,16 @@ def check_checkpoint(
         report.mode = "manifest"
         _check_with_manifest(folder, report, workers, stop_early)
     else:
-        if require_manifest is None:
-            require_manifest = _run_has_manifests(folder)
-        if require_manifest:
-            partial = (folder / METADATA_NAME).is_file()
+        interrupted = _interruption(folder)
+        if interrupted is not None:
+            report.problems.append(interrupted)
+        elif require_manifest:
             report.problems.append(
                 Problem(
                     MANIFEST_NAME,
-                    "interrupted",
-                    (
-                        f"no commit marker {MANIFEST_NAME}"
-                        + (f" ({METADATA_NAME} is there: killed while the manifest was being written)" if partial
-                           else "")
-                        + ": the save was interrupted (or the folder predates trainguard: `trainguard manifest` "
-                        "adopts it after its structural checks pass)"
-                    ),
+                    "unverified",
+                    f"no commit marker {MANIFEST_NAME}: not written (or adopted) by trainguard; `trainguard manifest` "
+                    "adopts it after its structural checks pass",
                 )
             )
         else:
@@ -734,10 +792,17 @@ def _older_verified(folder: Path, workers: int | None) -> Path | None:
     step = _step_of(folder)
     if step is None:
         return None
+    origin = _lineage.checkpoint_origin(folder)
+    scope = (
+        _lineage.LineageScope(origin.lineage, True, "given")
+        if origin.lineage is not None
+        else _lineage.current_scope(folder.parent)
+    )
     older = [d for d in checkpoint_dirs(folder.parent) if (_step_of(d) or 0) < step]
-    run_has = run_uses_manifests(folder.parent)
     for candidate in reversed(older):
-        if check_checkpoint(candidate, require_manifest=run_has, workers=workers, stop_early=True).ok:
+        if not scope.admits(_lineage.checkpoint_origin(candidate)):
+            continue
+        if check_checkpoint(candidate, workers=workers, stop_early=True).ok:
             return candidate
     return None
 
@@ -818,6 +883,7 @@ def write_manifest(
     step: int | None = None,
     workers: int | None = None,
     extra: Mapping[str, Any] | None = None,
+    lineage: Mapping[str, Any] | None = None,
 ) -> Path:
     """Hash every file of a finished checkpoint and write its manifest, the commit marker last.
 
@@ -827,7 +893,8 @@ def write_manifest(
     vouches for data that is only in the page cache. ``sha256sum -c trainguard-manifest.sha256`` run inside the
     folder checks it. An existing marker is removed first, so a kill while rewriting leaves "no manifest" (an
     interrupted save), never a stale one. The folder's mtime is restored afterwards: the Trainer's rotation sorts
-    checkpoints by mtime.
+    checkpoints by mtime. trainguard's saving marker, if there, is removed after the commit marker is written; the
+    Trainer's JIT sentinel is never listed (JIT checkpointing removes it after its save returns).
 
     Call it only once every process has finished writing the folder.
 
@@ -836,6 +903,8 @@ def write_manifest(
         step: The global step (default: from ``checkpoint-N`` or ``trainer_state.json``).
         workers: Threads hashing files in parallel (default: the CPU count, at most 8).
         extra: More JSON-able facts for the metadata, under ``"extra"``.
+        lineage: Who wrote the checkpoint and how (``lineage``, ``run``, ``step``, ``saved_by``,
+            ``save_only_model``, ``world_size``, ...), under ``"lineage"``; see :mod:`trainguard.checks.lineage`.
 
     Returns:
         The path of the ``.sha256`` marker.
@@ -857,11 +926,14 @@ def write_manifest(
     marker.unlink(missing_ok=True)
     files = _list_files(folder)
     files.pop(METADATA_NAME, None)
+    files.pop(JIT_SENTINEL, None)
     leftovers = sorted(n for n in files if _special_extra(n) is not None)
     if leftovers:
         _log().warning(
             "trainguard: %s holds leftovers of an earlier interrupted write (%s); they are listed in its manifest "
-            "as they are", folder, ", ".join(leftovers)
+            "as they are",
+            folder,
+            ", ".join(leftovers),
         )
     # fsync while hashing: once the marker exists, the files it vouches for are on disk, not only in the page cache.
     digests = _hash_many(folder, files, files, workers, fsync=True)
@@ -885,6 +957,8 @@ def write_manifest(
         "hash_seconds": round(time.perf_counter() - start, 4),
         "files": {name: {"size": files[name], "sha256": digests[name]} for name in sorted(files)},
     }
+    if lineage:
+        meta["lineage"] = dict(lineage)
     if extra:
         meta["extra"] = dict(extra)
     atomic_write_json(folder / METADATA_NAME, meta)
@@ -893,15 +967,14 @@ def write_manifest(
     for sub in {(folder / name).parent for name in files}:
         fsync_dir(sub)
     atomic_write_text(marker, format_sha256_lines(lines))
+    _lineage.end_save(folder)
     with contextlib.suppress(OSError):
         os.utime(folder, ns=(folder_stat.st_atime_ns, folder_stat.st_mtime_ns))
     return marker
 
 
 # ---------------------------------------------------------------------------------------------- run level
-def set_aside_checkpoint(
-    checkpoint: str | os.PathLike[str], reason: str, *, problems: Iterable[Problem] = ()
-) -> Path:
+def set_aside_checkpoint(checkpoint: str | os.PathLike[str], reason: str, *, problems: Iterable[Problem] = ()) -> Path:
     """Move a failed checkpoint to ``output_dir/trainguard-quarantine/<name>.<UTC time>`` (never delete it).
 
     The rename stays on the same filesystem (atomic), and the new name is outside the Trainer's ``checkpoint-*``
@@ -916,26 +989,7 @@ def set_aside_checkpoint(
         set_aside_checkpoint("out/checkpoint-60", "model.safetensors changed")
     """
     folder = Path(checkpoint)
-    quarantine = folder.parent / QUARANTINE_DIR
-    quarantine.mkdir(exist_ok=True)
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    target = quarantine / f"{folder.name}.{stamp}"
-    while target.exists():
-        target = quarantine / f"{folder.name}.{stamp}-{secrets.token_hex(2)}"
-    os.rename(folder, target)
-    fsync_dir(folder.parent)
-    fsync_dir(quarantine)
-    with contextlib.suppress(OSError, ValueError, TypeError):
-        atomic_write_json(
-            quarantine / f"{target.name}.reason.json",
-            {
-                "from": str(folder),
-                "to": str(target),
-                "utc": _utc_now(),
-                "reason": reason,
-                "problems": [p.to_dict() for p in problems],
-            },
-        )
+    target = _lineage.move_aside(folder, reason, into=QUARANTINE_DIR, problems=list(problems))
     _log().warning("trainguard: set aside %s -> %s (%s)", folder, target, reason)
     return target
 
@@ -946,14 +1000,79 @@ def scan_output_dir(
     workers: int | None = None,
     stop_early: bool = False,
 ) -> list[CheckpointReport]:
-    """A report for every ``checkpoint-N`` in ``output_dir``, oldest first.
+    """A report for every ``checkpoint-N`` in ``output_dir``, oldest first (legacy ones get structural checks)."""
+    return [check_checkpoint(d, workers=workers, stop_early=stop_early) for d in checkpoint_dirs(output_dir)]
 
-    Where any checkpoint has a manifest, one without is an interrupted save; where none has, each gets structural
-    checks only.
+
+@dataclass
+class ResumeChoice:
+    """What :func:`choose_checkpoint` found: the chosen folder (or None), who wrote it, its report, the lineage
+    scope it was chosen in, the checkpoints that failed (with where each was set aside), and the checkpoints of
+    other lineages that were not considered."""
+
+    path: Path | None
+    scope: _lineage.LineageScope
+    origin: _lineage.CheckpointOrigin | None = None
+    report: CheckpointReport | None = None
+    failures: list[tuple[CheckpointReport, Path | None]] = field(default_factory=list)
+    excluded: list[_lineage.CheckpointOrigin] = field(default_factory=list)
+    considered: int = 0
+
+
+def _scope_for(output_dir: str | os.PathLike[str], lineage: str | None, origins: list[Any]) -> _lineage.LineageScope:
+    if lineage == "current":
+        return _lineage.current_scope(output_dir, origins)
+    if lineage is None:
+        return _lineage.LineageScope(None, True, "none")
+    return _lineage.LineageScope(str(lineage), False, "given")
+
+
+def choose_checkpoint(
+    output_dir: str | os.PathLike[str],
+    *,
+    lineage: str | None = "current",
+    set_aside: bool = False,
+    workers: int | None = None,
+    on_failure: Callable[[CheckpointReport, Path | None], None] | None = None,
+) -> ResumeChoice:
+    """The newest checkpoint of ``output_dir`` in the lineage scope that verifies, with everything learnt on the way.
+
+    See :func:`latest_verified_checkpoint` for the arguments. Checkpoints outside the scope are never checked, set
+    aside or chosen; they are listed in ``excluded``.
     """
-    dirs = checkpoint_dirs(output_dir)
-    run_has = run_uses_manifests(output_dir)
-    return [check_checkpoint(d, require_manifest=run_has, workers=workers, stop_early=stop_early) for d in dirs]
+    origins = [_lineage.checkpoint_origin(d) for d in checkpoint_dirs(output_dir)]
+    scope = _scope_for(output_dir, lineage, origins)
+    eligible = [o for o in origins if scope.admits(o)]
+    choice = ResumeChoice(None, scope, excluded=[o for o in origins if not scope.admits(o)], considered=len(eligible))
+    if choice.excluded:
+        _log().info(
+            "trainguard: not considered in %s (not %s): %s",
+            output_dir,
+            scope.describe(),
+            _lineage.describe_many(choice.excluded),
+        )
+    for origin in reversed(eligible):
+        report = check_checkpoint(origin.path, workers=workers, stop_early=True)
+        if report.ok:
+            if report.mode == "structural":
+                _log().info(
+                    "trainguard: %s is a legacy checkpoint (written without trainguard): structural checks only",
+                    origin.path,
+                )
+            choice.path, choice.origin, choice.report = origin.path, origin, report
+            return choice
+        reason = "; ".join(p.format() for p in report.problems)
+        if report.mode == "structural":
+            reason = f"legacy checkpoint (no manifest), structural checks only: {reason}"
+        moved: Path | None = None
+        if set_aside:
+            moved = set_aside_checkpoint(origin.path, reason, problems=report.problems)
+        else:
+            _log().warning("trainguard: skipping %s: %s", origin.path, reason)
+        choice.failures.append((report, moved))
+        if on_failure is not None:
+            on_failure(report, moved)
+    return choice
 
 
 def latest_verified_checkpoint(
@@ -962,45 +1081,82 @@ def latest_verified_checkpoint(
     set_aside: bool = False,
     workers: int | None = None,
     on_failure: Callable[[CheckpointReport, Path | None], None] | None = None,
+    lineage: str | None = "current",
 ) -> Path | None:
-    """The newest ``checkpoint-N`` in ``output_dir`` that verifies, or None.
+    """The newest ``checkpoint-N`` of the output_dir's current run lineage that verifies, or None.
 
-    Checks from the newest down and stops at the first that passes, so a healthy run costs one verification.
-    In a run with no manifest at all (adopting trainguard), "verifies" means "passes the structural checks", and
-    the log says so.
+    Checks from the newest down and stops at the first that passes, so a healthy run costs one verification. A
+    legacy checkpoint (written without trainguard) "verifies" when it passes the structural checks, and the log says
+    so. Checkpoints of another lineage (another run that saved into the same folder) are never chosen.
 
     Args:
         output_dir: The run's output folder.
-        set_aside: Move each newer checkpoint that fails to ``trainguard-quarantine/`` (renamed, never deleted), so
-            the Trainer can neither resume from it nor save into it again.
+        set_aside: Move each newer checkpoint of the lineage that fails to ``trainguard-quarantine/`` (renamed, never
+            deleted), so the Trainer can neither resume from it nor save into it again.
         workers: Threads hashing files in parallel.
         on_failure: Called with each failed report and its new path (when set aside), e.g. to alert.
+        lineage: ``"current"`` (default): the lineage the registry names current (else the newest checkpoint's);
+            a lineage id: that lineage only; None: any checkpoint, as ``get_last_checkpoint`` does.
 
     Example::
 
         ckpt = latest_verified_checkpoint("out")
         trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
     """
-    dirs = checkpoint_dirs(output_dir)
-    run_has = run_uses_manifests(output_dir)
-    if dirs and not run_has:
-        _log().info(
-            "trainguard: no checkpoint in %s has a manifest (a run adopting trainguard): structural checks only",
-            output_dir,
+    return choose_checkpoint(
+        output_dir, lineage=lineage, set_aside=set_aside, workers=workers, on_failure=on_failure
+    ).path
+
+
+def resume_choice(
+    output_dir: str | os.PathLike[str] | None,
+    resume_from_checkpoint: Any = True,
+    *,
+    set_aside: bool = True,
+    workers: int | None = None,
+    on_failure: Callable[[CheckpointReport, Path | None], None] | None = None,
+) -> ResumeChoice | None:
+    """:func:`resolve_verified_resume` with the details (who wrote the choice, what failed, what was excluded).
+
+    Returns None for ``None``/``False``, or ``True`` with no checkpoint at all.
+    """
+    if resume_from_checkpoint is None or resume_from_checkpoint is False:
+        return None
+    if resume_from_checkpoint is not True:
+        path = Path(os.fspath(resume_from_checkpoint))
+        report = verify_checkpoint(path, workers=workers)
+        origin = _lineage.checkpoint_origin(path)
+        return ResumeChoice(path, _lineage.LineageScope(origin.lineage, True, "given"), origin, report, considered=1)
+    if output_dir is None or not checkpoint_dirs(output_dir):
+        return None
+    choice = choose_checkpoint(output_dir, set_aside=set_aside, workers=workers, on_failure=on_failure)
+    if choice.path is not None:
+        return choice
+    others = _lineage.describe_many(choice.excluded)
+    if not choice.failures:
+        raise LineageError(
+            f"resume_from_checkpoint=True in {output_dir}: no checkpoint there belongs to the current run lineage "
+            f"({choice.scope.describe()}); the ones there are another run's: {others}",
+            where={"file": str(output_dir), "checkpoint": str(choice.excluded[-1].path)},
+            next_step=(
+                "To continue one of them, pass its path: train(resume_from_checkpoint='.../checkpoint-N') (its run "
+                "lineage then becomes current). To start over, train without resume_from_checkpoint "
+                "(see CheckpointVerifier's existing_checkpoints option)."
+            ),
+            evidence={"scope": choice.scope.describe(), "checkpoints": [o.to_dict() for o in choice.excluded]},
         )
-    for folder in reversed(dirs):
-        report = check_checkpoint(folder, require_manifest=run_has, workers=workers, stop_early=True)
-        if report.ok:
-            return folder
-        reason = "; ".join(p.format() for p in report.problems)
-        moved: Path | None = None
-        if set_aside:
-            moved = set_aside_checkpoint(folder, reason, problems=report.problems)
-        else:
-            _log().warning("trainguard: skipping %s: %s", folder, reason)
-        if on_failure is not None:
-            on_failure(report, moved)
-    return None
+    listing = "; ".join(r.describe() + (f" (set aside to {m})" if m is not None else "") for r, m in choice.failures)
+    others_note = f" Other runs' checkpoints were not considered: {others}." if others else ""
+    raise CheckpointIntegrityError(
+        f"none of the {len(choice.failures)} checkpoint(s) of the current run lineage in {output_dir} verifies: "
+        f"{listing}",
+        where={"file": str(output_dir)},
+        next_step=(
+            "Start fresh (train() without resume_from_checkpoint), or restore a checkpoint from a backup; "
+            f"the failed ones are kept{' in ' + QUARANTINE_DIR + '/' if set_aside else ''}.{others_note}"
+        ),
+        evidence={"checkpoints": [r.to_dict() for r, _ in choice.failures]},
+    )
 
 
 def resolve_verified_resume(
@@ -1013,50 +1169,24 @@ def resolve_verified_resume(
 ) -> Path | None:
     """The checkpoint to pass to ``trainer.train(resume_from_checkpoint=...)``, verified; a pre-flight.
 
-    ``True`` resolves to :func:`latest_verified_checkpoint` (newer checkpoints that fail are set aside when
-    ``set_aside``); an explicit path is verified and refused when it fails; ``None``/``False`` give None.
+    ``True`` resolves to :func:`latest_verified_checkpoint` in the output_dir's current run lineage (newer
+    checkpoints of it that fail are set aside when ``set_aside``); an explicit path is verified and refused when it
+    fails; ``None``/``False`` give None.
 
     Returns:
         The verified folder, or None when there is nothing to resume from (``True`` and no checkpoint at all).
 
     Raises:
-        CheckpointIntegrityError: The explicit path fails verification, or ``True`` and no checkpoint verifies.
+        CheckpointIntegrityError: The explicit path fails verification, or ``True`` and no checkpoint of the current
+            lineage verifies.
+        LineageError: ``True``, and every checkpoint there belongs to another run lineage.
 
     Example::
 
         ckpt = resolve_verified_resume("out", True)
         trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
     """
-    if resume_from_checkpoint is None or resume_from_checkpoint is False:
-        return None
-    if resume_from_checkpoint is True:
-        if output_dir is None:
-            return None
-        dirs = checkpoint_dirs(output_dir)
-        if not dirs:
-            return None
-        failures: list[tuple[CheckpointReport, Path | None]] = []
-
-        def record(report: CheckpointReport, moved: Path | None) -> None:
-            failures.append((report, moved))
-            if on_failure is not None:
-                on_failure(report, moved)
-
-        found = latest_verified_checkpoint(output_dir, set_aside=set_aside, workers=workers, on_failure=record)
-        if found is None:
-            listing = "; ".join(
-                r.describe() + (f" (set aside to {m})" if m is not None else "") for r, m in failures
-            )
-            raise CheckpointIntegrityError(
-                f"none of the {len(dirs)} checkpoints in {output_dir} verifies: {listing}",
-                where={"file": str(output_dir)},
-                next_step=(
-                    "Start fresh (train() without resume_from_checkpoint), or restore a checkpoint from a backup; "
-                    f"the failed ones are kept{' in ' + QUARANTINE_DIR + '/' if set_aside else ''}."
-                ),
-                evidence={"checkpoints": [r.to_dict() for r, _ in failures]},
-            )
-        return found
-    path = Path(os.fspath(resume_from_checkpoint))
-    verify_checkpoint(path, workers=workers)
-    return path
+    choice = resume_choice(
+        output_dir, resume_from_checkpoint, set_aside=set_aside, workers=workers, on_failure=on_failure
+    )
+    return choice.path if choice is not None else None

@@ -27,11 +27,10 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import CheckpointIntegrityError, TrainGuardError
+from ._layout import ARCHIVE_DIR
 from ._resume import TRAINER_STATE, checkpoint_dirs, on_main_then_share, read_json_object
 
-__all__ = ["ARCHIVE_DIR", "continue_on_new_data", "start_fresh"]
-
-ARCHIVE_DIR = "trainguard-archive"
+__all__ = ["ARCHIVE_DIR", "archive_checkpoints", "continue_on_new_data", "start_fresh"]
 _LOG = logging.getLogger("trainguard")
 
 
@@ -60,12 +59,19 @@ def _stored_fingerprint(checkpoint: Path) -> str:
     return str(fingerprint)[:12] if fingerprint else "unknown"
 
 
-def _archive_checkpoints(output_dir: Path) -> Path | None:
+def archive_checkpoints(output_dir: Path) -> Path | None:
+    """Move every ``checkpoint-N`` of ``output_dir`` into one new folder of ``trainguard-archive/`` (main process
+    only; :func:`start_fresh` is the all-ranks form). Returns that folder, or None when there was nothing to move."""
     checkpoints = checkpoint_dirs(output_dir)
     if not checkpoints:
         return None
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    label = re.sub(r"[^0-9A-Za-z]", "", _stored_fingerprint(checkpoints[-1])) or "unknown"
+    label = re.sub(r"[^0-9A-Za-z]", "", _stored_fingerprint(checkpoints[-1]))
+    if label == "unknown":
+        from .lineage import checkpoint_origin
+
+        recorded = checkpoint_origin(checkpoints[-1]).lineage
+        label = f"lineage-{recorded.rsplit('-', 1)[-1]}" if recorded else label
     base = output_dir / ARCHIVE_DIR / f"{stamp}-{label}"
     target, n = base, 1
     while target.exists():
@@ -106,7 +112,7 @@ def start_fresh(output_dir_or_trainer: Any) -> Path | None:
         trainer.train()
     """
     output_dir = _output_dir_of(output_dir_or_trainer)
-    result: Path | None = on_main_then_share(_archive_checkpoints, output_dir)
+    result: Path | None = on_main_then_share(archive_checkpoints, output_dir)
     return result
 
 

@@ -1,0 +1,59 @@
+"""The names trainguard and the Trainer give to things inside an ``output_dir``: one place, so that every module
+(and every reader of an output_dir) agrees on them.
+
+Imports nothing heavy; every check and command may use it.
+
+Example::
+
+    from trainguard.checks._layout import MANIFEST_NAME, checkpoint_step
+    checkpoint_step("out/checkpoint-50")   # 50
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+__all__ = [
+    "ARCHIVE_DIR",
+    "CHECKPOINT_RE",
+    "JIT_SENTINEL",
+    "MANIFEST_FORMAT",
+    "MANIFEST_NAME",
+    "METADATA_NAME",
+    "QUARANTINE_DIR",
+    "RUN_MARKER",
+    "SAVING_MARKER",
+    "TRAINER_STATE",
+    "checkpoint_step",
+]
+
+#: The commit marker: GNU ``sha256sum`` lines for every file of the checkpoint. Written last.
+MANIFEST_NAME = "trainguard-manifest.sha256"
+#: Sizes, step, time, versions and the run lineage; written before the marker and listed in it.
+METADATA_NAME = "trainguard-manifest.json"
+MANIFEST_FORMAT = "trainguard-manifest/1"
+#: Inside ``checkpoint-N`` while a trainguard-watched save is in progress (written before the Trainer writes, removed
+#: after the commit marker): a folder that still has it and no marker is an interrupted save, not a legacy one.
+SAVING_MARKER = "trainguard-saving.json"
+#: In ``output_dir``: the lineage registry (which lineage is current, which runs trained here). Older releases wrote
+#: it only to say "this run writes manifests"; such a file is read as a registry with no current lineage.
+RUN_MARKER = "trainguard-checkpoints.json"
+#: Where failed checkpoints are set aside, inside ``output_dir``. Its name does not start with ``checkpoint-``:
+#: the Trainer's rotation globs ``output_dir/checkpoint-*`` and would delete a set-aside folder named like one.
+QUARANTINE_DIR = "trainguard-quarantine"
+#: Where whole sets of checkpoints (``start_fresh``) and folders replaced by a new save are moved, never deleted.
+ARCHIVE_DIR = "trainguard-archive"
+#: Written by the Trainer's JIT checkpointing before a save and removed after it; nothing in transformers reads it.
+JIT_SENTINEL = "checkpoint-is-incomplete.txt"
+#: The Trainer writes it last in every save.
+TRAINER_STATE = "trainer_state.json"
+#: The same pattern as ``transformers.trainer_utils._re_checkpoint``: only ``checkpoint-<digits>`` folders count.
+CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+
+
+def checkpoint_step(folder: str | os.PathLike[str]) -> int | None:
+    """N for a folder named ``checkpoint-N``, else None."""
+    match = CHECKPOINT_RE.match(Path(folder).name)
+    return int(match.group(1)) if match else None

@@ -31,7 +31,13 @@ _SUBCOMMANDS: tuple[str, ...] = (
 
 
 class _Parser(argparse.ArgumentParser):
+    #: Set by :func:`main` when ``--json`` is on the command line: usage errors are then JSON too.
+    json_errors: bool = False
+
     def error(self, message: str) -> Any:  # argparse's own exit code for usage errors is already 2
+        if _Parser.json_errors:
+            emit_json({"ok": False, "error": "UsageError", "what": f"{self.prog}: {message}"})
+            self.exit(EXIT_USAGE)
         self.print_usage(sys.stderr)
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
 
@@ -72,6 +78,7 @@ def _report_error(err: BaseException, as_json: bool, status: int) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``trainguard`` command and return its exit status."""
     parser = build_parser()
+    _Parser.json_errors = "--json" in (sys.argv[1:] if argv is None else list(argv))
     args = parser.parse_args(argv)
     func: Callable[[argparse.Namespace], int] | None = getattr(args, "func", None)
     if func is None:

@@ -23,6 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from ..checks import crash_loop
+from ..checks import lineage as _lineage
+from ..checks._layout import ARCHIVE_DIR, QUARANTINE_DIR
 from ..checks._resume import checkpoint_dirs, checkpoint_step
 from ..checks.resources import format_bytes
 from ..checks.run_lock import lock_status
@@ -108,6 +110,9 @@ def _checkpoints(folder: Path, verify: bool) -> list[dict[str, Any]]:
     for step, path in found:
         files, total = _size(path)
         entry: dict[str, Any] = {"name": path.name, "step": step, "path": str(path), "files": files, "bytes": total}
+        origin = _lineage.checkpoint_origin(path)
+        entry["origin"] = origin.to_dict()
+        entry["written_by"] = origin.describe()
         if verifier is not None:
             entry.update(_verify(verifier, path))
         else:
@@ -158,6 +163,29 @@ def _identity(folder: Path, checkpoints: list[dict[str, Any]]) -> dict[str, Any]
     return identity
 
 
+def _lineages(folder: Path, checkpoints: list[dict[str, Any]]) -> dict[str, Any]:
+    registry = _lineage.read_registry(folder)
+    scope = _lineage.current_scope(folder)
+    runs = registry.get("runs") if isinstance(registry.get("runs"), list) else []
+    lineages = registry.get("lineages") if isinstance(registry.get("lineages"), dict) else {}
+    return {
+        "current": scope.lineage,
+        "source": scope.source,
+        "adopts_unrecorded": scope.adopts_unrecorded,
+        "lineages": lineages,
+        "runs": runs,
+        "checkpoints": {c["name"]: c["origin"].get("lineage") for c in checkpoints},
+    }
+
+
+def _moved(folder: Path, name: str) -> list[str]:
+    place = folder / name
+    try:
+        return sorted(p.name for p in place.iterdir() if not p.name.endswith(".reason.json"))
+    except OSError:
+        return []
+
+
 def inspect_output_dir(path: str | Path, *, verify: bool = True) -> dict[str, Any]:
     """Everything ``trainguard inspect`` shows, as one JSON-ready dict (reads only).
 
@@ -185,11 +213,12 @@ def inspect_output_dir(path: str | Path, *, verify: bool = True) -> dict[str, An
         "runs": [r.to_dict() for r in runs],
         "crash_loop": loop.to_dict() if loop is not None else None,
         "checkpoints": checkpoints,
+        "lineage": _lineages(folder, checkpoints),
+        "set_aside": _moved(folder, QUARANTINE_DIR),
+        "archived": _moved(folder, ARCHIVE_DIR),
         "versions": _versions(folder),
         "identity": _identity(folder, checkpoints),
     }
-
-
 
 
 def _print(report: dict[str, Any]) -> None:
@@ -241,11 +270,37 @@ def _print(report: dict[str, Any]) -> None:
         )
 
     checkpoints = report["checkpoints"]
+    lineage = report["lineage"]
+    current = lineage["current"]
     w(f"checkpoints: {len(checkpoints) or 'none'}\n")
     for c in checkpoints:
         status = c.get("status") or {True: "verified", False: "FAILED", None: "unverified"}[c.get("verified")]
         problem = f" - {c['problem']}" if c.get("problem") else ""
+        origin = c["origin"]
+        who = (
+            f"lineage {origin['lineage']}"
+            if origin.get("lineage")
+            else ("no trainguard record" if origin.get("state") == "legacy" else "lineage not recorded")
+        )
+        if origin.get("lineage") and origin["lineage"] == current:
+            who += " (current)"
+        if origin.get("saved_by"):
+            who += f", {origin['saved_by']}"
         w(f"  {c['name']:<20} {c['files']:>4} files {format_bytes(c['bytes']):>10}  {status}{problem}\n")
+        w(f"  {'':<20} written by {who}\n")
+    if current:
+        w(f"lineage:     current {current} (from the {lineage['source']})\n")
+        by_lineage: dict[str, int] = {}
+        for run in lineage["runs"]:
+            if isinstance(run, dict):
+                by_lineage[str(run.get("lineage"))] = by_lineage.get(str(run.get("lineage")), 0) + 1
+        for name, count in by_lineage.items():
+            w(f"             {name}: {count} run(s)\n")
+    else:
+        w("lineage:     none recorded\n")
+    for key, label in (("set_aside", "set aside"), ("archived", "archived")):
+        if report[key]:
+            w(f"{label + ':':<13}{', '.join(report[key])}\n")
 
     versions = report["versions"]
     w(f"versions:    {len(versions) or 'none'}\n")
@@ -285,4 +340,3 @@ def run(args: argparse.Namespace) -> int:
     else:
         _print(report)
     return EXIT_OK
-

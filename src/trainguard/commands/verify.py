@@ -1,9 +1,9 @@
 """``trainguard verify PATH`` and ``trainguard manifest PATH``: checkpoint integrity from the shell, without torch.
 
-``verify`` checks one checkpoint folder, or every ``checkpoint-N`` of an output_dir (a table, and which one a
-resume would use). ``manifest`` adopts existing checkpoints: it writes the manifest of each one that has none, after
-its structural checks pass. Exit status: 0 all good, 1 a check failed (or a checkpoint was refused), 2 usage or
-I/O error.
+``verify`` checks one checkpoint folder, every ``checkpoint-N`` of an output_dir (a table: status, run lineage, and
+which one a resume would use), or every output_dir and checkpoint found below a folder. ``manifest`` adopts
+existing checkpoints: it writes the manifest of each one that has none, after its structural checks pass.
+Exit status: 0 all good, 1 a check failed (or a checkpoint was refused), 2 usage or I/O error.
 
 Example::
 
@@ -15,11 +15,14 @@ Example::
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import Any
 
 from ..checks import checkpoint as ckpt
+from ..checks import lineage as _lineage
+from ..checks._layout import ARCHIVE_DIR, TRAINER_STATE, checkpoint_step
 from ..checks._resume import checkpoint_dirs
 from ..checks.resources import format_bytes
 
@@ -36,9 +39,13 @@ def register(subparsers: Any) -> None:
             "Exit 0 all verified, 1 a check failed, 2 usage or I/O error."
         ),
     )
-    verify.add_argument("path", metavar="PATH", help="a checkpoint folder or a run's output_dir")
+    verify.add_argument(
+        "path", metavar="PATH", help="a checkpoint folder, a run's output_dir, or a folder holding output_dirs"
+    )
     verify.add_argument("--json", action="store_true", help="print one JSON document")
-    verify.add_argument("--workers", type=int, default=None, help="hashing threads (default: CPUs, at most 8)")
+    verify.add_argument(
+        "--workers", type=int, default=None, help="hashing threads, 1 or more (default: CPUs, at most 8)"
+    )
     verify.set_defaults(func=run_verify)
 
     manifest = subparsers.add_parser(
@@ -72,29 +79,84 @@ def _usage_error(message: str, as_json: bool, command: str) -> int:
     return EXIT_USAGE
 
 
-def _targets(path: Path) -> tuple[str, list[Path]] | None:
-    """("output_dir", its checkpoints) or ("checkpoint", [path]); None when PATH holds no checkpoint."""
+# Names that make a folder a checkpoint (or a saved model) rather than a folder that holds them.
+_CHECKPOINT_FILES = frozenset(
+    {
+        ckpt.MANIFEST_NAME,
+        ckpt.METADATA_NAME,
+        ckpt.SAVING_MARKER,
+        TRAINER_STATE,
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "model.safetensors",
+        "model.safetensors.index.json",
+        "pytorch_model.bin",
+    }
+)
+_SKIP_DIRS = frozenset({ckpt.QUARANTINE_DIR, ARCHIVE_DIR})
+_MAX_DEPTH = 6
+
+
+def _looks_like_checkpoint(path: Path) -> bool:
+    try:
+        names = {entry.name for entry in os.scandir(path)}
+    except OSError:
+        return False
+    return bool(names & _CHECKPOINT_FILES) or checkpoint_step(path) is not None
+
+
+def _targets(path: Path) -> tuple[str, list[tuple[Path | None, Path]]] | None:
+    """What PATH holds: ``("output_dir", ...)`` (its ``checkpoint-N``), ``("checkpoint", [PATH])``, or ``("tree",
+    ...)`` (the output_dirs and checkpoints found below it, to six levels, not inside set-aside or archived
+    folders); each entry is ``(its output_dir or None, the checkpoint)``. None when there is no checkpoint."""
     dirs = checkpoint_dirs(path)
     if dirs:
-        return "output_dir", dirs
-    if any(path.iterdir()):
-        return "checkpoint", [path]
-    return None
+        return "output_dir", [(path, d) for d in dirs]
+    if _looks_like_checkpoint(path):
+        return "checkpoint", [(None, path)]
+    found: list[tuple[Path | None, Path]] = []
+
+    def walk(folder: Path, depth: int) -> None:
+        try:
+            children = sorted(c for c in folder.iterdir() if c.is_dir() and not c.is_symlink())
+        except OSError:
+            return
+        for child in children:
+            if child.name.startswith(".") or child.name in _SKIP_DIRS:
+                continue
+            inner = checkpoint_dirs(child)
+            if inner:
+                found.extend((child, d) for d in inner)
+            elif _looks_like_checkpoint(child):
+                found.append((None, child))
+            elif depth < _MAX_DEPTH:
+                walk(child, depth + 1)
+
+    walk(path, 1)
+    return ("tree", found) if found else None
 
 
+def _short(lineage: str | None) -> str:
+    return lineage.rsplit("-", 1)[-1] if lineage else "-"
 
 
-def _print_table(reports: list[ckpt.CheckpointReport], extra: dict[str, str] | None = None) -> None:
+def _print_table(rows: list[dict[str, Any]]) -> None:
     w = sys.stdout.write
-    w(f"{'checkpoint':<22} {'step':>7} {'files':>5} {'size':>10} {'time':>8}  status\n")
-    for r in reports:
+    w(f"{'checkpoint':<22} {'step':>7} {'files':>5} {'size':>10} {'time':>8}  {'lineage':<8} status\n")
+    for row in rows:
+        r: ckpt.CheckpointReport = row["report"]
+        origin: _lineage.CheckpointOrigin = row["origin"]
         step = "" if r.step is None else str(r.step)
-        action = f"  [{extra[str(r.path)]}]" if extra and str(r.path) in extra else ""
-        size = format_bytes(r.bytes)
-        w(f"{r.path.name:<22} {step:>7} {r.files:>5} {size:>10} {r.seconds:>7.2f}s  {r.status}{action}\n")
+        lineage = _short(origin.lineage) + ("*" if row.get("current") else "")
+        w(
+            f"{r.path.name:<22} {step:>7} {r.files:>5} {format_bytes(r.bytes):>10} {r.seconds:>7.2f}s  {lineage:<8} "
+            f"{r.status}\n"
+        )
         for p in r.problems:
             w(f"    {p.format()}\n")
-    notes = sorted({n for r in reports for n in r.notes})
+        for p in r.warnings:
+            w(f"    warning: {p.format()}\n")
+    notes = sorted({n for row in rows for n in row["report"].notes})
     for note in notes:
         w(f"note: {note}\n")
 
@@ -107,34 +169,89 @@ def _check(path: Path, workers: int | None, require_manifest: bool | None) -> ck
     return report
 
 
+def _verify_output_dir(output_dir: Path, folders: list[Path], workers: int | None) -> dict[str, Any]:
+    origins = [_lineage.checkpoint_origin(d) for d in folders]
+    scope = _lineage.current_scope(output_dir, origins)
+    rows: list[dict[str, Any]] = [
+        {"report": _check(d, workers, None), "origin": o, "current": scope.lineage is not None and scope.admits(o)}
+        for d, o in zip(folders, origins, strict=True)
+    ]
+    resume = next(
+        (row["report"].path for row in reversed(rows) if row["report"].ok and scope.admits(row["origin"])), None
+    )
+    return {"output_dir": output_dir, "rows": rows, "scope": scope, "resume": resume}
+
+
+def _row_json(row: dict[str, Any], output_dir: Path | None) -> dict[str, Any]:
+    entry = row["report"].to_dict()
+    entry["output_dir"] = str(output_dir) if output_dir is not None else None
+    entry["origin"] = row["origin"].to_dict()
+    entry["current_lineage"] = bool(row.get("current"))
+    return entry
+
+
 # ------------------------------------------------------------------------------------------------- verify
 def run_verify(args: argparse.Namespace) -> int:
     from ..cli import EXIT_FAILED, EXIT_OK, emit_json
 
     path = Path(args.path)
+    if args.workers is not None and args.workers < 1:
+        return _usage_error(f"--workers must be 1 or more, not {args.workers}", args.json, "verify")
     if not path.is_dir():
-        return _usage_error(f"no such folder: {path}" if not path.exists() else f"not a folder: {path}", args.json,
-                            "verify")
+        return _usage_error(
+            f"no such folder: {path}" if not path.exists() else f"not a folder: {path}", args.json, "verify"
+        )
     found = _targets(path)
     if found is None:
-        return _usage_error(f"no checkpoint in {path} (an empty folder)", args.json, "verify")
-    kind, folders = found
-    run_has = ckpt.run_uses_manifests(path) if kind == "output_dir" else None
-    reports = [_check(d, args.workers, run_has) for d in folders]
-    ok = all(r.ok for r in reports)
-    resume = next((r.path for r in reversed(reports) if r.ok), None) if kind == "output_dir" else None
+        return _usage_error(f"no checkpoint in or below {path}", args.json, "verify")
+    kind, entries = found
+    groups: list[dict[str, Any]] = []
+    for output_dir in dict.fromkeys(o for o, _ in entries if o is not None):
+        groups.append(_verify_output_dir(output_dir, [c for o, c in entries if o == output_dir], args.workers))
+    loose = [c for o, c in entries if o is None]
+    if loose:
+        rows = [{"report": _check(c, args.workers, None), "origin": _lineage.checkpoint_origin(c)} for c in loose]
+        groups.append({"output_dir": None, "rows": rows, "scope": None, "resume": None})
+    ok = all(row["report"].ok for g in groups for row in g["rows"])
     if args.json:
-        document: dict[str, Any] = {"ok": ok, "path": str(path), "kind": kind,
-                                    "checkpoints": [r.to_dict() for r in reports]}
+        document: dict[str, Any] = {
+            "ok": ok,
+            "path": str(path),
+            "kind": kind,
+            "checkpoints": [_row_json(row, g["output_dir"]) for g in groups for row in g["rows"]],
+        }
         if kind == "output_dir":
-            document["resume_from"] = str(resume) if resume is not None else None
+            document["resume_from"] = str(groups[0]["resume"]) if groups[0]["resume"] is not None else None
+            document["lineage"] = groups[0]["scope"].lineage
+        elif kind == "tree":
+            document["output_dirs"] = [
+                {
+                    "path": str(g["output_dir"]),
+                    "lineage": g["scope"].lineage,
+                    "resume_from": str(g["resume"]) if g["resume"] is not None else None,
+                    "ok": all(row["report"].ok for row in g["rows"]),
+                }
+                for g in groups
+                if g["output_dir"] is not None
+            ]
         emit_json(document)
-    else:
-        _print_table(reports)
-        if kind == "output_dir":
+        return EXIT_OK if ok else EXIT_FAILED
+    for g in groups:
+        if kind == "tree":
+            sys.stdout.write(f"\n{g['output_dir'] if g['output_dir'] is not None else 'checkpoints'}:\n")
+        _print_table(g["rows"])
+        if g["output_dir"] is not None:
+            scope = g["scope"]
+            if scope.lineage is not None:
+                sys.stdout.write(f"current lineage: {scope.lineage} (marked *)\n")
+            resume = g["resume"]
             sys.stdout.write(
-                f"resume from: {resume.name if resume is not None else 'none (no checkpoint verifies)'}\n"
+                f"resume from: {resume.name if resume is not None else 'none (no checkpoint of it verifies)'}\n"
             )
+    if kind == "tree":
+        failed = sum(1 for g in groups for row in g["rows"] if not row["report"].ok)
+        total = sum(len(g["rows"]) for g in groups)
+        sys.stdout.write(f"\n{total} checkpoint(s) under {path}: {total - failed} ok, {failed} FAILED\n")
     return EXIT_OK if ok else EXIT_FAILED
 
 
@@ -150,16 +267,34 @@ def adopt(folder: Path, *, force: bool = False, workers: int | None = None) -> d
         if report.ok:
             return {"action": "kept", "report": report}
         if not force:
-            return {"action": "refused", "report": report,
-                    "why": "its manifest fails: writing a new one would vouch for damaged files (--force to do so)"}
-        ckpt.write_manifest(folder, workers=workers)
+            return {
+                "action": "refused",
+                "report": report,
+                "why": "its manifest fails: writing a new one would vouch for damaged files (--force to do so)",
+            }
+        ckpt.write_manifest(folder, workers=workers, lineage=_adopted(folder))
         return {"action": "rewritten", "report": report}
     report = _check(folder, workers, False)
     if not report.ok and not force:
-        return {"action": "refused", "report": report,
-                "why": "the structural checks fail (--force to write a manifest of it as it is)"}
-    ckpt.write_manifest(folder, workers=workers)
+        return {
+            "action": "refused",
+            "report": report,
+            "why": "the structural checks fail (--force to write a manifest of it as it is)",
+        }
+    ckpt.write_manifest(folder, workers=workers, lineage=_adopted(folder))
     return {"action": "written", "report": report}
+
+
+def _adopted(folder: Path) -> dict[str, Any]:
+    # Keep whatever lineage the folder records (a forced rewrite); a legacy folder's writer stays unknown.
+    origin = _lineage.checkpoint_origin(folder)
+    return {
+        **origin.record,
+        "lineage": origin.lineage,
+        "run": origin.run,
+        "step": checkpoint_step(folder),
+        "saved_by": origin.saved_by or "adopted (trainguard manifest)",
+    }
 
 
 def run_manifest(args: argparse.Namespace) -> int:
@@ -167,26 +302,30 @@ def run_manifest(args: argparse.Namespace) -> int:
 
     path = Path(args.path)
     if not path.is_dir():
-        return _usage_error(f"no such folder: {path}" if not path.exists() else f"not a folder: {path}", args.json,
-                            "manifest")
+        return _usage_error(
+            f"no such folder: {path}" if not path.exists() else f"not a folder: {path}", args.json, "manifest"
+        )
     found = _targets(path)
     if found is None:
-        return _usage_error(f"no checkpoint in {path} (an empty folder)", args.json, "manifest")
-    kind, folders = found
-    if kind == "output_dir":
-        ckpt.mark_run_uses_manifests(path)
+        return _usage_error(f"no checkpoint in or below {path}", args.json, "manifest")
+    _kind, entries = found
+    for output_dir in dict.fromkeys(o for o, _ in entries if o is not None):
+        ckpt.mark_run_uses_manifests(output_dir)
+    folders = [c for _, c in entries]
     # Oldest first: each write keeps its folder's mtime, so the Trainer's mtime-ordered rotation is unchanged anyway.
     results = [(folder, adopt(folder, force=args.force, workers=args.workers)) for folder in folders]
     ok = all(r["action"] != "refused" for _, r in results)
     if args.json:
-        emit_json({
-            "ok": ok,
-            "path": str(path),
-            "checkpoints": [
-                {"path": str(folder), "action": r["action"], "why": r.get("why"), "before": r["report"].to_dict()}
-                for folder, r in results
-            ],
-        })
+        emit_json(
+            {
+                "ok": ok,
+                "path": str(path),
+                "checkpoints": [
+                    {"path": str(folder), "action": r["action"], "why": r.get("why"), "before": r["report"].to_dict()}
+                    for folder, r in results
+                ],
+            }
+        )
     else:
         for folder, r in results:
             line = f"{folder.name:<22} {r['action']}"

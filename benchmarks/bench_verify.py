@@ -1,7 +1,7 @@
 """How fast checkpoint manifests are written and verified, against this machine's limit, against GNU sha256sum,
 and what CheckpointVerifier costs a run that saves often.
 
-    python benchmarks/bench_verify.py [--gib 1.0] [--steps 20] [--save-steps 2] [--skip-train]
+    python benchmarks/bench_verify.py [--gib 1.0] [--steps 20] [--save-steps 2] [--skip-train] [--skip-hashing]
 
 1. The limit: single-thread ``hashlib.sha256`` over an in-memory buffer × the cores (``os.cpu_count()``). Hashing
    cannot go faster than that however the files are split; one file hashes on one core at most.
@@ -155,6 +155,12 @@ def bench_training(steps: int, save_steps: int) -> None:
         def on_save(self, *a: Any, **k: Any) -> Any:
             return self._timed(super().on_save, *a, **k)
 
+        def before_save(self, *a: Any, **k: Any) -> Any:  # inside the Trainer's _save_checkpoint (lineage, marker)
+            return self._timed(super().before_save, *a, **k)
+
+        def after_save(self, *a: Any, **k: Any) -> Any:
+            return self._timed(super().after_save, *a, **k)
+
         def on_step_end(self, *a: Any, **k: Any) -> Any:
             return self._timed(super().on_step_end, *a, **k)
 
@@ -221,8 +227,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--save-steps", type=int, default=2)
     parser.add_argument("--skip-train", action="store_true")
+    parser.add_argument("--skip-hashing", action="store_true")
     opts = parser.parse_args()
-    bench_hashing(opts.gib)
+    if not opts.skip_hashing:
+        bench_hashing(opts.gib)
     if not opts.skip_train:
         bench_training(opts.steps, opts.save_steps)
 

@@ -5,7 +5,8 @@ Trains a tiny randomly initialised Llama on CPU (no download, a few seconds), sa
 one byte in ``checkpoint-4/model.safetensors`` (what a bad disk, a torn copy or a partial sync does). Plain
 ``Trainer.train(resume_from_checkpoint=True)`` would load that file without a word; with ``CheckpointVerifier``
 the resume sets ``checkpoint-4`` aside (renamed into ``trainguard-quarantine/``, never deleted) and continues from
-``checkpoint-2``.
+``checkpoint-2``. Last, a second experiment started fresh in the same folder is refused (it would save over this
+run's checkpoints and rotate them away), then started beside them on purpose as a new run lineage.
 
     python examples/checkpoint_integrity.py [OUTPUT_DIR]
 
@@ -27,6 +28,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainerCallback
 
 import trainguard
 from trainguard.checks.checkpoint import QUARANTINE_DIR, scan_output_dir
+from trainguard.checks.lineage import checkpoint_origin
 
 
 def tiny_dataset(n_rows: int = 32, seq_len: int = 16, vocab: int = 128) -> list[dict[str, list[int]]]:
@@ -58,7 +60,7 @@ class ShowStart(TrainerCallback):
         return control
 
 
-def make_trainer(output_dir: Path, max_steps: int) -> Trainer:
+def make_trainer(output_dir: Path, max_steps: int, **verifier: Any) -> Trainer:
     args = TrainingArguments(
         output_dir=str(output_dir),
         max_steps=max_steps,
@@ -71,13 +73,14 @@ def make_trainer(output_dir: Path, max_steps: int) -> Trainer:
         use_cpu=True,
         disable_tqdm=True,
     )
-    callbacks = [trainguard.CheckpointVerifier(), ShowStart()]
+    callbacks = [trainguard.CheckpointVerifier(**verifier), ShowStart()]
     return Trainer(model=tiny_model(), args=args, train_dataset=tiny_dataset(), callbacks=callbacks)
 
 
 def show(output_dir: Path) -> None:
     for report in scan_output_dir(output_dir):
-        print(f"  {report.path.name:<14} {report.status}")
+        lineage = checkpoint_origin(report.path).lineage or "-"
+        print(f"  {report.path.name:<14} lineage {lineage:<24} {report.status}")
         for problem in report.problems:
             print(f"      {problem.format()}")
 
@@ -104,6 +107,16 @@ def main() -> None:
     print("\n3. resume with resume_from_checkpoint=True (plain Trainer would load the damaged checkpoint-4)")
     make_trainer(output_dir, max_steps=6).train(resume_from_checkpoint=True)
     print(f"  set aside: {sorted(p.name for p in (output_dir / QUARANTINE_DIR).iterdir())}")
+    show(output_dir)
+
+    print("\n4. a second experiment, started fresh in the same folder")
+    try:
+        make_trainer(output_dir, max_steps=2).train()
+    except trainguard.LineageError as err:
+        print(f"  LineageError before step 1:\n    {err.what}\n    next: {err.next_step}")
+
+    print("\n5. the same, beside the first run on purpose: CheckpointVerifier(existing_checkpoints='keep')")
+    make_trainer(output_dir, max_steps=2, existing_checkpoints="keep").train()
     show(output_dir)
 
 

@@ -469,6 +469,45 @@ def scenario_run_lock(work: Path) -> Row:
     return Row("run_lock", "two runs on one output_dir", plain, "RunLock", result, took[0], plain_ok, caught)
 
 
+def scenario_reused_dir(work: Path) -> Row:
+    def run_a(output_dir: Path, callbacks: list[Any]) -> None:
+        # Run A: 8 steps, checkpoints at 4 and 8.
+        make_trainer(output_dir, rows(32), callbacks, max_steps=8, save_steps=4, per_device_train_batch_size=2).train()
+
+    run_a(work / "plain", [])
+    a_files = {p.name: (p / "trainer_state.json").read_bytes() for p in (work / "plain").glob("checkpoint-*")}
+    # Run B: a fresh start (a sweep, same data) into the same folder, keeping one checkpoint.
+    make_trainer(work / "plain", rows(32), [], max_steps=4, save_steps=4, per_device_train_batch_size=2,
+                 save_total_limit=1).train()  # fmt: skip
+    left = checkpoints(work / "plain")
+    # Rotation sorts by mtime (numerically when the spread is under 1 s): it deletes either A's checkpoint-8 or the
+    # checkpoint B just saved into A's checkpoint-4 folder. Either way a run's checkpoint is gone without a word.
+    if "checkpoint-8" not in left:
+        plain = "run B saved into run A's checkpoint-4 folder, then its rotation deleted A's checkpoint-8, no warning"
+    else:
+        plain = (
+            "run B saved into run A's checkpoint-4 folder, then its rotation deleted that new checkpoint and kept A's "
+            "checkpoint-8 (a resume would continue run A), no warning"
+        )
+    plain_ok = len(left) == 1 and "checkpoint-4" in a_files
+
+    run_a(work / "guarded", [trainguard.CheckpointVerifier()])
+    trainer = make_trainer(work / "guarded", rows(32), trainguard.all_guards(), max_steps=4, save_steps=4,
+                           per_device_train_batch_size=2, save_total_limit=1)  # fmt: skip
+    with timer() as took:
+        try:
+            trainer.train()
+            result, caught = "trained anyway", False
+        except trainguard.LineageError as err:
+            kept = checkpoints(work / "guarded") == ["checkpoint-4", "checkpoint-8"]
+            caught = trainer.state.global_step == 0 and kept and "checkpoint-8" in err.what
+            result = "LineageError before step 1, naming run A's checkpoint-4 and -8 (untouched) and the ways forward"
+    return Row(
+        "reused_dir", "a fresh run in an output_dir another run saved into", plain, "CheckpointVerifier", result,
+        took[0], plain_ok, caught,
+    )  # fmt: skip
+
+
 def scenario_masked(work: Path) -> Row:
     trainer = make_trainer(work / "plain", rows(16, masked=True), [], max_steps=4, save_strategy="no")
     output = trainer.train()
@@ -532,6 +571,7 @@ SCENARIOS: dict[str, Callable[[Path], Row]] = {
     "nan": scenario_nan,
     "hang": scenario_hang,
     "run_lock": scenario_run_lock,
+    "reused_dir": scenario_reused_dir,
     "masked": scenario_masked,
     "disk": scenario_disk,
 }

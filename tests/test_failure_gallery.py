@@ -11,7 +11,7 @@ import pytest
 from _rig import REPO_ROOT, run_python
 
 GALLERY = str(REPO_ROOT / "examples" / "failure_gallery.py")
-ROWS = ("dataset", "lora", "flipped_byte", "truncated", "nan", "hang", "run_lock", "masked", "disk")
+ROWS = ("dataset", "lora", "flipped_byte", "truncated", "nan", "hang", "run_lock", "reused_dir", "masked", "disk")
 
 
 @pytest.fixture(scope="module")
@@ -77,6 +77,14 @@ def test_second_run_on_a_locked_output_dir_is_refused_naming_the_holder(gallery:
     row = _row(gallery, "run_lock")
     assert "no warning" in row["plain"]
     assert "RunLockedError" in row["trainguard"] and "PID" in row["trainguard"]
+
+
+def test_a_fresh_run_in_a_reused_output_dir_destroys_the_other_run_plain_and_is_refused_with_trainguard(
+    gallery: dict[str, Any],
+) -> None:
+    row = _row(gallery, "reused_dir")
+    assert "saved into run A's checkpoint-4 folder" in row["plain"] and "deleted" in row["plain"]
+    assert "LineageError before step 1" in row["trainguard"]
 
 
 def test_all_masked_labels_train_plain_and_are_refused_by_data_guard(gallery: dict[str, Any]) -> None:

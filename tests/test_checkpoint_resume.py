@@ -17,23 +17,10 @@ import trainguard
 from trainguard.checks import checkpoint as ckpt
 from trainguard.errors import CheckpointIntegrityError
 
+from _probes import Probe
 from _rig import make_tiny_llama, make_trainer, run_trainer
 
 SAVE = {"save_strategy": "steps", "save_steps": 2}
-
-
-class Probe(TrainerCallback):
-    """Records where training began and how many optimizer steps ran."""
-
-    def __init__(self) -> None:
-        self.began_at: int | None = None
-        self.steps = 0
-
-    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        self.began_at = state.global_step
-
-    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        self.steps += 1
 
 
 @pytest.fixture(scope="module")

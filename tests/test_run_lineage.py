@@ -29,24 +29,11 @@ from trainguard.checks import lineage
 from trainguard.cli import main
 from trainguard.commands.inspect import inspect_output_dir
 
+from _probes import JitAt, Probe
 from _rig import make_trainer, run_trainer
 
 SAVE = {"save_strategy": "steps", "save_steps": 2}
 OWN_FILES = {ckpt.MANIFEST_NAME, ckpt.METADATA_NAME, ckpt.SAVING_MARKER}
-
-
-class Probe(TrainerCallback):
-    """Where training began and how many optimizer steps ran."""
-
-    def __init__(self) -> None:
-        self.began_at: int | None = None
-        self.steps = 0
-
-    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        self.began_at = state.global_step
-
-    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        self.steps += 1
 
 
 def _user_files(output_dir: Path) -> dict[str, str]:
@@ -218,29 +205,6 @@ def test_a_save_into_a_stale_folder_moves_it_aside_so_the_manifest_lists_only_wh
 
 
 # ------------------------------------------------------------------------------------- 4. saves without on_save
-class JitAt(TrainerCallback):
-    """Asks the Trainer's JIT checkpointing for a save, as its SIGTERM timer does, after ``event`` at ``step``."""
-
-    def __init__(self, step: int, event: str) -> None:
-        self.step, self.event = step, event
-        self.trainer: Any = None
-
-    def _request(self, state: Any) -> None:
-        if state.global_step == self.step:
-            from transformers.trainer_jit_checkpoint import JITCheckpointCallback
-
-            jit = next(c for c in self.trainer.callback_handler.callbacks if isinstance(c, JITCheckpointCallback))
-            jit.jit_manager.is_checkpoint_requested = True
-
-    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        if self.event == "step_end":
-            self._request(state)
-
-    def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        if self.event == "save":
-            self._request(state)
-
-
 def _jit_run(output_dir: Path, request: JitAt, **kwargs: Any) -> trainguard.CheckpointVerifier:
     verifier = trainguard.CheckpointVerifier()
     trainer = make_trainer(output_dir, callbacks=[verifier, request], enable_jit_checkpoint=True, **kwargs)

@@ -18,43 +18,15 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from transformers import TrainerCallback
-from transformers.trainer_jit_checkpoint import JITCheckpointCallback
-
 import trainguard
 from trainguard import distributed
 
+from _probes import JitAt, Probe
 from _rig import exit_worker, make_trainer
 
 root, report_dir = (Path(p) for p in sys.argv[1:3])
 report: dict[str, Any] = {"rank": distributed.rank()}
 SAVE = {"save_strategy": "steps", "save_steps": 2}
-
-
-class Began(TrainerCallback):
-    def __init__(self) -> None:
-        self.at: int | None = None
-
-    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        self.at = state.global_step
-
-
-class JitAt(TrainerCallback):
-    def __init__(self, step: int, event: str) -> None:
-        self.step, self.event, self.trainer = step, event, None
-
-    def _request(self, state: Any) -> None:
-        if state.global_step == self.step:
-            jit = next(c for c in self.trainer.callback_handler.callbacks if isinstance(c, JITCheckpointCallback))
-            jit.jit_manager.is_checkpoint_requested = True
-
-    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        if self.event == "step_end":
-            self._request(state)
-
-    def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        if self.event == "save":
-            self._request(state)
 
 
 def train(out: Path, *callbacks: Any, **kwargs: Any) -> Any:
@@ -68,12 +40,12 @@ def train(out: Path, *callbacks: Any, **kwargs: Any) -> Any:
 
 # 1. a fresh start into another run's checkpoints: refused on every rank, before step 1
 train(root / "refuse", trainguard.CheckpointVerifier(), max_steps=2, **SAVE)
-began = Began()
+began = Probe()
 try:
     train(root / "refuse", trainguard.CheckpointVerifier(), began, max_steps=2, **SAVE)
     report["refuse"] = {"raised": None}
 except trainguard.LineageError as err:
-    report["refuse"] = {"raised": type(err).__name__, "what": err.what, "began_at": began.at}
+    report["refuse"] = {"raised": type(err).__name__, "what": err.what, "began_at": began.began_at}
 
 # 2. rotation deletes only this lineage's checkpoints
 train(root / "rotation", trainguard.CheckpointVerifier(), max_steps=6, **SAVE)
@@ -87,29 +59,12 @@ b = trainguard.CheckpointVerifier(existing_checkpoints="keep")
 train(root / "stale", b, max_steps=2, save_only_model=True, **SAVE)
 report["stale"] = {"lineage": b.lineage}
 
-# 4. JIT checkpoints
-jit = trainguard.CheckpointVerifier()
-train(
-    root / "jit-commit",
-    jit,
-    JitAt(3, "step_end"),
-    max_steps=12,
-    enable_jit_checkpoint=True,
-    save_strategy="steps",
-    save_steps=4,
-)
-report["jit_commit"] = {"summary": jit.summary()}
-jit = trainguard.CheckpointVerifier()
-train(
-    root / "jit-skip",
-    jit,
-    JitAt(8, "save"),
-    max_steps=12,
-    enable_jit_checkpoint=True,
-    save_strategy="steps",
-    save_steps=4,
-)
-report["jit_skip"] = {"summary": jit.summary()}
+# 4. JIT checkpoints: at a step with no regular save (committed), right after the regular save of step 8 (skipped)
+for name, request in (("jit_commit", JitAt(3, "step_end")), ("jit_skip", JitAt(8, "save"))):
+    jit = trainguard.CheckpointVerifier()
+    train(root / name.replace("_", "-"), jit, request, max_steps=12, enable_jit_checkpoint=True, save_strategy="steps",
+          save_steps=4)  # fmt: skip
+    report[name] = {"summary": jit.summary()}
 
 (report_dir / f"rank{distributed.rank()}.json").write_text(json.dumps(report))
 exit_worker()

@@ -183,15 +183,7 @@ class CheckpointVerifier(GuardCallback):
                     f"resumed, saved over or rotated by this run: {_lineage.describe_many(origins)}",
                 )
             )
-        return {
-            "path": None,
-            "lineage": _lineage.new_id(),
-            "run": _lineage.new_id(),
-            "adopts": False,
-            "parent": None,
-            "notes": notes,
-            "status": "fresh",
-        }
+        return _outcome(notes=notes, status="fresh")
 
     def _lineage_of(self, output_dir: Any, origin: _lineage.CheckpointOrigin | None) -> tuple[str, bool]:
         """The lineage a resume from ``origin`` continues, and whether it adopts checkpoints with none recorded."""
@@ -220,15 +212,7 @@ class CheckpointVerifier(GuardCallback):
             output_dir, resume_from_checkpoint, set_aside=self.set_aside, workers=self.workers, on_failure=failed
         )
         if choice is None or choice.path is None:
-            return {
-                "path": None,
-                "lineage": _lineage.new_id(),
-                "run": _lineage.new_id(),
-                "adopts": False,
-                "parent": None,
-                "notes": notes,
-                "status": "not checked",
-            }
+            return _outcome(notes=notes, status="not checked")
         report = choice.report
         if report is not None and report.warnings:
             notes.append(("warning", f"{choice.path.name}: " + "; ".join(w.format() for w in report.warnings)))
@@ -238,15 +222,7 @@ class CheckpointVerifier(GuardCallback):
         else:
             status = "verified"
         lineage, adopts = self._lineage_of(output_dir, choice.origin)
-        return {
-            "path": str(choice.path),
-            "lineage": lineage,
-            "run": _lineage.new_id(),
-            "adopts": adopts,
-            "parent": choice.origin,
-            "notes": notes,
-            "status": status,
-        }
+        return _outcome(str(choice.path), lineage, adopts, choice.origin, notes, status)
 
     def _unverified(self, output_dir: Any, resume_from_checkpoint: Any) -> dict[str, Any]:
         from ..checks._resume import resolve_resume_checkpoint
@@ -254,15 +230,9 @@ class CheckpointVerifier(GuardCallback):
         path = resolve_resume_checkpoint(output_dir, resume_from_checkpoint)
         origin = _lineage.checkpoint_origin(path) if path is not None and path.is_dir() else None
         lineage, adopts = self._lineage_of(output_dir, origin)
-        return {
-            "path": str(path) if path else None,
-            "lineage": lineage,
-            "run": _lineage.new_id(),
-            "adopts": adopts,
-            "parent": origin,
-            "notes": [],
-            "status": "not verified (verify_resume=False)",
-        }
+        return _outcome(
+            str(path) if path else None, lineage, adopts, origin, status="not verified (verify_resume=False)"
+        )
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
         if not self._resume_checked:
@@ -279,7 +249,7 @@ class CheckpointVerifier(GuardCallback):
                         self.alert("error", f"start refused: {err.what}", evidence=err.evidence)
                     raise
         if self.lineage is None:
-            self._adopt({"lineage": _lineage.new_id(), "run": _lineage.new_id(), "adopts": False, "parent": None})
+            self._adopt(_outcome())
         if distributed.is_main_process() and self._registered != self.run and args.output_dir:
             # After every guard's before_train passed and the checkpoint loaded: only a run that trains becomes the
             # output_dir's current lineage.
@@ -306,7 +276,7 @@ class CheckpointVerifier(GuardCallback):
             _ckpt.verify_checkpoint(folder, workers=self.workers)
             origin = _lineage.checkpoint_origin(folder)
             lineage, adopts = self._lineage_of(args.output_dir, origin)
-            return {"lineage": lineage, "run": _lineage.new_id(), "adopts": adopts, "parent": origin}
+            return _outcome(str(folder), lineage, adopts, origin)
 
         try:
             checked = on_main_then_share(check) if self.verify_resume else None
@@ -341,7 +311,7 @@ class CheckpointVerifier(GuardCallback):
         """Every rank, before the Trainer writes: clear the target folder and put the saving marker in."""
         self.wait()  # the previous manifest first: rotation and the folder checks below must see it
         if self.lineage is None:  # a save outside train() (e.g. a direct _save_checkpoint call)
-            self._adopt({"lineage": _lineage.new_id(), "run": _lineage.new_id(), "adopts": False, "parent": None})
+            self._adopt(_outcome())
         step = int(trainer.state.global_step)
         folder = Path(run_dir) / f"checkpoint-{step}"
         jit = (folder / JIT_SENTINEL).is_file()  # JIT checkpointing writes it just before calling the save
@@ -579,3 +549,24 @@ class CheckpointVerifier(GuardCallback):
         if self._set_aside:
             parts.append(f"set aside {', '.join(self._set_aside)}")
         return ", ".join(parts)
+
+
+def _outcome(
+    path: str | None = None,
+    lineage: str | None = None,
+    adopts: bool = False,
+    parent: _lineage.CheckpointOrigin | None = None,
+    notes: list[tuple[str, str]] | None = None,
+    status: str = "",
+) -> dict[str, Any]:
+    """What the start of ``train()`` decided, shared by the main process with every rank: the checkpoint to load
+    (None: start fresh), the lineage this run belongs to (a new one unless given) and a new run id."""
+    return {
+        "path": path,
+        "lineage": lineage or _lineage.new_id(),
+        "run": _lineage.new_id(),
+        "adopts": adopts,
+        "parent": parent,
+        "notes": list(notes or []),
+        "status": status,
+    }

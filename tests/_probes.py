@@ -1,0 +1,48 @@
+"""Test callbacks shared by tests and torchrun scripts: where training began, and JIT checkpoint requests.
+
+Kept apart from ``_rig`` so that the rig itself imports nothing heavy.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from transformers import TrainerCallback
+
+
+class Probe(TrainerCallback):
+    """Records the step training began at (0 fresh, N after loading checkpoint-N) and how many steps ran."""
+
+    def __init__(self) -> None:
+        self.began_at: int | None = None
+        self.steps = 0
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.began_at = state.global_step
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.steps += 1
+
+
+class JitAt(TrainerCallback):
+    """Asks the Trainer's JIT checkpointing for a save, as its SIGTERM timer does, after ``event`` (``"step_end"``
+    or ``"save"``) of ``step``. Set ``trainer`` once the Trainer exists."""
+
+    def __init__(self, step: int, event: str) -> None:
+        self.step, self.event = step, event
+        self.trainer: Any = None
+
+    def _request(self, state: Any) -> None:
+        if state.global_step == self.step:
+            from transformers.trainer_jit_checkpoint import JITCheckpointCallback
+
+            jit = next(c for c in self.trainer.callback_handler.callbacks if isinstance(c, JITCheckpointCallback))
+            jit.jit_manager.is_checkpoint_requested = True
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.event == "step_end":
+            self._request(state)
+
+    def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.event == "save":
+            self._request(state)

@@ -35,11 +35,11 @@ def hot_path() -> None:
     import torch
 
     from trainguard.callbacks.nan_guard import NanGuard
+    from trainguard.checks.nan import StepFlagCollector
 
     guard = NanGuard(alert_sinks=[])
     guard._hooked = True
-    guard._device = torch.device("cpu")
-    guard._topology = (1, 0, None)  # one process, as on_train_begin finds it
+    guard._flags = StepFlagCollector(device=torch.device("cpu"))  # one process, as on_train_begin finds it
     loss, norm, items = torch.tensor(2.5), torch.tensor(1.25), torch.tensor(64.0)
     step_args = (None, None, items)  # training_step(model, inputs, num_items_in_batch)
     args = SimpleNamespace(output_dir=None)
@@ -50,7 +50,7 @@ def hot_path() -> None:
     def observe() -> None:
         for _ in range(n):
             guard._after_training_step(loss, step_args, {})
-        guard._reset_step()
+        guard._flags.reset()
 
     def grad() -> None:
         for _ in range(n):
@@ -68,7 +68,7 @@ def hot_path() -> None:
         for _ in range(n):
             guard._after_training_step(loss, step_args, {})
             guard._after_grad_norm(norm)
-            guard._judge(guard._read(guard._take_step_flags(1)), args, state, control, before_update=True)
+            guard._judge(guard._flags.read(guard._flags.take(1)), args, control, before_update=True)
 
     loss_us = best_of(observe) / n * 1e6
     grad_us = best_of(grad) / n * 1e6
@@ -174,7 +174,7 @@ def save_time_check() -> None:
     from safetensors.torch import save_file
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from trainguard.checks.numerics import nonfinite_parameters
+    from trainguard.checks.nan import nonfinite_parameters
 
     config = LlamaConfig(
         vocab_size=32000,

@@ -23,7 +23,7 @@ def main() -> None:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from trainguard.checks.resources import (
+    from trainguard.checks.preflight import (
         check_disk_space,
         directory_size,
         estimate_checkpoint_size,

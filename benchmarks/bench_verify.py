@@ -111,9 +111,12 @@ def bench_hashing(total_gib: float) -> None:
             rows.append(("sha256sum -c (GNU, 1 thread)", best_of(gnu, repeat=3)))
 
         def structural_only() -> None:  # what runs before any hashing: listing, sizes, headers, JSON
-            files = ckpt._list_files(folder)
+            from trainguard.checks.checkpoint.formats import check_format
+            from trainguard.checks.checkpoint.manifest import list_files
+
+            files = list_files(folder)
             for name, n_bytes in files.items():
-                ckpt._check_format(folder / name, n_bytes, crc=False)
+                check_format(folder / name, n_bytes, crc=False)
 
         structural = best_of(structural_only, repeat=3)
         for name, seconds in rows:

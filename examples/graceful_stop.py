@@ -87,8 +87,10 @@ def main() -> None:
     trainer = make_trainer(output_dir, lock, trainguard.CrashLoopGuard(), stop, PreemptAt(8))
     trainer.train()
     if stop.stopped and stop.stop_signal is not None:
-        print(f"\nstopped by {stop.stop_signal.name} after step {stop.stopped_at_step}; "
-              f"saved {sorted(p.name for p in output_dir.glob('checkpoint-*'))}")
+        print(
+            f"\nstopped by {stop.stop_signal.name} after step {stop.stopped_at_step}; "
+            f"saved {sorted(p.name for p in output_dir.glob('checkpoint-*'))}"
+        )
     lock.release()  # a requeued job would be a new process; here the same process plays both
 
     # The requeued job: same script, resume from the newest checkpoint.

@@ -55,13 +55,25 @@ def main(output_dir: Path) -> None:
     torch.manual_seed(0)
     model = LlamaForCausalLM(
         LlamaConfig(
-            vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-            num_key_value_heads=2, max_position_embeddings=64,
+            vocab_size=128,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            max_position_embeddings=64,
         )
     )
     args = TrainingArguments(
-        output_dir=str(output_dir), max_steps=6, per_device_train_batch_size=2, logging_steps=1,
-        save_strategy="no", report_to="none", use_cpu=True, disable_tqdm=True, dataloader_num_workers=0,
+        output_dir=str(output_dir),
+        max_steps=6,
+        per_device_train_batch_size=2,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        use_cpu=True,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
     )
     # Two rows a step: the 7th fetch is step 4's batch, which accelerate's loader prefetches during step 3.
     dataset = SlowOnceDataset(stall_at=7, stall_seconds=7.0)

@@ -76,12 +76,27 @@ def train_with_data_guard(rows: list[dict[str, list[int]]], output_dir: Path) ->
     from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
 
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64))
-    args = TrainingArguments(output_dir=str(output_dir), max_steps=4, per_device_train_batch_size=1,
-                             report_to="none", use_cpu=True, disable_tqdm=True, save_strategy="no")
-    trainer = Trainer(model=model, args=args, train_dataset=Dataset.from_list(rows),
-                      callbacks=[trainguard.DataGuard()])
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=128,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            max_position_embeddings=64,
+        )
+    )
+    args = TrainingArguments(
+        output_dir=str(output_dir),
+        max_steps=4,
+        per_device_train_batch_size=1,
+        report_to="none",
+        use_cpu=True,
+        disable_tqdm=True,
+        save_strategy="no",
+    )
+    trainer = Trainer(model=model, args=args, train_dataset=Dataset.from_list(rows), callbacks=[trainguard.DataGuard()])
     try:
         trainer.train()
         print("DataGuard: trained", trainer.state.global_step, "steps")

@@ -7,7 +7,13 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
+import transformers
 from transformers import TrainerCallback
+
+TRANSFORMERS_MAJOR = int(transformers.__version__.split(".")[0])
+#: For tests of JIT checkpoints (``TrainingArguments(enable_jit_checkpoint=True)``), which transformers 5.0 added.
+requires_jit = pytest.mark.skipif(TRANSFORMERS_MAJOR < 5, reason="enable_jit_checkpoint is new in transformers 5.0")
 
 
 class Probe(TrainerCallback):

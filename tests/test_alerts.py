@@ -206,7 +206,49 @@ def test_guard_alerts_reach_trainer_log_stream_jsonl_and_logger(output_dir: Path
     assert any("[probe_guard] warning at step 2 on rank 0" in r.getMessage() for r in caplog.records)
 
 
-def test_trainer_log_sink_without_a_trainer_is_a_quiet_no_op():
+def test_trainer_log_sink_without_a_trainer_drops_alerts_quietly():
     sink = TrainerLogSink()
     sink.send(Alert("g", "error", "x", rank=0))
+    sink.flush()  # nothing to deliver to, and no error
+
+    class FakeTrainer:
+        control = None
+
+        def __init__(self) -> None:
+            self.logged: list[dict[str, float]] = []
+
+        def log(self, payload: dict[str, float]) -> None:
+            self.logged.append(payload)
+
+    trainer = FakeTrainer()
+    sink.bind(trainer)
     sink.flush()
+    assert trainer.logged == []  # the alert sent before a trainer was bound was not held back for it
+    sink.send(Alert("g", "error", "y", rank=0))
+    assert trainer.logged == [{"trainguard/g/error": 1.0, "trainguard/alerts": 1.0}]
+
+
+class _OtherGuard(GuardCallback):
+    guard_name = "other_guard"
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+        if state.global_step == 4:
+            self.alert("warning", "another odd thing", step=4)
+        return control
+
+
+def test_guards_on_one_trainer_share_one_alerter_and_the_logged_count_is_the_runs(output_dir: Path, webhook):
+    url, hook = webhook
+    first, second, own = _AlertAtStep(), _OtherGuard(), _OtherGuard(webhook_url=url)
+    own.guard_name = "own_webhook_guard"
+    trainer, _ = run_trainer(output_dir, max_steps=5, callbacks=[first, second, own])
+    assert first.alerter is second.alerter  # one event-file writer, one log-stream counter, one webhook queue
+    counts = [e for e in trainer.state.log_history if "trainguard/alerts" in e]
+    assert counts[-1]["trainguard/alerts"] == 4.0  # every guard's alerts, not one guard's
+    assert counts[-1]["trainguard/other_guard/warning"] == 1.0
+    events = read_jsonl(output_dir / EVENTS_FILE)
+    assert sorted(e["guard"] for e in events) == ["other_guard", "own_webhook_guard", "probe_guard", "probe_guard"]
+    assert hook.received.wait(5)
+    own.alerter.close()
+    assert [b["guard"] for b in hook.bodies] == ["own_webhook_guard"]  # its own webhook gets its own alerts only
+    assert first.summary() == "2 alert(s)" and second.summary() == "1 alert(s)"

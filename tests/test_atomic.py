@@ -66,6 +66,7 @@ def test_sigkill_at_random_moments_never_leaves_a_torn_file(tmp_path: Path):
 def test_failed_write_leaves_old_content_and_no_temp_file(tmp_path: Path):
     target = tmp_path / "a.json"
     atomic_write_json(target, {"v": 1})
+
     def write_half_then_die() -> None:
         with atomic_writer(target, "w") as fh:
             fh.write('{"v": 2, "half')
@@ -119,8 +120,7 @@ def test_appended_lines_from_two_processes_never_interleave(tmp_path: Path):
         "    append_line(sys.argv[1], json.dumps({'who': sys.argv[2], 'i': i, 'pad': 'x' * 2000}), fsync=False)\n"
     )
     procs = [
-        subprocess.Popen([sys.executable, "-c", code, str(target), who], env=subprocess_env())
-        for who in ("a", "b")
+        subprocess.Popen([sys.executable, "-c", code, str(target), who], env=subprocess_env()) for who in ("a", "b")
     ]
     for p in procs:
         assert p.wait(timeout=60) == 0

@@ -99,8 +99,13 @@ def test_manifest_adopts_an_existing_run_after_its_structural_checks(run: Path, 
     assert capsys.readouterr().out.count("written") == 2
     assert main(["verify", str(run), "--json"]) == 0
     assert {c["status"] for c in json.loads(capsys.readouterr().out)["checkpoints"]} == {"verified"}
-    check = subprocess.run(["sha256sum", "-c", "--strict", ckpt.MANIFEST_NAME], cwd=run / "checkpoint-4",
-                           capture_output=True, text=True, check=False)
+    check = subprocess.run(
+        ["sha256sum", "-c", "--strict", ckpt.MANIFEST_NAME],
+        cwd=run / "checkpoint-4",
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert check.returncode == 0, check.stdout + check.stderr
     assert main(["manifest", str(run)]) == 0  # again: both kept
     assert capsys.readouterr().out.count("kept") == 2

@@ -20,6 +20,9 @@ from trainguard.errors import CheckpointIntegrityError
 from _probes import Probe
 from _rig import make_tiny_llama, make_trainer, run_trainer
 
+# Touches Trainer internals (save hooks and rotation routing): also run on the oldest supported releases.
+pytestmark = pytest.mark.compat
+
 SAVE = {"save_strategy": "steps", "save_steps": 2}
 
 
@@ -62,8 +65,9 @@ def test_resume_true_skips_a_damaged_newest_checkpoint_and_resumes_from_the_prev
         _truncate(run / "checkpoint-4" / name)
     probe = Probe()
     with caplog.at_level("WARNING", logger="trainguard"):
-        run_trainer(run, callbacks=[trainguard.CheckpointVerifier(), probe], max_steps=6, resume_from_checkpoint=True,
-                    **SAVE)
+        run_trainer(
+            run, callbacks=[trainguard.CheckpointVerifier(), probe], max_steps=6, resume_from_checkpoint=True, **SAVE
+        )
     assert probe.began_at == 2  # plain Trainer: 4 from corrupted state, or a SafetensorError crash when truncated
     assert probe.steps == 4
     quarantined = sorted((run / ckpt.QUARANTINE_DIR).glob("checkpoint-4.*Z"))

@@ -20,6 +20,9 @@ from trainguard.checks import crash_loop as cl
 
 from _rig import TESTS_DIR, make_trainer, run_trainer, subprocess_env
 
+# Touches Trainer internals (the batch-size copy the OOM fix changes): also run on the oldest supported releases.
+pytestmark = pytest.mark.compat
+
 SCRIPT = TESTS_DIR / "scripts" / "guarded_train.py"
 
 
@@ -44,9 +47,24 @@ def three_ooms(tmp_path_factory: pytest.TempPathFactory) -> Path:
     output_dir = tmp_path_factory.mktemp("ooms") / "run"
     for _ in range(3):
         result = subprocess.run(
-            [sys.executable, str(SCRIPT), str(output_dir), "--max-steps", "6", "--batch", "4", "--oom-at", "2",
-             "--oom-over", "2"],
-            env=subprocess_env(), capture_output=True, text=True, timeout=300, check=False,
+            [
+                sys.executable,
+                str(SCRIPT),
+                str(output_dir),
+                "--max-steps",
+                "6",
+                "--batch",
+                "4",
+                "--oom-at",
+                "2",
+                "--oom-over",
+                "2",
+            ],
+            env=subprocess_env(),
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=False,
         )
         assert result.returncode == 1, result.stderr[-3000:]
         assert "torch.OutOfMemoryError: CUDA out of memory" in result.stderr
@@ -89,13 +107,12 @@ def test_the_fourth_start_after_three_identical_ooms_is_refused_with_the_batch_a
 
 def test_with_apply_oom_fix_the_fourth_start_trains_with_half_the_batch_and_twice_the_accumulation(looped: Path):
     guard = trainguard.CrashLoopGuard(apply_oom_fix=True)
-    trainer, output = run_trainer(
-        looped, callbacks=[guard, _FakeOom()], max_steps=6, per_device_train_batch_size=4
-    )
+    trainer, output = run_trainer(looped, callbacks=[guard, _FakeOom()], max_steps=6, per_device_train_batch_size=4)
     assert output.global_step == 6
     assert (trainer.args.per_device_train_batch_size, trainer.args.gradient_accumulation_steps) == (2, 2)
     assert trainer.state.train_batch_size == 2
-    assert trainer.get_total_train_batch_size(trainer.args) == 4  # the global batch is what the user asked for
+    args = trainer.args  # the global batch is what the user asked for
+    assert args.train_batch_size * args.gradient_accumulation_steps * args.world_size == 4
     assert guard.applied_fix is not None and "4->2" in guard.summary()
     assert any("applied the OOM fix" in a.message for a in guard.alerter.history)
     runs = cl.load_runs(looped)
@@ -108,19 +125,31 @@ def test_with_apply_oom_fix_the_fourth_start_trains_with_half_the_batch_and_twic
 def test_repeated_ooms_after_an_applied_fix_keep_halving(tmp_path: Path):
     output_dir = tmp_path / "run"
     for i in range(3):  # three runs that already ran at the fixed (2, 2) and still died at step 5
-        cl.record_start(output_dir, run_id=f"r{i}", step=0,
-                        batch={"per_device_train_batch_size": 2, "gradient_accumulation_steps": 2})
+        cl.record_start(
+            output_dir,
+            run_id=f"r{i}",
+            step=0,
+            batch={"per_device_train_batch_size": 2, "gradient_accumulation_steps": 2},
+        )
         cl.record_failure(output_dir, run_id=f"r{i}", step=5, exc=torch.cuda.OutOfMemoryError("CUDA out of memory"))
-    trainer, _ = run_trainer(output_dir, callbacks=[trainguard.CrashLoopGuard(apply_oom_fix=True)], max_steps=1,
-                             per_device_train_batch_size=4)
+    trainer, _ = run_trainer(
+        output_dir,
+        callbacks=[trainguard.CrashLoopGuard(apply_oom_fix=True)],
+        max_steps=1,
+        per_device_train_batch_size=4,
+    )
     assert (trainer.args.per_device_train_batch_size, trainer.args.gradient_accumulation_steps) == (1, 4)
 
 
 def _failures(output_dir: Path, specs: list[tuple[str, int, BaseException | str]]) -> None:
     for i, (_, step, what) in enumerate(specs):
         run_id = f"run{i}"
-        cl.record_start(output_dir, run_id=run_id, step=0, batch={"per_device_train_batch_size": 4,
-                                                                  "gradient_accumulation_steps": 1})
+        cl.record_start(
+            output_dir,
+            run_id=run_id,
+            step=0,
+            batch={"per_device_train_batch_size": 4, "gradient_accumulation_steps": 1},
+        )
         if what == "clean":
             cl.record_end(output_dir, run_id=run_id, step=step)
         elif what == "interrupted":
@@ -206,8 +235,9 @@ def test_ctrl_c_is_recorded_as_an_interruption_not_a_crash(output_dir: Path):
 
 
 def test_max_repeats_none_records_but_never_refuses(looped: Path):
-    run_trainer(looped, callbacks=[trainguard.CrashLoopGuard(max_repeats=None)], max_steps=1,
-                per_device_train_batch_size=4)
+    run_trainer(
+        looped, callbacks=[trainguard.CrashLoopGuard(max_repeats=None)], max_steps=1, per_device_train_batch_size=4
+    )
     assert [r.outcome for r in cl.load_runs(looped)] == ["failed"] * 3 + ["clean"]
     with pytest.raises(ValueError, match="max_repeats"):
         trainguard.CrashLoopGuard(max_repeats=-1)

@@ -26,8 +26,9 @@ def _cmd() -> list[str]:
 
 def cli(*argv: str) -> subprocess.CompletedProcess[str]:
     """The installed command in a fresh process, as a user runs it."""
-    return subprocess.run([*_cmd(), *argv], capture_output=True, text=True, env=subprocess_env(), timeout=300,
-                          check=False)
+    return subprocess.run(
+        [*_cmd(), *argv], capture_output=True, text=True, env=subprocess_env(), timeout=300, check=False
+    )
 
 
 @pytest.fixture(scope="module")
@@ -48,10 +49,10 @@ def test_broken_json_invalid_utf8_and_empty_records_exit_one_with_line_numbers(t
     path = tmp_path / "train.jsonl"
     path.write_bytes(
         b'{"text": "the run resumed"}\n'
-        b'{"text": "a flipped byte"\n'      # 2: unterminated
-        b'{"text": "caf\xe9"}\n'           # 3: latin-1
-        b"{}\n"                             # 4: empty record
-        b'{"text": ""}\n'                   # 5: empty field
+        b'{"text": "a flipped byte"\n'  # 2: unterminated
+        b'{"text": "caf\xe9"}\n'  # 3: latin-1
+        b"{}\n"  # 4: empty record
+        b'{"text": ""}\n'  # 5: empty field
     )
     result = cli("validate-data", str(path))
     assert result.returncode == 1, result.stderr
@@ -76,25 +77,43 @@ def test_clean_data_with_warnings_exits_zero(tmp_path: Path):
     assert main(["validate-data", str(path)]) == 0
 
 
-def test_tokenizer_folder_gives_token_lengths_and_truncation(tmp_path: Path, tokenizer_dir: Path,
-                                                             capsys: pytest.CaptureFixture[str]):
+def test_tokenizer_folder_gives_token_lengths_and_truncation(
+    tmp_path: Path, tokenizer_dir: Path, capsys: pytest.CaptureFixture[str]
+):
     long = " ".join(["the run resumed from the newest verified checkpoint"] * 6)
-    path = write(tmp_path / "chat.jsonl", [
-        {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]},
-        {"messages": [{"role": "user", "content": long}, {"role": "assistant", "content": "ok"}]},
-    ])
+    path = write(
+        tmp_path / "chat.jsonl",
+        [
+            {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]},
+            {"messages": [{"role": "user", "content": long}, {"role": "assistant", "content": "ok"}]},
+        ],
+    )
     assert main(["validate-data", str(path), "--tokenizer", str(tokenizer_dir), "--max-length", "32", "--json"]) == 1
     document = json.loads(capsys.readouterr().out)
     assert document["stats"]["rendering"] == "the tokenizer's chat template"
     assert document["stats"]["tokens"]["over_max_length"] == 1
     cut = next(e for e in document["errors"] if e["code"] == "answer_cut_off")
     assert cut["line"] == 2 and cut["count"] == 1
-    assert main(["validate-data", str(path), "--tokenizer", str(tokenizer_dir), "--max-length", "32",
-                 "--max-answer-cut-fraction", "0.5"]) == 0
+    assert (
+        main(
+            [
+                "validate-data",
+                str(path),
+                "--tokenizer",
+                str(tokenizer_dir),
+                "--max-length",
+                "32",
+                "--max-answer-cut-fraction",
+                "0.5",
+            ]
+        )
+        == 0
+    )
 
 
-@pytest.mark.parametrize("case", ["missing_file", "missing_tokenizer", "broken_tokenizer", "bad_max_length",
-                                  "bad_format"])
+@pytest.mark.parametrize(
+    "case", ["missing_file", "missing_tokenizer", "broken_tokenizer", "bad_max_length", "bad_format"]
+)
 def test_usage_and_io_errors_exit_two_without_a_traceback(tmp_path: Path, case: str):
     data = write(tmp_path / "d.jsonl", [{"text": "x"}])
     broken = tmp_path / "broken_tok"
@@ -169,20 +188,25 @@ def test_without_a_tokenizer_the_command_imports_no_model_stack(tmp_path: Path):
 def test_progress_bar_is_drawn_on_a_terminal_for_a_large_input(tmp_path: Path):
     import pty
 
-    from trainguard.checks import data
+    from trainguard.checks.data import progress
 
     path = write(tmp_path / "big.jsonl", [{"text": f"row {i}"} for i in range(3000)])
     code = (
         "import sys\n"
-        "from trainguard.checks import data\n"
-        "data._PROGRESS_MIN_BYTES = 1\n"  # 'large' for the test: the bar's logic, not a big file, is under test
+        "from trainguard.checks.data import progress\n"
+        "progress._PROGRESS_MIN_BYTES = 1\n"  # 'large' for the test: the bar's logic, not a big file, is under test
         "from trainguard.cli import main\n"
         f"sys.exit(main(['validate-data', {str(path)!r}, '--json']))\n"
     )
-    assert data._PROGRESS_MIN_BYTES > 1 << 20
+    assert progress._PROGRESS_MIN_BYTES > 1 << 20
     primary, secondary = pty.openpty()
-    proc = subprocess.Popen([sys.executable, "-c", code], stdin=secondary, stdout=subprocess.PIPE, stderr=secondary,
-                            env=subprocess_env({"COLUMNS": "100", "TERM": "xterm"}))
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code],
+        stdin=secondary,
+        stdout=subprocess.PIPE,
+        stderr=secondary,
+        env=subprocess_env({"COLUMNS": "100", "TERM": "xterm"}),
+    )
     os.close(secondary)
     out, _ = proc.communicate(timeout=120)
     drawn = b""

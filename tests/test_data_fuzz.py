@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -98,10 +99,22 @@ JSON_VALUES = st.recursive(
     lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=10), children, max_size=4),
     max_leaves=20,
 )
-FIELDS = st.sampled_from(["prompt", "completion", "messages", "role", "content", "instruction", "input", "output",
-                          "text", "input_ids", "labels"])
-RECORDS = st.dictionaries(FIELDS, JSON_VALUES | st.lists(st.dictionaries(FIELDS, JSON_VALUES, max_size=3)),
-                          max_size=4)
+FIELDS = st.sampled_from(
+    [
+        "prompt",
+        "completion",
+        "messages",
+        "role",
+        "content",
+        "instruction",
+        "input",
+        "output",
+        "text",
+        "input_ids",
+        "labels",
+    ]
+)
+RECORDS = st.dictionaries(FIELDS, JSON_VALUES | st.lists(st.dictionaries(FIELDS, JSON_VALUES, max_size=3)), max_size=4)
 
 
 @FUZZ
@@ -110,9 +123,21 @@ def test_records_of_any_shape_give_a_report(rows: list[Any], fmt: str):
     check(validate_data(rows, tokenizer=TOKENIZER, max_length=8, format=fmt))
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root reads files whatever their mode")
-def test_an_unreadable_file_is_an_error_in_the_report(tmp_path: Path):
+def test_an_unreadable_file_is_an_error_in_the_report(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     path = tmp_path / "locked.jsonl"
     path.write_text('{"text": "x"}\n')
     path.chmod(0)
-    assert validate_data(path).errors[0].code == "unreadable_file"
+    if os.geteuid() == 0:
+        # Root reads files whatever their mode (and CI runs as root): make opening this one file fail as it does
+        # for anyone else, so the report's handling of it is tested everywhere.
+        real_open = Path.open
+
+        def refuse(self: Path, *args: Any, **kwargs: Any) -> Any:
+            if self == path:
+                raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(self))
+            return real_open(self, *args, **kwargs)
+
+        monkeypatch.setattr(Path, "open", refuse)
+    first = validate_data(path).errors[0]
+    assert first.code == "unreadable_file" and first.file == str(path)
+    assert first.message == f"cannot open the file: {os.strerror(errno.EACCES)}"

@@ -32,6 +32,7 @@ class _Steps(TrainerCallback):
 
 def masked(dataset: Any, rows: set[int] | None = None) -> Any:
     """The dataset with every label of ``rows`` (default: all rows) set to -100."""
+
     def mask(row: dict[str, Any], i: int) -> dict[str, Any]:
         hit = rows is None or i in rows
         return {"labels": [-100] * len(row["labels"]) if hit else row["labels"]}
@@ -84,8 +85,7 @@ def test_rows_longer_than_the_model_positions_are_refused(output_dir: Path):
 
 def test_warn_action_alerts_and_trains(output_dir: Path):
     guard = trainguard.DataGuard(action="warn", alert_sinks=[])
-    _, output = run_trainer(output_dir, callbacks=[guard], train_dataset=masked(make_lm_dataset(), {0, 1}),
-                            max_steps=1)
+    _, output = run_trainer(output_dir, callbacks=[guard], train_dataset=masked(make_lm_dataset(), {0, 1}), max_steps=1)
     assert output.global_step == 1
     assert guard.alerter.history[0].level == "warning" and "rows 0, 1" in guard.alerter.history[0].message
 
@@ -127,19 +127,23 @@ def test_vectorised_check_honours_select_and_shuffle_and_matches_a_row_by_row_sc
     expected_masked = [i for i, r in enumerate(plain) if r["input_ids"] and all(x == -100 for x in r["labels"])]
     assert fast.masked_examples == slow.masked_examples == expected_masked
     assert fast.empty_examples == slow.empty_examples == [i for i, r in enumerate(plain) if not r["input_ids"]]
-    assert fast.over_limit_examples == slow.over_limit_examples == [
-        i for i, r in enumerate(plain) if len(r["input_ids"]) > 9
-    ]
+    assert (
+        fast.over_limit_examples
+        == slow.over_limit_examples
+        == [i for i, r in enumerate(plain) if len(r["input_ids"]) > 9]
+    )
     assert fast.rows == slow.rows == 400 and fast.max_len == slow.max_len == 11
 
 
 def test_trl_mask_columns_are_read_when_there_are_no_labels():
     from datasets import Dataset
 
-    ds = Dataset.from_list([
-        {"input_ids": [1, 2, 3], "completion_mask": [0, 1, 1]},
-        {"input_ids": [1, 2, 3], "completion_mask": [0, 0, 0]},  # the completion was truncated away
-    ])
+    ds = Dataset.from_list(
+        [
+            {"input_ids": [1, 2, 3], "completion_mask": [0, 1, 1]},
+            {"input_ids": [1, 2, 3], "completion_mask": [0, 0, 0]},  # the completion was truncated away
+        ]
+    )
     found = check_tokenized_dataset(ds)
     assert (found.supervision, found.masked_examples) == ("completion_mask", [1])
     assert check_tokenized_dataset(ds, completion_only_loss=False).masked_rows == 0
@@ -150,13 +154,16 @@ def test_trl_mask_columns_are_read_when_there_are_no_labels():
 def test_rows_found_on_one_rank_refuse_every_rank_before_step_one(tmp_path: Path):
     reports = tmp_path / "reports"
     reports.mkdir()
-    result = run_torchrun(TESTS_DIR / "scripts" / "data_guard_ranks.py", str(tmp_path / "run"), str(reports),
-                          timeout=300)
+    result = run_torchrun(
+        TESTS_DIR / "scripts" / "data_guard_ranks.py", str(tmp_path / "run"), str(reports), timeout=300
+    )
     assert result.returncode == 0, result.stderr[-4000:]
     ranks = [json.loads((reports / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert "row(s) have no supervised token" in ranks[1]["refused"]
-    assert ranks[0]["refused"] == "the train dataset has rows the run cannot learn from: another rank found rows " \
+    assert (
+        ranks[0]["refused"] == "the train dataset has rows the run cannot learn from: another rank found rows "
         "that teach nothing"
+    )
     assert ranks[0]["global_step"] == ranks[1]["global_step"] == 0
 
 

@@ -54,16 +54,19 @@ def by_code(report: DataReport) -> dict[str, Any]:
 
 # ------------------------------------------------------------------------------------------ readability
 def test_broken_json_invalid_utf8_and_empty_records_are_reported_with_line_numbers(tmp_path: Path):
-    path = write_lines(tmp_path / "train.jsonl", [
-        pc("what is two plus two", "four"),
-        b'{"prompt": "hi" "completion": "there"}',  # line 2: missing comma
-        b"",  # line 3: empty line
-        b'{"prompt": "caf\xe9", "completion": "latin-1, not utf-8"}',  # line 4
-        b"{}",  # line 5: empty record
-        pc("name a colour", "blue"),
-        b'{"prompt": "x", "completion": ""}',  # line 7: empty completion
-        b'{"prompt": "cut off", "compl',  # line 8: truncated
-    ])
+    path = write_lines(
+        tmp_path / "train.jsonl",
+        [
+            pc("what is two plus two", "four"),
+            b'{"prompt": "hi" "completion": "there"}',  # line 2: missing comma
+            b"",  # line 3: empty line
+            b'{"prompt": "caf\xe9", "completion": "latin-1, not utf-8"}',  # line 4
+            b"{}",  # line 5: empty record
+            pc("name a colour", "blue"),
+            b'{"prompt": "x", "completion": ""}',  # line 7: empty completion
+            b'{"prompt": "cut off", "compl',  # line 8: truncated
+        ],
+    )
     report = validate_data(path)
     assert not report.ok
     found = by_code(report)
@@ -106,11 +109,14 @@ def test_unknown_fields_are_an_error_that_suggests_naming_the_format():
 
 
 def test_a_lone_surrogate_and_deep_nesting_are_reported_not_raised(tmp_path: Path, plain_tokenizer: Any):
-    path = write_lines(tmp_path / "s.jsonl", [
-        b'{"text": "bad \\ud800 surrogate"}',
-        b"[" * 100_000,
-        b'{"text": "fine"}',
-    ])
+    path = write_lines(
+        tmp_path / "s.jsonl",
+        [
+            b'{"text": "bad \\ud800 surrogate"}',
+            b"[" * 100_000,
+            b'{"text": "fine"}',
+        ],
+    )
     report = validate_data(path, tokenizer=plain_tokenizer, max_length=64)
     assert by_code(report)["invalid_json"].line == 2
     assert report.stats["valid_rows"] == 2
@@ -171,14 +177,17 @@ def test_all_identical_rows_fail_the_diversity_check_with_counts():
 
 
 def test_exact_and_normalized_duplicates_are_counted_with_the_row_they_repeat(tmp_path: Path):
-    path = write_lines(tmp_path / "dups.jsonl", [
-        pc("what is rope", "rotary position embedding"),   # 1
-        pc("what is lora", "low rank adaptation"),          # 2
-        pc("what is rope", "rotary position embedding"),   # 3: exact of 1
-        pc("What is  RoPE", "Rotary position\nembedding"),  # 4: normalized of 1
-        pc("what is lora", "low rank adaptation"),          # 5: exact of 2
-        pc("what is fsdp", "fully sharded data parallel"),  # 6
-    ])
+    path = write_lines(
+        tmp_path / "dups.jsonl",
+        [
+            pc("what is rope", "rotary position embedding"),  # 1
+            pc("what is lora", "low rank adaptation"),  # 2
+            pc("what is rope", "rotary position embedding"),  # 3: exact of 1
+            pc("What is  RoPE", "Rotary position\nembedding"),  # 4: normalized of 1
+            pc("what is lora", "low rank adaptation"),  # 5: exact of 2
+            pc("what is fsdp", "fully sharded data parallel"),  # 6
+        ],
+    )
     report = validate_data(path)
     found = by_code(report)
     assert report.ok  # duplicates are warnings
@@ -190,15 +199,18 @@ def test_exact_and_normalized_duplicates_are_counted_with_the_row_they_repeat(tm
 
 
 def test_contradictory_answers_are_listed_with_line_numbers(tmp_path: Path):
-    path = write_lines(tmp_path / "c.jsonl", [
-        pc("capital of australia", "canberra"),  # 1
-        pc("capital of france", "paris"),         # 2
-        pc("Capital of Australia", "sydney"),     # 3: contradicts 1
-        pc("capital of france", "paris"),         # 4: a duplicate, not a contradiction
-        pc("capital of australia", "melbourne"),  # 5
-        pc("capital of spain", "madrid"),         # 6
-        pc("capital of spain", "barcelona"),      # 7
-    ])
+    path = write_lines(
+        tmp_path / "c.jsonl",
+        [
+            pc("capital of australia", "canberra"),  # 1
+            pc("capital of france", "paris"),  # 2
+            pc("Capital of Australia", "sydney"),  # 3: contradicts 1
+            pc("capital of france", "paris"),  # 4: a duplicate, not a contradiction
+            pc("capital of australia", "melbourne"),  # 5
+            pc("capital of spain", "madrid"),  # 6
+            pc("capital of spain", "barcelona"),  # 7
+        ],
+    )
     report = validate_data(path)
     issue = by_code(report)["contradictory_labels"]
     assert issue.count == 2 and report.stats["contradictory_prompts"] == 2
@@ -209,8 +221,10 @@ def test_contradictory_answers_are_listed_with_line_numbers(tmp_path: Path):
 
 def test_eval_rows_that_also_occur_in_train_are_reported(tmp_path: Path):
     train = write_lines(tmp_path / "train.jsonl", [pc(f"question {i}", f"answer {i}") for i in range(20)])
-    evals = write_lines(tmp_path / "eval.jsonl", [pc("question 3", "answer 3"), pc("new", "one"),
-                                                    pc("QUESTION  7", "answer 7"), b"{bad json"])
+    evals = write_lines(
+        tmp_path / "eval.jsonl",
+        [pc("question 3", "answer 3"), pc("new", "one"), pc("QUESTION  7", "answer 7"), b"{bad json"],
+    )
     report = validate_data(train, eval_source=evals)
     issue = by_code(report)["eval_overlap"]
     assert issue.count == 2 and issue.file == str(evals) and issue.line == 1
@@ -221,9 +235,14 @@ def test_eval_rows_that_also_occur_in_train_are_reported(tmp_path: Path):
 
 # ------------------------------------------------------------------------------------------ token lengths
 def test_over_long_examples_are_counted_and_rows_with_their_answer_cut_off_are_errors(plain_tokenizer: Any):
-    rows = [pc("short question", " short answer")] * 1 + [
-        pc(LONG + f" {i}", " yes") for i in range(3)  # the prompt alone fills max_length: nothing left to learn
-    ] + [pc(f"q{i}", " " + LONG) for i in range(2)]  # long answers: truncated, still teach something
+    rows = (
+        [pc("short question", " short answer")] * 1
+        + [
+            pc(LONG + f" {i}", " yes")
+            for i in range(3)  # the prompt alone fills max_length: nothing left to learn
+        ]
+        + [pc(f"q{i}", " " + LONG) for i in range(2)]
+    )  # long answers: truncated, still teach something
     report = validate_data(rows, tokenizer=plain_tokenizer, max_length=32)
     found = by_code(report)
     tokens = report.stats["tokens"]
@@ -258,14 +277,21 @@ def test_more_than_95_percent_truncated_is_an_error(plain_tokenizer: Any):
 def test_chat_rows_are_measured_with_the_chat_template(chat_tokenizer: Any, plain_tokenizer: Any):
     msgs = [
         [{"role": "user", "content": "hello there"}, {"role": "assistant", "content": "the loss became nan"}],
-        [{"role": "system", "content": "be brief"}, {"role": "user", "content": LONG},
-         {"role": "assistant", "content": "ok"}],
+        [
+            {"role": "system", "content": "be brief"},
+            {"role": "user", "content": LONG},
+            {"role": "assistant", "content": "ok"},
+        ],
         [{"role": "user", "content": "why"}, {"role": "assistant", "content": LONG}],
     ]
     rows = [{"messages": m} for m in msgs]
     report = validate_data(rows, tokenizer=chat_tokenizer, max_length=40)
-    expected = [len(chat_tokenizer(chat_tokenizer.apply_chat_template(m, tokenize=False),
-                                   add_special_tokens=False)["input_ids"]) for m in msgs]
+    expected = [
+        len(
+            chat_tokenizer(chat_tokenizer.apply_chat_template(m, tokenize=False), add_special_tokens=False)["input_ids"]
+        )
+        for m in msgs
+    ]
     assert report.stats["rendering"] == "the tokenizer's chat template"
     assert report.stats["tokens"]["max"] == max(expected)
     assert report.stats["tokens"]["over_max_length"] == sum(n > 40 for n in expected) == 2
@@ -333,8 +359,11 @@ def test_parquet_csv_json_folder_dataset_and_list_inputs_give_the_same_findings(
     (folder / "README.md").write_text("not data")
 
     by_row = _summary(validate_data(ROWS))
-    assert by_row == {("empty_field", "completion"): (1, 4), ("duplicates", None): (1, 3),
-                      ("contradictory_labels", None): (1, 0)}
+    assert by_row == {
+        ("empty_field", "completion"): (1, 4),
+        ("duplicates", None): (1, 3),
+        ("contradictory_labels", None): (1, 0),
+    }
     assert _summary(validate_data(Dataset.from_list(ROWS))) == by_row
     assert _summary(validate_data(DatasetDict(train=Dataset.from_list(ROWS)))) == by_row
     assert _summary(validate_data(tmp_path / "d.parquet")) == by_row
@@ -353,8 +382,10 @@ def test_parquet_csv_json_folder_dataset_and_list_inputs_give_the_same_findings(
 def test_dataset_dict_validation_split_is_checked_for_overlap():
     from datasets import Dataset, DatasetDict
 
-    data = DatasetDict(train=Dataset.from_list([pc(f"q{i}", f"a{i}") for i in range(10)]),
-                       validation=Dataset.from_list([pc("q1", "a1"), pc("new", "row")]))
+    data = DatasetDict(
+        train=Dataset.from_list([pc(f"q{i}", f"a{i}") for i in range(10)]),
+        validation=Dataset.from_list([pc("q1", "a1"), pc("new", "row")]),
+    )
     report = validate_data(data)
     assert report.stats["eval_overlap"] == 1 and by_code(report)["eval_overlap"].file == "validation"
 

@@ -15,8 +15,17 @@ from _rig import TESTS_DIR, free_port, run_python, run_torchrun, subprocess_env
 
 
 def test_single_process_is_rank_zero_of_one_and_decisions_are_local(monkeypatch):
-    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "SLURM_PROCID",
-                "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "SLURM_NTASKS"):
+    for var in (
+        "RANK",
+        "WORLD_SIZE",
+        "LOCAL_RANK",
+        "OMPI_COMM_WORLD_RANK",
+        "PMI_RANK",
+        "SLURM_PROCID",
+        "OMPI_COMM_WORLD_SIZE",
+        "PMI_SIZE",
+        "SLURM_NTASKS",
+    ):
         monkeypatch.delenv(var, raising=False)
     assert (distributed.rank(), distributed.world_size(), distributed.local_rank()) == (0, 1, 0)
     assert distributed.is_main_process() and not distributed.is_distributed()
@@ -50,9 +59,23 @@ def test_mpi_environment_is_understood_when_torchrun_variables_are_absent():
 
 def _accelerate_launch(script: Path, *args: str) -> subprocess.CompletedProcess[str]:
     launcher = Path(sys.executable).with_name("accelerate")
-    cmd = [str(launcher), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
-           str(script), *args]
+    cmd = [
+        str(launcher),
+        "launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(free_port()),
+        str(script),
+        *args,
+    ]
     return subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=180, check=False)
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from trainguard import DataValidationError, dataset_fingerprint
-from trainguard.checks.fingerprint import describe_dataset, plan_resume
+from trainguard.checks.dataset import describe_dataset, plan_resume
 
 from _rig import make_lm_dataset, run_python
 

@@ -17,7 +17,12 @@ import trainguard
 from trainguard.callbacks import GuardCallback
 from trainguard.checks import crash_loop
 
+from _probes import requires_jit
 from _rig import REPO_ROOT, TESTS_DIR, run_python, run_trainer, subprocess_env
+
+# Touches Trainer internals: recognising the JIT checkpoint's SIGTERM handler.
+# Also run on the oldest supported releases (.ci/run).
+pytestmark = pytest.mark.compat
 
 SCRIPT = TESTS_DIR / "scripts" / "guarded_train.py"
 
@@ -57,7 +62,7 @@ def _wait_for_step(proc: subprocess.Popen[str], progress: Path, step: int) -> No
 def _result(stdout: str) -> dict[str, Any]:
     lines = [line for line in stdout.splitlines() if line.startswith("RESULT ")]
     assert lines, stdout[-3000:]
-    return dict(json.loads(lines[-1][len("RESULT "):]))
+    return dict(json.loads(lines[-1][len("RESULT ") :]))
 
 
 def test_sigterm_stops_at_a_step_boundary_with_a_checkpoint_of_that_step_and_exit_0(tmp_path: Path):
@@ -147,6 +152,7 @@ def test_previous_handlers_are_restored_when_training_ends_and_when_it_raises(ou
         signal.signal(signal.SIGUSR1, previous)
 
 
+@requires_jit
 def test_with_jit_checkpoint_enabled_the_stop_saves_once_through_on_save(output_dir: Path):
     saves: list[int] = []
 

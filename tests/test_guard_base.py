@@ -12,6 +12,9 @@ from trainguard.errors import PreflightError
 
 from _rig import make_trainer, run_trainer
 
+# Touches Trainer internals (finding the Trainer, the train() wrapper): also run on the oldest supported releases.
+pytestmark = pytest.mark.compat
+
 
 class _SeesResume(GuardCallback):
     guard_name = "sees_resume"

@@ -31,7 +31,7 @@ def _child(output_dir: Path, *args: str, timeout: float = 240) -> Any:
 def _result(stdout: str) -> dict[str, Any]:
     lines = [line for line in stdout.splitlines() if line.startswith("RESULT ")]
     assert lines, stdout[-3000:]
-    return dict(json.loads(lines[-1][len("RESULT "):]))
+    return dict(json.loads(lines[-1][len("RESULT ") :]))
 
 
 def _main_thread_stack(dump: str) -> str:
@@ -176,9 +176,22 @@ def test_a_normal_run_with_slow_evaluation_and_slow_saves_is_never_dumped(tmp_pa
     proc = _child(
         output_dir,
         # a save alone after step 2, an evaluation alone after step 3, both after step 4
-        "--max-steps", "4", "--eval-steps", "3", "--save-steps", "2",
-        "--timeout", "3", "--eval-timeout", "12", "--save-timeout", "12",
-        "--slow-save", "4.5", "--slow-metrics", "4.5",
+        "--max-steps",
+        "4",
+        "--eval-steps",
+        "3",
+        "--save-steps",
+        "2",
+        "--timeout",
+        "3",
+        "--eval-timeout",
+        "12",
+        "--save-timeout",
+        "12",
+        "--slow-save",
+        "4.5",
+        "--slow-metrics",
+        "4.5",
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = _result(proc.stdout)
@@ -196,8 +209,21 @@ def test_a_normal_run_with_slow_evaluation_and_slow_saves_is_never_dumped(tmp_pa
 def test_when_rank_1_hangs_both_ranks_are_dumped_and_the_job_ends_for_a_restart(tmp_path: Path):
     output_dir = tmp_path / "run"
     proc = run_torchrun(
-        SCRIPT, str(output_dir), "--stall", "sleep", "--stall-rank", "1", "--stall-seconds", "200",
-        "--action", "abort", "--timeout", "2", "--max-steps", "8", timeout=180,
+        SCRIPT,
+        str(output_dir),
+        "--stall",
+        "sleep",
+        "--stall-rank",
+        "1",
+        "--stall-seconds",
+        "200",
+        "--action",
+        "abort",
+        "--timeout",
+        "2",
+        "--max-steps",
+        "8",
+        timeout=180,
     )
     assert proc.returncode != 0, proc.stderr[-3000:]
     rank0, rank1 = find_dumps(output_dir, rank=0), find_dumps(output_dir, rank=1)
@@ -280,8 +306,15 @@ def test_all_guards_includes_the_watchdog_last_so_it_sees_the_final_save_and_eva
 
 def test_a_report_is_a_hang_error_naming_file_step_rank_and_phase():
     report = HangReport(
-        kind="stall", rank=1, phase="save", step=50, budget=1800, budget_rule="save_timeout default 1800 s",
-        stalled_for=1801.0, action="dump", detected_by="the watchdog thread (Python)",
+        kind="stall",
+        rank=1,
+        phase="save",
+        step=50,
+        budget=1800,
+        budget_rule="save_timeout default 1800 s",
+        stalled_for=1801.0,
+        action="dump",
+        detected_by="the watchdog thread (Python)",
         file=Path("out/trainguard-hang-rank1-20260807T120305.123Z.txt"),
     )
     err = report.error()

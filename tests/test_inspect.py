@@ -36,8 +36,12 @@ def run_dir(output_dir: Path) -> Path:
     versions and an identity sidecar."""
     oom = torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
     for i in range(3):
-        cl.record_start(output_dir, run_id=f"old{i}", step=0,
-                        batch={"per_device_train_batch_size": 4, "gradient_accumulation_steps": 1})
+        cl.record_start(
+            output_dir,
+            run_id=f"old{i}",
+            step=0,
+            batch={"per_device_train_batch_size": 4, "gradient_accumulation_steps": 1},
+        )
         cl.record_failure(output_dir, run_id=f"old{i}", step=7, exc=oom, rank=1)
     lock = trainguard.RunLock()
     guards = [lock, trainguard.CrashLoopGuard(max_repeats=None)]  # records the clean run, does not refuse it
@@ -74,7 +78,7 @@ def test_inspect_json_shows_lock_crashes_checkpoints_versions_and_identity_witho
     identity = report["identity"]
     assert identity["checkpoint"] == "checkpoint-2"
     assert identity["stateful_callbacks"]["DatasetGuard"]["attributes"]["record"]["fingerprint"] == "abc123"
-    assert identity["sidecars"] == {str(run_dir / "trainguard-run.json"): {"dataset_fingerprint": "abc123"}}
+    assert "sidecars" not in identity  # trainguard-run.json was documented but never written: no longer read
 
 
 def test_inspect_text_names_the_holder_and_a_crash_loop(tmp_path: Path):

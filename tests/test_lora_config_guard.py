@@ -16,6 +16,9 @@ from trainguard import CheckpointIntegrityError, LoraConfigGuard, LoraConfigMism
 
 from _rig import make_lm_dataset, make_tiny_llama, make_trainer, run_trainer
 
+# Touches Trainer internals (loading adapter weights (continue_on_new_data)): also run on the oldest supported releases.
+pytestmark = pytest.mark.compat
+
 BASE = {"r": 8, "lora_alpha": 16, "target_modules": ["q_proj", "v_proj"], "task_type": "CAUSAL_LM"}
 
 

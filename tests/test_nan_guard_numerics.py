@@ -12,13 +12,18 @@ import pytest
 import torch
 
 import trainguard
-from trainguard.callbacks.nan_guard import NanGuard, newest_checkpoint_before
-from trainguard.checks.numerics import (
+from trainguard.callbacks.nan_guard import NanGuard
+from trainguard.checks.nan import (
     LossHealth,
     NonFiniteFinding,
     Patience,
+    StepFlagCollector,
     describe_value,
+    finding_from_metrics,
+    finding_from_verdict,
+    finding_headline,
     is_finite,
+    newest_checkpoint_before,
     nonfinite_flag,
     nonfinite_metrics,
     nonfinite_parameters,
@@ -140,6 +145,26 @@ def test_newest_checkpoint_before_the_bad_step(tmp_path: Path) -> None:
     assert newest_checkpoint_before(str(tmp_path), 5) is None
     assert newest_checkpoint_before(str(tmp_path / "missing"), 5) is None
     assert newest_checkpoint_before(None, 5) is None
+
+
+@pytest.mark.parametrize("device_flags", [False, True], ids=["host-flags", "device-flags"])
+def test_step_flags_name_the_bad_micro_batch_without_a_trainer(device_flags: bool) -> None:
+    flags = StepFlagCollector(device_flags=device_flags, world_size=2, rank=1)  # no group: this rank alone
+    flags.observe_loss(torch.tensor(1.5), items=8)
+    flags.observe_loss(torch.tensor(NAN), items=torch.tensor(8))
+    flags.observe_loss(torch.tensor(NAN), items=torch.tensor(0))  # no label token: 0/0, not an alarm
+    flags.observe_grad_norm(torch.tensor(2.0))
+    verdict = flags.read(flags.take(step=3))
+    assert flags.losses == [] and flags.loss_bad is None  # ready for the next step
+    assert (verdict.loss_bad, verdict.grad_bad, verdict.empty, verdict.loss_rank) == (True, False, True, 1)
+    finding = finding_from_verdict(verdict, "loss")
+    assert (finding.step, finding.rank, finding.detail) == (3, 1, "micro-batch 2 of 3")
+    assert finding_headline(finding) == "loss is NaN at step 3 (micro-batch 2 of 3)"  # one process: no rank
+
+
+def test_a_metrics_finding_is_named_after_the_loss_first() -> None:
+    finding = finding_from_metrics(4, {"eval_ppl": INF, "eval_loss": NAN})
+    assert (finding.field, finding.detail, finding.step) == ("eval_loss", "also eval_ppl", 4)
 
 
 def test_without_trainer_hooks_the_logged_grad_norm_is_the_fallback(tmp_path: Path) -> None:

@@ -14,7 +14,7 @@ import pytest
 
 import trainguard
 from trainguard import PreflightError, PreflightGuard, check_disk_space, check_memory
-from trainguard.checks.resources import (
+from trainguard.checks.preflight import (
     directory_size,
     estimate_checkpoint_size,
     format_bytes,

@@ -32,12 +32,14 @@ def job(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     root = tmp_path_factory.mktemp("dist")
     locked, run_dir, reports = root / "locked", root / "run", root / "reports"
     reports.mkdir()
-    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(locked)], env=subprocess_env(),
-                              stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, str(locked)], env=subprocess_env(), stdout=subprocess.PIPE, text=True
+    )
     try:
         assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
-        result = run_torchrun(TESTS_DIR / "scripts" / "process_guards_dist.py", str(locked), str(run_dir),
-                              str(reports), timeout=300)
+        result = run_torchrun(
+            TESTS_DIR / "scripts" / "process_guards_dist.py", str(locked), str(run_dir), str(reports), timeout=300
+        )
     finally:
         holder.kill()
         holder.wait(timeout=60)

@@ -29,8 +29,12 @@ from trainguard.checks import lineage
 from trainguard.cli import main
 from trainguard.commands.inspect import inspect_output_dir
 
-from _probes import JitAt, Probe
+from _probes import JitAt, Probe, requires_jit
 from _rig import make_trainer, run_trainer
+
+# Touches Trainer internals: save hooks, rotation routing, end-of-training cleanup.
+# Also run on the oldest supported releases (.ci/run).
+pytestmark = pytest.mark.compat
 
 SAVE = {"save_strategy": "steps", "save_steps": 2}
 OWN_FILES = {ckpt.MANIFEST_NAME, ckpt.METADATA_NAME, ckpt.SAVING_MARKER}
@@ -213,6 +217,7 @@ def _jit_run(output_dir: Path, request: JitAt, **kwargs: Any) -> trainguard.Chec
     return verifier
 
 
+@requires_jit
 def test_a_jit_save_right_after_a_regular_save_of_the_same_step_never_rewrites_the_committed_checkpoint(
     output_dir: Path,
 ):
@@ -234,6 +239,7 @@ def test_a_jit_save_right_after_a_regular_save_of_the_same_step_never_rewrites_t
     assert probe.began_at == 8
 
 
+@requires_jit
 def test_a_jit_checkpoint_gets_a_commit_marker_and_is_resumed_from(output_dir: Path):
     _jit_run(output_dir, JitAt(6, "step_end"), max_steps=12, save_strategy="steps", save_steps=4)
     folder = output_dir / "checkpoint-6"
@@ -270,6 +276,7 @@ class SignalSelf(TrainerCallback):
             time.sleep(0.25)
 
 
+@requires_jit
 @pytest.mark.slow
 def test_a_real_sigterm_jit_checkpoint_is_committed(output_dir: Path):
     verifier = trainguard.CheckpointVerifier()

@@ -92,9 +92,7 @@ def test_second_run_is_refused_at_once_naming_the_holders_pid_host_start_and_com
     assert "command: python" in err.what and "-c" in err.what
 
 
-def test_real_trainer_with_runlock_is_refused_before_the_first_step_and_writes_nothing(
-    output_dir: Path, holder: Any
-):
+def test_real_trainer_with_runlock_is_refused_before_the_first_step_and_writes_nothing(output_dir: Path, holder: Any):
     before = sorted(p.name for p in output_dir.iterdir())
     counter = _CountSteps()
     with pytest.raises(trainguard.RunLockedError, match=f"PID {holder.pid}"):
@@ -107,9 +105,18 @@ def test_real_trainer_with_runlock_is_refused_before_the_first_step_and_writes_n
 def test_after_sigkill_of_a_training_holder_the_next_run_starts_without_manual_steps(output_dir: Path):
     progress = output_dir.parent / "progress"
     child = subprocess.Popen(
-        [sys.executable, str(TESTS_DIR / "scripts" / "guarded_train.py"), str(output_dir), "--max-steps", "100000",
-         "--progress", str(progress)],
-        env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [
+            sys.executable,
+            str(TESTS_DIR / "scripts" / "guarded_train.py"),
+            str(output_dir),
+            "--max-steps",
+            "100000",
+            "--progress",
+            str(progress),
+        ],
+        env=subprocess_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     try:
         deadline = time.monotonic() + 240
@@ -142,13 +149,23 @@ def test_one_process_may_lock_twice_and_holds_the_lock_until_the_last_release(ou
     assert first.handle is second.handle
     first.release()
     assert rl.lock_status(output_dir)["held"] is True
-    probe = subprocess.run([sys.executable, "-c", HOLDER.replace("time.sleep(600)", ""), str(output_dir)],
-                           env=subprocess_env(), capture_output=True, text=True, timeout=120)
+    probe = subprocess.run(
+        [sys.executable, "-c", HOLDER.replace("time.sleep(600)", ""), str(output_dir)],
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert probe.returncode != 0 and f"PID {os.getpid()}" in probe.stderr
     second.release()
     assert rl.lock_status(output_dir)["held"] is False
-    probe = subprocess.run([sys.executable, "-c", HOLDER.replace("time.sleep(600)", ""), str(output_dir)],
-                           env=subprocess_env(), capture_output=True, text=True, timeout=120)
+    probe = subprocess.run(
+        [sys.executable, "-c", HOLDER.replace("time.sleep(600)", ""), str(output_dir)],
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert probe.returncode == 0 and probe.stdout.strip() == "locked"
 
 

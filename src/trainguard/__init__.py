@@ -43,14 +43,14 @@ _LAZY: dict[str, str] = {
     "CrashLoopGuard": "trainguard.callbacks.crash_loop_guard",
     "acquire_run_lock": "trainguard.checks.run_lock",
     "check_crash_loop": "trainguard.checks.crash_loop",
-    "dataset_fingerprint": "trainguard.checks.fingerprint",
+    "dataset_fingerprint": "trainguard.checks.dataset",
     "start_fresh": "trainguard.checks.fresh_start",
-    "continue_on_new_data": "trainguard.checks.fresh_start",
+    "continue_on_new_data": "trainguard.recovery",
     "check_lora_config": "trainguard.checks.lora",
     "DatasetGuard": "trainguard.callbacks.dataset_guard",
     "LoraConfigGuard": "trainguard.callbacks.lora_config_guard",
-    "check_disk_space": "trainguard.checks.resources",
-    "check_memory": "trainguard.checks.resources",
+    "check_disk_space": "trainguard.checks.preflight",
+    "check_memory": "trainguard.checks.preflight",
     "safe_merge": "trainguard.checks.merge",
     "PreflightGuard": "trainguard.callbacks.preflight_guard",
     "validate_data": "trainguard.checks.data",
@@ -139,13 +139,14 @@ if TYPE_CHECKING:
     )
     from .checks.crash_loop import check_crash_loop
     from .checks.data import DataReport, validate_data
-    from .checks.fingerprint import dataset_fingerprint
-    from .checks.fresh_start import continue_on_new_data, start_fresh
+    from .checks.dataset import dataset_fingerprint
+    from .checks.fresh_start import start_fresh
     from .checks.lora import check_lora_config
     from .checks.merge import safe_merge
-    from .checks.resources import check_disk_space, check_memory
+    from .checks.preflight import check_disk_space, check_memory
     from .checks.run_lock import acquire_run_lock
     from .checks.watchdog import Watchdog
+    from .recovery import continue_on_new_data
 
 
 def __getattr__(name: str) -> Any:

@@ -35,11 +35,11 @@ import weakref
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 from . import distributed
+from ._util import utc_now
 from .atomic import append_line
 from .errors import _jsonable
 
@@ -75,7 +75,7 @@ def get_logger() -> logging.Logger:
 
 
 def _utc_now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return utc_now("milliseconds")
 
 
 @dataclass(frozen=True)

@@ -46,8 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="trainguard",
         description=(
-            "Safeguards for Hugging Face Trainer runs. "
-            "Exit status: 0 all good, 1 a check failed, 2 usage or I/O error."
+            "Safeguards for Hugging Face Trainer runs. Exit status: 0 all good, 1 a check failed, 2 usage or I/O error."
         ),
     )
     parser.add_argument("--version", action="version", version=f"trainguard {__version__}")

@@ -142,8 +142,7 @@ class LoraConfigMismatchError(TrainGuardError):
     """The LoRA configuration differs from the one the checkpoint was trained with."""
 
     default_next_step = (
-        "Use the checkpoint's LoRA settings to resume, or start a new run in another output_dir "
-        "for the new settings."
+        "Use the checkpoint's LoRA settings to resume, or start a new run in another output_dir for the new settings."
     )
 
 
@@ -178,9 +177,7 @@ class NonFiniteError(TrainGuardError):
 class HangError(TrainGuardError):
     """No training progress was seen within the watchdog's budget."""
 
-    default_next_step = (
-        "Read the stack dump named above: the frames of the main thread show where the step stalled."
-    )
+    default_next_step = "Read the stack dump named above: the frames of the main thread show where the step stalled."
 
 
 class DataValidationError(TrainGuardError):

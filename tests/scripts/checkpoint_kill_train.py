@@ -44,6 +44,7 @@ class _Timer(TrainerCallback):
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if control.should_save and state.global_step == self.step:
+
             def later() -> None:
                 time.sleep(self.delay)
                 _kill()
@@ -79,14 +80,16 @@ def main() -> None:
 
         torch.save = save
     elif opts.mode == "manifest":
-        real_write = ckpt.atomic_write_text
+        from trainguard.checks.checkpoint import manifest as manifest_module
+
+        real_write = manifest_module.atomic_write_text
 
         def write_text(path: Any, text: str, **kwargs: Any) -> None:
             if Path(path).resolve() == target / ckpt.MANIFEST_NAME:
                 _kill()
             real_write(path, text, **kwargs)
 
-        ckpt.atomic_write_text = write_text  # type: ignore[assignment]
+        manifest_module.atomic_write_text = write_text  # type: ignore[assignment]
     else:
         extra.append(_Timer(opts.kill_step, opts.delay))
 

@@ -22,8 +22,9 @@ run_dir, report_dir = (Path(p) for p in sys.argv[1:3])
 report: dict[str, Any] = {"steps": 0}
 data = make_lm_dataset()
 if distributed.rank() == 1:
-    data = data.map(lambda row, i: {"labels": [-100] * len(row["labels"]) if i == 3 else row["labels"]},
-                    with_indices=True)
+    data = data.map(
+        lambda row, i: {"labels": [-100] * len(row["labels"]) if i == 3 else row["labels"]}, with_indices=True
+    )
 guard = trainguard.DataGuard(alert_sinks=[])
 trainer = make_trainer(run_dir, callbacks=[guard], train_dataset=data, max_steps=4)
 try:

@@ -26,8 +26,9 @@ out = Path(sys.argv[1])
 run = out / "run"
 common = {"max_steps": -1, "num_train_epochs": 1, "ddp_backend": "gloo"}
 # 16 rows, 2 ranks x batch 2: 4 steps per epoch, checkpoints at 2 and 4
-make_trainer(run, callbacks=[DatasetGuard()], train_dataset=make_lm_dataset(16), save_strategy="steps",
-             save_steps=2, **common).train()
+make_trainer(
+    run, callbacks=[DatasetGuard()], train_dataset=make_lm_dataset(16), save_strategy="steps", save_steps=2, **common
+).train()
 trainer = make_trainer(run, callbacks=[DatasetGuard(), Steps()], train_dataset=make_lm_dataset(8, seed=1), **common)
 doc = {"refused": False, "steps": 0}
 try:

@@ -3,39 +3,22 @@
 from __future__ import annotations
 
 import functools
-import sys
 import weakref
-from collections.abc import Mapping, Sequence
-from types import FrameType
-from typing import Any, ClassVar
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from transformers import TrainerCallback
 
 from .. import distributed
-from ..alerts import Alert, Alerter, AlertSink, TrainerLogSink, default_sinks, get_logger
+from ..alerts import Alert, Alerter, AlertSink, TrainerLogSink, WebhookSink, default_sinks, get_logger
+from ._trainer_compat import find_trainer
+
+if TYPE_CHECKING:
+    from transformers import TrainerControl, TrainerState, TrainingArguments
 
 __all__ = ["GuardCallback", "find_trainer", "install_train_hook"]
 
 _HOOK_MARK = "_trainguard_train_hook"
-
-
-def find_trainer(max_depth: int = 12) -> Any:
-    """The ``transformers.Trainer`` whose ``__init__`` (or method) is on the call stack, or None.
-
-    Callback events do not receive the Trainer, and ``on_init_end`` is fired from ``Trainer.__init__``, so the
-    instance is ``self`` a few frames up. Used once per run, never per step.
-    """
-    from transformers import Trainer
-
-    frame: FrameType | None = sys._getframe(1)
-    depth = 0
-    while frame is not None and depth < max_depth:
-        candidate = frame.f_locals.get("self")
-        if isinstance(candidate, Trainer):
-            return candidate
-        frame = frame.f_back
-        depth += 1
-    return None
 
 
 def install_train_hook(trainer: Any) -> None:
@@ -108,9 +91,7 @@ class GuardCallback(TrainerCallback):
     @property
     def alerter(self) -> Alerter:
         if self._alerter is None:
-            sinks = self._alert_sinks if self._alert_sinks is not None else default_sinks(
-                webhook_url=self._webhook_url
-            )
+            sinks = self._alert_sinks if self._alert_sinks is not None else default_sinks(webhook_url=self._webhook_url)
             self._alerter = Alerter(sinks)
         return self._alerter
 
@@ -118,6 +99,15 @@ class GuardCallback(TrainerCallback):
         trainer = find_trainer()
         if trainer is not None:
             self._trainer_ref = weakref.ref(trainer)
+        if self._alert_sinks is None and trainer is not None:
+            # One alerter per Trainer, shared by every guard on it: one event-file writer, one webhook queue, one
+            # log-stream counter, so the logged trainguard/alerts is the run's count.
+            shared = _shared_alerter(trainer, args)
+            if self._webhook_url:  # this guard's own webhook, beside the shared sinks
+                self._alerter = Alerter([_Forward(shared), WebhookSink(self._webhook_url)])
+            else:
+                self._alerter = shared
+            return
         if self._alert_sinks is not None:
             sinks: list[AlertSink] = list(self._alert_sinks)
         else:
@@ -127,7 +117,7 @@ class GuardCallback(TrainerCallback):
                 sink.bind(trainer)
         self._alerter = Alerter(sinks)
 
-    def on_init_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+    def on_init_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> Any:
         self._attach(args)
         if self.trainer is not None:
             install_train_hook(self.trainer)
@@ -157,15 +147,43 @@ class GuardCallback(TrainerCallback):
         here too. The default does nothing; an exception from this hook is logged, never raised.
         """
 
-    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+    def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> Any:
         if self._alerter is not None:
             self._alerter.close()
         return control
 
     def summary(self) -> str:
         """One line on what this guard checked in the run so far (guards override it with their specifics)."""
-        n = len(self._alerter.history) if self._alerter is not None else 0
-        return f"{n} alert(s)"
+        history = self._alerter.history if self._alerter is not None else []
+        return f"{sum(1 for a in history if a.guard == self.guard_name)} alert(s)"
+
+    # ------------------------------------------------------------------------------------------------ refusals
+    def refuse_together(
+        self,
+        error: BaseException | None,
+        *,
+        placeholder: Callable[[], BaseException],
+        alert_level: str | None = "error",
+        alert_placeholder: bool = False,
+        step: int | None = None,
+    ) -> None:
+        """Raise on every rank when any rank found a reason to refuse; return on every rank when none did.
+
+        Every rank must call it at the same point (it is a collective). A rank with its own ``error`` raises it and
+        alerts it (``alert_level``; None: no alert); a rank that found nothing raises ``placeholder()``, which says
+        another rank refused (and alerts it only with ``alert_placeholder``). So no rank is left waiting in a
+        collective the others never reach.
+        """
+        if not distributed.any_rank(error is not None):
+            return
+        if error is None:
+            error = placeholder()
+            if not alert_placeholder:
+                raise error
+        if alert_level is not None:
+            what = getattr(error, "what", str(error))
+            self.alert(alert_level, what, step=step, evidence=getattr(error, "evidence", None))
+        raise error
 
     # ------------------------------------------------------------------------------------------------ alerts
     def alert(
@@ -187,3 +205,30 @@ class GuardCallback(TrainerCallback):
                 evidence=dict(evidence or {}),
             )
         )
+
+
+_SHARED_ALERTER = "_trainguard_alerter"
+
+
+def _shared_alerter(trainer: Any, args: Any) -> Alerter:
+    """The alerter every guard with default sinks shares on ``trainer`` (made by the first one attached): the
+    logger, the Trainer's log stream, the JSONL event file, and the ``TRAINGUARD_WEBHOOK_URL`` webhook if set."""
+    shared = getattr(trainer, _SHARED_ALERTER, None)
+    if isinstance(shared, Alerter):
+        return shared
+    shared = Alerter(default_sinks(getattr(args, "output_dir", None), trainer=trainer))
+    setattr(trainer, _SHARED_ALERTER, shared)
+    return shared
+
+
+class _Forward:
+    """A sink that hands alerts to another alerter (a guard with a webhook of its own, beside the shared one)."""
+
+    def __init__(self, alerter: Alerter) -> None:
+        self.alerter = alerter
+
+    def send(self, alert: Alert) -> None:
+        self.alerter.emit(alert)
+
+    def flush(self) -> None:
+        self.alerter.flush()

@@ -1,9 +1,23 @@
-"""The seam between trainguard and the Trainer's private internals, for saves and rotation.
+"""The one seam between trainguard and the Trainer's internals: the only module that touches a private Trainer
+attribute, wraps a Trainer method, or recognises a Trainer class by anything but its public API.
 
-The Trainer has no "a save begins" event, no event for saves that bypass ``on_save`` (JIT checkpoints), and rotates
-checkpoints inside its save. To act there, trainguard wraps this trainer's ``_save_checkpoint`` (and, for rotation,
-``_rotate_checkpoints``/``_sorted_checkpoints`` on 4.x, or routes the module functions ``rotate_checkpoints`` and
-``sort_checkpoints`` of ``transformers.trainer`` on 5.x). Every touch is:
+What goes through it, and why there is no public way:
+
+- :func:`find_trainer`: callback events are not given the Trainer; ``on_init_end`` fires from ``Trainer.__init__``,
+  so the instance is ``self`` a few frames up.
+- :func:`install_checkpoint_hooks`: no "a save begins" event, no event for saves that bypass ``on_save`` (JIT
+  checkpoints), and rotation happens inside the save: wraps ``_save_checkpoint``, and routes rotation
+  (``rotate_checkpoints``/``sort_checkpoints`` of ``transformers.trainer`` on 5.x; ``_rotate_checkpoints``/
+  ``_sorted_checkpoints`` on 4.x).
+- :func:`install_step_hooks`: the raw loss of every micro-batch and the gradient norm the Trainer computes are not
+  passed to any event: wraps ``training_step`` and ``_get_grad_norm`` (5.x) or ``accelerator.clip_grad_norm_`` (4.x).
+- :func:`set_train_batch_size`: ``Trainer.__init__`` copies the batch size to ``_train_batch_size``, which
+  ``train()`` builds its dataloader from.
+- :func:`is_jit_sigterm_handler`: whether a SIGTERM handler is transformers' JIT checkpointing (5.x).
+- :func:`load_checkpoint_weights`: load a checkpoint's weights the way a resume does (sharded, PEFT, FSDP layouts):
+  ``_load_from_checkpoint``.
+
+Every touch is:
 
 - **instance-scoped**: wrappers are set on the trainer instance, never on the class. Module functions are replaced
   once per process by a dispatcher that calls the original unless the *current thread* is inside a guarded call of a
@@ -20,11 +34,23 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import sys
 from collections.abc import Callable, Iterator, Mapping
 from contextvars import ContextVar
+from types import FrameType
 from typing import Any, Protocol
 
-__all__ = ["CheckpointHooks", "install_checkpoint_hooks", "output_dir_for", "routing"]
+__all__ = [
+    "CheckpointHooks",
+    "find_trainer",
+    "install_checkpoint_hooks",
+    "install_step_hooks",
+    "is_jit_sigterm_handler",
+    "load_checkpoint_weights",
+    "output_dir_for",
+    "routing",
+    "set_train_batch_size",
+]
 
 _MARK = "_trainguard_checkpoint_hooks"
 _ROUTES: ContextVar[Mapping[str, Callable[..., Any]] | None] = ContextVar("trainguard_routes", default=None)
@@ -176,3 +202,112 @@ def install_checkpoint_hooks(trainer: Any, hooks: CheckpointHooks) -> list[str]:
             trainer._sorted_checkpoints = _sorted_checkpoints
     setattr(trainer, _MARK, True)
     return missing
+
+
+# ------------------------------------------------------------------------------------------------- the Trainer
+def find_trainer(max_depth: int = 12) -> Any:
+    """The ``transformers.Trainer`` whose ``__init__`` (or method) is on the call stack, or None.
+
+    Callback events do not receive the Trainer, and ``on_init_end`` is fired from ``Trainer.__init__``, so the
+    instance is ``self`` a few frames up. Used once per run, never per step.
+    """
+    from transformers import Trainer
+
+    frame: FrameType | None = sys._getframe(1)
+    depth = 0
+    while frame is not None and depth < max_depth:
+        candidate = frame.f_locals.get("self")
+        if isinstance(candidate, Trainer):
+            return candidate
+        frame = frame.f_back
+        depth += 1
+    return None
+
+
+def set_train_batch_size(trainer: Any, per_device: int, gradient_accumulation_steps: int) -> bool:
+    """Change the batch the next ``train()`` uses: ``args`` and the copy ``Trainer.__init__`` made of it.
+
+    Returns:
+        False when this transformers version keeps no copy (``args`` alone then decides, which is enough there).
+    """
+    trainer.args.per_device_train_batch_size = per_device
+    trainer.args.gradient_accumulation_steps = gradient_accumulation_steps
+    if not hasattr(trainer, "_train_batch_size"):
+        return False
+    trainer._train_batch_size = trainer.args.train_batch_size
+    return True
+
+
+def is_jit_sigterm_handler(handler: Any) -> bool:
+    """True when ``handler`` (from ``signal.signal``) is transformers' JIT-checkpoint SIGTERM handler (5.x)."""
+    owner = getattr(handler, "__self__", None)
+    if owner is None:
+        return False
+    try:
+        from transformers.trainer_jit_checkpoint import CheckpointManager
+    except ImportError:  # 4.x: no JIT checkpointing
+        return False
+    return isinstance(owner, CheckpointManager)
+
+
+def install_step_hooks(
+    trainer: Any,
+    owner: object,
+    *,
+    on_loss: Callable[[Any, tuple[Any, ...], dict[str, Any]], None],
+    on_grad_norm: Callable[[Any], None],
+) -> list[str]:
+    """Call ``on_loss(loss, args, kwargs)`` after every ``training_step`` of ``trainer`` (each micro-batch's raw
+    loss) and ``on_grad_norm(norm)`` whenever it computes the gradient norm; on this instance only, once per
+    ``owner``.
+
+    Returns:
+        The features that are off on this version or with these arguments, by name (empty when all are on).
+    """
+    installed: list[object] = getattr(trainer, "_trainguard_step_hooks", [])
+    if any(item is owner for item in installed):
+        return []
+    missing: list[str] = []
+    original_step = trainer.training_step
+
+    @functools.wraps(original_step)
+    def training_step(*args: Any, **kwargs: Any) -> Any:
+        loss = original_step(*args, **kwargs)
+        on_loss(loss, args, kwargs)
+        return loss
+
+    trainer.training_step = training_step
+    # 5.x computes the logged norm in _get_grad_norm, clipping or not; 4.x calls accelerate's clip_grad_norm_
+    # inline, and only when max_grad_norm > 0.
+    if callable(getattr(trainer, "_get_grad_norm", None)):
+        holder, name = trainer, "_get_grad_norm"
+    else:
+        holder, name = trainer.accelerator, "clip_grad_norm_"
+        if not (getattr(trainer.args, "max_grad_norm", 0) or 0) > 0:
+            missing.append("gradient-norm check (transformers 4.x computes the norm only when max_grad_norm > 0)")
+    original_norm = getattr(holder, name)
+
+    @functools.wraps(original_norm)
+    def grad_norm(*args: Any, **kwargs: Any) -> Any:
+        norm = original_norm(*args, **kwargs)
+        on_grad_norm(norm)
+        return norm
+
+    setattr(holder, name, grad_norm)
+    trainer._trainguard_step_hooks = [*installed, owner]
+    return missing
+
+
+def load_checkpoint_weights(trainer: Any, checkpoint: Any) -> None:
+    """Load ``checkpoint``'s weights into ``trainer.model`` exactly as ``train(resume_from_checkpoint=...)`` does
+    (for a PEFT model: the adapter weights), without its optimizer, schedule or state.
+
+    Raises:
+        NotImplementedError: This transformers version has no ``Trainer._load_from_checkpoint``.
+    """
+    loader = getattr(trainer, "_load_from_checkpoint", None)
+    if not callable(loader):
+        raise NotImplementedError(
+            "this transformers version has no Trainer._load_from_checkpoint to load the weights with"
+        )
+    loader(str(checkpoint))

@@ -4,31 +4,28 @@ checkpoint of this lineage that verifies."""
 from __future__ import annotations
 
 import functools
-import os
-import threading
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .. import distributed
+from .._util import default_workers
 from ..alerts import get_logger
 from ..checks import checkpoint as _ckpt
 from ..checks import lineage as _lineage
 from ..checks._layout import JIT_SENTINEL
-from ..checks._resume import checkpoint_dirs, on_main_then_share
-from ..checks.fresh_start import archive_checkpoints
+from ..checks._resume import on_main_then_share
+from ..checks.checkpoint import start as _start
+from ..checks.checkpoint.commit import Committer
 from ..errors import CheckpointIntegrityError, LineageError
 from . import _trainer_compat
 from ._base import GuardCallback
 
+if TYPE_CHECKING:
+    from transformers import TrainerControl, TrainerState, TrainingArguments
+
 __all__ = ["CheckpointVerifier"]
 
-_EXISTING = ("refuse", "keep", "archive")
-
-
-def _default_workers() -> int:
-    # Hashing shares the machine with training (data-loader workers, the host side of the step): take a few cores.
-    return max(1, min(4, os.cpu_count() or 1))
+_EXISTING = _start.EXISTING_CHECKPOINTS
 
 
 class CheckpointVerifier(GuardCallback):
@@ -103,17 +100,15 @@ class CheckpointVerifier(GuardCallback):
         self.protect_rotation = bool(protect_rotation)
         self.existing_checkpoints = existing_checkpoints
         self.background = bool(background)
-        self.workers = workers if workers is not None else _default_workers()
-        self._executor: ThreadPoolExecutor | None = None
-        self._pending: list[Future[None]] = []
-        self._lock = threading.Lock()
-        # Reports from the hashing thread, turned into alerts on the training thread (sinks such as the Trainer's
-        # log stream are not thread-safe).
-        self._messages: list[tuple[str, str, int | None]] = []
+        # Hashing shares the machine with training (data-loader workers, the host side of the step): a few cores.
+        self.workers = workers if workers is not None else default_workers(4)
+        # Looked up on the package at every commit, so a wrapped write_manifest (tests, tools) is the one used.
+        self._committer = Committer(
+            write=lambda *a, **k: _ckpt.write_manifest(*a, **k), workers=self.workers, background=self.background
+        )
         self._deferred_rotation: tuple[str, int | None, str | None] | None = None
         self._save: dict[str, Any] | None = None  # the save in progress, from before_save to its commit
         self._resume_checked = False
-        self._manifests = 0
         self._skipped_saves = 0
         self._set_aside: list[str] = []
         self._resumed_from: str | None = None
@@ -125,7 +120,7 @@ class CheckpointVerifier(GuardCallback):
         self._hooked = False
 
     # -------------------------------------------------------------------------------------------- wiring
-    def on_init_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+    def on_init_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> Any:
         super().on_init_end(args, state, control, **kwargs)
         if self.trainer is not None:
             missing = _trainer_compat.install_checkpoint_hooks(self.trainer, self)
@@ -140,101 +135,44 @@ class CheckpointVerifier(GuardCallback):
         self.wait()
         output_dir = getattr(trainer.args, "output_dir", None)
         fresh = resume_from_checkpoint is None or resume_from_checkpoint is False
+        decide: Any = (
+            functools.partial(_start.decide_fresh_start, output_dir, self.existing_checkpoints)
+            if fresh
+            else functools.partial(
+                _start.decide_resume,
+                output_dir,
+                resume_from_checkpoint,
+                verify=self.verify_resume,
+                set_aside=self.set_aside,
+                workers=self.workers,
+            )
+        )
         try:
-            if fresh:
-                outcome = on_main_then_share(self._begin_fresh, output_dir)
-            elif self.verify_resume:
-                outcome = on_main_then_share(self._resolve, output_dir, resume_from_checkpoint)
-            else:
-                outcome = on_main_then_share(self._unverified, output_dir, resume_from_checkpoint)
+            decision: _start.StartDecision = on_main_then_share(decide)
         except (CheckpointIntegrityError, LineageError) as err:
             if distributed.is_main_process():
                 self.alert("error", f"{'start' if fresh else 'resume'} refused: {err.what}", evidence=err.evidence)
             raise
-        self._adopt(outcome)
-        if distributed.is_main_process():
-            for level, line in outcome["notes"]:
-                self.alert(level, line)
-        if fresh or outcome["path"] is None:
+        self._adopt(decision)
+        if fresh or decision.path is None:
             return resume_from_checkpoint  # no checkpoint at all: the Trainer raises its own clear error
-        self._resumed_from = outcome["path"]
-        get_logger().info("[checkpoint_verifier] resuming from %s (%s)", outcome["path"], outcome["status"])
-        return outcome["path"]
+        self._resumed_from = decision.path
+        get_logger().info("[checkpoint_verifier] resuming from %s (%s)", decision.path, decision.status)
+        return decision.path
 
-    def _adopt(self, outcome: dict[str, Any]) -> None:
-        self.lineage, self.run = outcome["lineage"], outcome["run"]
-        self._adopts_unrecorded = bool(outcome["adopts"])
-        self._parent = outcome["parent"]
+    def _adopt(self, decision: _start.StartDecision) -> None:
+        self.lineage, self.run = decision.lineage, decision.run
+        self._adopts_unrecorded = decision.adopts_unrecorded
+        self._parent = decision.parent
         self._registered = None
+        self._set_aside.extend(decision.failed)
+        if distributed.is_main_process():
+            for level, line in decision.notes:
+                self.alert(level, line)
 
-    def _begin_fresh(self, output_dir: Any) -> dict[str, Any]:
-        notes: list[tuple[str, str]] = []
-        origins = [_lineage.checkpoint_origin(d) for d in checkpoint_dirs(output_dir)] if output_dir else []
-        if origins and self.existing_checkpoints == "refuse":
-            raise _lineage.fresh_start_error(output_dir, origins)
-        if origins and self.existing_checkpoints == "archive":
-            archive = archive_checkpoints(Path(output_dir))
-            notes.append(("warning", f"fresh start: moved {len(origins)} earlier checkpoint(s) into {archive}"))
-        elif origins:
-            notes.append(
-                (
-                    "warning",
-                    f"fresh start beside {len(origins)} checkpoint(s) of other runs, kept as they are and never "
-                    f"resumed, saved over or rotated by this run: {_lineage.describe_many(origins)}",
-                )
-            )
-        return _outcome(notes=notes, status="fresh")
-
-    def _lineage_of(self, output_dir: Any, origin: _lineage.CheckpointOrigin | None) -> tuple[str, bool]:
-        """The lineage a resume from ``origin`` continues, and whether it adopts checkpoints with none recorded."""
-        if origin is not None and origin.lineage is not None:
-            return origin.lineage, bool(output_dir) and _lineage.adopts_unrecorded(output_dir, origin.lineage)
-        scope = _lineage.current_scope(output_dir) if output_dir else _lineage.LineageScope(None)
-        if scope.lineage is not None and scope.adopts_unrecorded:
-            return scope.lineage, True
-        return _lineage.new_id(), True
-
-    def _resolve(self, output_dir: Any, resume_from_checkpoint: Any) -> dict[str, Any]:
-        notes: list[tuple[str, str]] = []
-
-        def failed(report: _ckpt.CheckpointReport, moved: Path | None) -> None:
-            where = f"set aside to {moved}" if moved is not None else "skipped (left in place)"
-            notes.append(
-                (
-                    "warning",
-                    f"{report.path.name} failed verification, {where}: "
-                    + "; ".join(p.format() for p in report.problems),
-                )
-            )
-            self._set_aside.append(report.path.name)
-
-        choice = _ckpt.resume_choice(
-            output_dir, resume_from_checkpoint, set_aside=self.set_aside, workers=self.workers, on_failure=failed
-        )
-        if choice is None or choice.path is None:
-            return _outcome(notes=notes, status="not checked")
-        report = choice.report
-        if report is not None and report.warnings:
-            notes.append(("warning", f"{choice.path.name}: " + "; ".join(w.format() for w in report.warnings)))
-        if report is not None and report.mode == "structural":
-            status = "unverified (legacy): written without trainguard, structural checks only"
-            notes.append(("warning", f"resuming from {choice.path.name}, {status}"))
-        else:
-            status = "verified"
-        lineage, adopts = self._lineage_of(output_dir, choice.origin)
-        return _outcome(str(choice.path), lineage, adopts, choice.origin, notes, status)
-
-    def _unverified(self, output_dir: Any, resume_from_checkpoint: Any) -> dict[str, Any]:
-        from ..checks._resume import resolve_resume_checkpoint
-
-        path = resolve_resume_checkpoint(output_dir, resume_from_checkpoint)
-        origin = _lineage.checkpoint_origin(path) if path is not None and path.is_dir() else None
-        lineage, adopts = self._lineage_of(output_dir, origin)
-        return _outcome(
-            str(path) if path else None, lineage, adopts, origin, status="not verified (verify_resume=False)"
-        )
-
-    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+    def on_train_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> Any:
         if not self._resume_checked:
             # train() was reached around the wrapper (e.g. Trainer.train(trainer, ...)): whatever was loaded is
             # loaded, but no optimizer step has run; refuse here rather than train on damaged or foreign state.
@@ -243,13 +181,15 @@ class CheckpointVerifier(GuardCallback):
                 self._check_loaded(args, state)
             else:
                 try:
-                    self._adopt(on_main_then_share(self._begin_fresh, args.output_dir))
+                    self._adopt(
+                        on_main_then_share(_start.decide_fresh_start, args.output_dir, self.existing_checkpoints)
+                    )
                 except LineageError as err:
                     if distributed.is_main_process():
                         self.alert("error", f"start refused: {err.what}", evidence=err.evidence)
                     raise
         if self.lineage is None:
-            self._adopt(_outcome())
+            self._adopt(_start.StartDecision())
         if distributed.is_main_process() and self._registered != self.run and args.output_dir:
             # After every guard's before_train passed and the checkpoint loaded: only a run that trains becomes the
             # output_dir's current lineage.
@@ -269,17 +209,12 @@ class CheckpointVerifier(GuardCallback):
 
     def _check_loaded(self, args: Any, state: Any) -> None:
         folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-
-        def check() -> dict[str, Any] | None:
-            if not folder.is_dir():
-                return None
-            _ckpt.verify_checkpoint(folder, workers=self.workers)
-            origin = _lineage.checkpoint_origin(folder)
-            lineage, adopts = self._lineage_of(args.output_dir, origin)
-            return _outcome(str(folder), lineage, adopts, origin)
-
         try:
-            checked = on_main_then_share(check) if self.verify_resume else None
+            checked = (
+                on_main_then_share(_start.check_loaded, folder, args.output_dir, self.workers)
+                if self.verify_resume
+                else None
+            )
         except CheckpointIntegrityError as err:
             if distributed.is_main_process():
                 self.alert("error", f"the loaded checkpoint fails verification: {err.what}", evidence=err.evidence)
@@ -311,7 +246,7 @@ class CheckpointVerifier(GuardCallback):
         """Every rank, before the Trainer writes: clear the target folder and put the saving marker in."""
         self.wait()  # the previous manifest first: rotation and the folder checks below must see it
         if self.lineage is None:  # a save outside train() (e.g. a direct _save_checkpoint call)
-            self._adopt(_outcome())
+            self._adopt(_start.StartDecision())
         step = int(trainer.state.global_step)
         folder = Path(run_dir) / f"checkpoint-{step}"
         jit = (folder / JIT_SENTINEL).is_file()  # JIT checkpointing writes it just before calling the save
@@ -393,18 +328,18 @@ class CheckpointVerifier(GuardCallback):
             )
 
     # --------------------------------------------------------------------------------------------- saves
-    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> Any:
         self._flush_messages(state)
         if control.should_save:
             self.wait()  # a save follows: the previous manifest must be complete before its rotation
         return control
 
-    def on_epoch_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+    def on_epoch_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> Any:
         if control.should_save:
             self.wait()
         return control
 
-    def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+    def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> Any:
         # Every rank reaches on_save, each as soon as its own files are written: meet before hashing so the
         # manifest covers every rank's files (rng_state_K.pth, sharded states, files other callbacks add here).
         distributed.barrier()
@@ -416,7 +351,7 @@ class CheckpointVerifier(GuardCallback):
             if self._hooked:
                 return control  # this save was skipped (already committed by this run at this step)
             # The save hooks are not installed (the Trainer was not found at on_init_end): commit what is there.
-            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            folder = Path(str(args.output_dir)) / f"checkpoint-{state.global_step}"
             save = {
                 "folder": folder,
                 "run_dir": str(args.output_dir),
@@ -439,59 +374,24 @@ class CheckpointVerifier(GuardCallback):
             if trainer is not None
             else {"lineage": self.lineage, "run": self.run, "step": save["step"], "saved_by": save["saved_by"]}
         )
-        job = functools.partial(self._manifest_job, save["folder"], save["step"], record, rotation, announce)
-        if self.background:
-            with self._lock:
-                if self._executor is None:
-                    self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="trainguard-manifest")
-                self._pending.append(self._executor.submit(job))
-        else:
-            job()
+        step = save["step"]
+        after = functools.partial(self._after_commit, rotation, step) if rotation is not None else None
+        note = (
+            f"committed {save['folder'].name}, saved without on_save ({save['saved_by']}): it has its manifest like "
+            "every other save"
+        )
+        self._committer.submit(save["folder"], step, record, after=after, announce=note if announce else None)
 
-    def _manifest_job(
-        self,
-        folder: Path,
-        step: int,
-        record: dict[str, Any],
-        rotation: tuple[str, int | None, str | None] | None,
-        announce: bool,
-    ) -> None:
-        try:
-            marker = _ckpt.write_manifest(folder, step=step, workers=self.workers, lineage=record)
-        except FileNotFoundError:
-            # Removed before it was hashed (a user's script): nothing to vouch for. Rotation is skipped: the newest
-            # verified checkpoint stays.
-            self._message("warning", f"{folder} vanished before its manifest was written; no manifest", step)
-            return
-        except Exception as err:  # an I/O error must not kill training; the missing marker is itself the evidence
-            self._message(
-                "error",
-                f"could not write the manifest of {folder} ({type(err).__name__}: {err}); it will not be chosen "
-                "for a resume, and checkpoint rotation was skipped so older verified checkpoints stay",
-                step,
-            )
-            return
-        self._manifests += 1
-        get_logger().info("[checkpoint_verifier] wrote %s", marker)
-        if announce:
-            self._message(
-                "info",
-                f"committed {folder.name}, saved without on_save ({record['saved_by']}): it has its manifest like "
-                "every other save",
-                step,
-            )
-        if rotation is not None:
-            self._run_rotation(rotation, newest=folder, step=step)
+    def _after_commit(self, rotation: tuple[str, int | None, str | None], step: int, folder: Path) -> None:
+        self._run_rotation(rotation, newest=folder, step=step)
 
     def _message(self, level: str, text: str, step: int | None) -> None:
-        with self._lock:
-            self._messages.append((level, text, step))
+        self._committer.message(level, text, step)
 
     def _flush_messages(self, state: Any = None) -> None:
-        if not self._messages:
+        if not self._committer.has_messages():
             return  # runs every step: skip the lock while the background writer has nothing to say
-        with self._lock:
-            messages, self._messages = self._messages, []
+        messages = self._committer.take_messages()
         if not distributed.is_main_process():
             for level, text, _step in messages:
                 if level in ("warning", "error"):
@@ -502,44 +402,30 @@ class CheckpointVerifier(GuardCallback):
 
     def wait(self) -> None:
         """Block until every manifest submitted so far is written (and its deferred rotation done)."""
-        with self._lock:
-            pending, self._pending = self._pending, []
-        for future in pending:
-            future.result()  # the job catches its own errors; this only waits
+        self._committer.wait()
 
     # ------------------------------------------------------------------------------------------------ end
-    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+    def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> Any:
         self.wait()
         self._flush_messages(state)
         self._deferred_rotation = None
         self._resume_checked = False
-        self._shutdown()
+        self._committer.shutdown()
         return super().on_train_end(args, state, control, **kwargs)
 
     def after_train(self, trainer: Any, output: Any) -> None:
         self.wait()  # a save after on_train_end (the user's own _save_checkpoint call) still gets its marker
-        with self._lock:
-            messages, self._messages = self._messages, []
-        for _level, text, _step in messages:
+        for _level, text, _step in self._committer.take_messages():
             get_logger().info("[checkpoint_verifier] %s", text)
 
     def on_train_error(self, trainer: Any, exc: BaseException) -> None:
-        self.wait()  # a save that completed still gets its commit marker
+        self._committer.shutdown()  # a save that completed still gets its commit marker
         self._resume_checked = False
-        self._shutdown()
-        with self._lock:
-            messages, self._messages = self._messages, []
-        for _level, text, _step in messages:
+        for _level, text, _step in self._committer.take_messages():
             get_logger().warning("[checkpoint_verifier] %s", text)
 
-    def _shutdown(self) -> None:
-        with self._lock:
-            executor, self._executor = self._executor, None
-        if executor is not None:
-            executor.shutdown(wait=True)
-
     def summary(self) -> str:
-        parts = [f"{self._manifests} manifest(s) written"]
+        parts = [f"{self._committer.manifests} manifest(s) written"]
         if self.lineage:
             parts.append(f"lineage {self.lineage}")
         if self._resumed_from:
@@ -549,24 +435,3 @@ class CheckpointVerifier(GuardCallback):
         if self._set_aside:
             parts.append(f"set aside {', '.join(self._set_aside)}")
         return ", ".join(parts)
-
-
-def _outcome(
-    path: str | None = None,
-    lineage: str | None = None,
-    adopts: bool = False,
-    parent: _lineage.CheckpointOrigin | None = None,
-    notes: list[tuple[str, str]] | None = None,
-    status: str = "",
-) -> dict[str, Any]:
-    """What the start of ``train()`` decided, shared by the main process with every rank: the checkpoint to load
-    (None: start fresh), the lineage this run belongs to (a new one unless given) and a new run id."""
-    return {
-        "path": path,
-        "lineage": lineage or _lineage.new_id(),
-        "run": _lineage.new_id(),
-        "adopts": adopts,
-        "parent": parent,
-        "notes": list(notes or []),
-        "status": status,
-    }

@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import uuid
 import weakref
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .. import distributed
 from ..alerts import AlertSink
 from ..checks import crash_loop
 from ..errors import PreflightError
+from . import _trainer_compat
 from ._base import GuardCallback
+
+if TYPE_CHECKING:
+    from transformers import TrainerControl, TrainerState, TrainingArguments
 
 __all__ = ["CrashLoopGuard"]
 
@@ -85,71 +89,63 @@ class CrashLoopGuard(GuardCallback):
         self._prepare(trainer, trainer.args)
         return resume_from_checkpoint
 
-    def _decide(self, trainer: Any, args: Any) -> dict[str, Any]:
-        decision: dict[str, Any] = {"run_id": uuid.uuid4().hex, "action": "none"}
-        runs = crash_loop.load_runs(args.output_dir)
-        failed = [r for r in runs if r.outcome in ("failed", "unknown")]
-        self._history_note = f"{len(runs)} earlier run(s), {len(failed)} ended abnormally"
-        loop = crash_loop.find_crash_loop(args.output_dir, max_repeats=self.max_repeats, runs=runs)
-        if loop is None:
-            return decision
-        bs, ga = int(args.per_device_train_batch_size), int(args.gradient_accumulation_steps)
-        if loop.oom and self.apply_oom_fix:
-            last = loop.last_batch
-            # Halve from where the last failing run stood when it kept this run's global batch (a fix applied
-            # before), so repeated OOMs keep halving instead of restarting from the user's setting.
-            lbs, lga = last.get("per_device_train_batch_size"), last.get("gradient_accumulation_steps")
-            if isinstance(lbs, int) and isinstance(lga, int) and lbs * lga == bs * ga:
-                bs, ga = lbs, lga
-            fix = crash_loop.oom_fix(bs, ga)
-            if fix is not None and not getattr(trainer, "is_deepspeed_enabled", False):
-                decision.update(action="fix", before=(bs, ga), after=fix, loop=loop.describe())
-                return decision
-        decision.update(action="refuse", error=crash_loop.crash_loop_error(args.output_dir, loop, bs, ga))
-        return decision
-
     def _prepare(self, trainer: Any, args: Any) -> None:
         if self._prepared:
             return
         self._prepared = True
-        decision: dict[str, Any] | BaseException | None = None
+        # The decision is taken on rank 0 (it reads the log) and broadcast with the run id, so all ranks act alike.
+        payload: tuple[str, crash_loop.StartDecision] | BaseException | None = None
         if distributed.is_main_process():
             try:
-                decision = self._decide(trainer, args)
+                decision = crash_loop.decide_start(
+                    args.output_dir,
+                    per_device_train_batch_size=int(args.per_device_train_batch_size),
+                    gradient_accumulation_steps=int(args.gradient_accumulation_steps),
+                    max_repeats=self.max_repeats,
+                    apply_oom_fix=self.apply_oom_fix,
+                    can_change_batch=not getattr(trainer, "is_deepspeed_enabled", False),
+                )
+                self._history_note = decision.history
+                payload = (uuid.uuid4().hex, decision)
             except Exception as exc:  # an unreadable folder must stop every rank, not hang the others
-                decision = exc
-        decision = distributed.broadcast_object(decision)
-        if isinstance(decision, BaseException):
-            raise decision
-        assert isinstance(decision, dict)
-        self.run_id = str(decision["run_id"])
-        if decision["action"] == "refuse":
-            err = decision["error"]
+                payload = exc
+        payload = distributed.broadcast_object(payload)
+        if isinstance(payload, BaseException):
+            raise payload
+        assert isinstance(payload, tuple)
+        self.run_id, decision = str(payload[0]), payload[1]
+        if decision.action == "refuse":
+            err = decision.error
             assert isinstance(err, PreflightError)
             if distributed.is_main_process():
                 self.alert("error", err.what, evidence=err.evidence)
             raise err
-        if decision["action"] == "fix":
-            (bs, ga), (new_bs, new_ga) = decision["before"], decision["after"]
-            before = {"per_device_train_batch_size": int(args.per_device_train_batch_size),
-                      "gradient_accumulation_steps": int(args.gradient_accumulation_steps)}
-            args.per_device_train_batch_size = new_bs
-            args.gradient_accumulation_steps = new_ga
-            if trainer is not None and hasattr(trainer, "_train_batch_size"):
-                # Trainer.__init__ copied the batch size; train() builds the dataloader from the copy.
-                trainer._train_batch_size = args.train_batch_size
+        if decision.action == "fix":
+            assert decision.before is not None and decision.after is not None and decision.loop is not None
+            (bs, ga), (new_bs, new_ga) = decision.before, decision.after
+            before = {
+                "per_device_train_batch_size": int(args.per_device_train_batch_size),
+                "gradient_accumulation_steps": int(args.gradient_accumulation_steps),
+            }
+            if trainer is not None:
+                _trainer_compat.set_train_batch_size(trainer, new_bs, new_ga)
+            else:
+                args.per_device_train_batch_size = new_bs
+                args.gradient_accumulation_steps = new_ga
             after = {"per_device_train_batch_size": new_bs, "gradient_accumulation_steps": new_ga}
             self.applied_fix = (before, after)
             if distributed.is_main_process():
                 self.alert(
                     "warning",
-                    f"crash loop: {decision['loop']}; applied the OOM fix: per_device_train_batch_size {bs} -> "
-                    f"{new_bs}, gradient_accumulation_steps {ga} -> {new_ga} (same global batch)",
+                    f"crash loop: {decision.loop.describe()}; applied the OOM fix: per_device_train_batch_size "
+                    f"{bs} -> {new_bs}, gradient_accumulation_steps {ga} -> {new_ga} (same global batch)",
                     evidence={"before": before, "after": after},
                 )
 
     # ----------------------------------------------------------------------------------------------- events
-    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+    def on_train_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> Any:
         if self._started:  # auto_find_batch_size re-runs the loop: one start per train() call
             return control
         if not self._prepared:  # the train() hook was not installed (Trainer not found at init)
@@ -159,18 +155,18 @@ class CrashLoopGuard(GuardCallback):
         self._trainer_for_step = weakref.ref(trainer) if trainer is not None else None
         run_id = self.run_id or uuid.uuid4().hex
         if args.should_save:
-            crash_loop.record_start(args.output_dir, run_id=run_id, step=state.global_step, batch=_batch(args))
-        crash_loop._register_open_run(run_id, args.output_dir, self._current_step)
+            crash_loop.record_start(str(args.output_dir), run_id=run_id, step=state.global_step, batch=_batch(args))
+        crash_loop._register_open_run(run_id, str(args.output_dir), self._current_step)
         return control
 
     def _current_step(self) -> int:
         trainer = self._trainer_for_step() if self._trainer_for_step is not None else None
         return int(trainer.state.global_step) if trainer is not None else -1
 
-    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+    def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> Any:
         if self._started and self.run_id is not None:
             if args.should_save:
-                crash_loop.record_end(args.output_dir, run_id=self.run_id, step=state.global_step, status="clean")
+                crash_loop.record_end(str(args.output_dir), run_id=self.run_id, step=state.global_step, status="clean")
             crash_loop._unregister_open_run(self.run_id)
         self._started = False
         self._prepared = False

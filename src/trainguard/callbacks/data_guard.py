@@ -8,13 +8,13 @@ from typing import Any
 
 from .. import distributed
 from ..checks.data import TokenizedCheck, check_tokenized_dataset
+from ..checks.data.verdict import ACTIONS, judge_tokenized
 from ..errors import DataValidationError
 from ._base import GuardCallback
 
 __all__ = ["DataGuard"]
 
 _LOG = logging.getLogger("trainguard")
-_ACTIONS = ("refuse", "warn")
 # Config attributes that hold a model's position limit, by family (Llama/Mistral/BERT, GPT-2, MPT/Falcon, ChatGLM).
 _POSITION_ATTRS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "max_seq_len")
 
@@ -86,8 +86,8 @@ class DataGuard(GuardCallback):
         webhook_url: str | None = None,
     ) -> None:
         super().__init__(alert_sinks=alert_sinks, webhook_url=webhook_url)
-        if action not in _ACTIONS:
-            raise ValueError(f"action must be one of {_ACTIONS}, not {action!r}")
+        if action not in ACTIONS:
+            raise ValueError(f"action must be one of {ACTIONS}, not {action!r}")
         if not 0.0 <= max_masked_fraction <= 1.0:
             raise ValueError(f"max_masked_fraction must be between 0 and 1, not {max_masked_fraction!r}")
         self.action = action
@@ -121,8 +121,11 @@ class DataGuard(GuardCallback):
             result.masked_rows, result.masked_examples = 0, []
             result.supervision = "input_ids (DataCollatorForLanguageModeling rebuilds labels)"
         self.result = result
-        findings, refuse = self._judge(result)
-        refuse = distributed.any_rank(refuse)  # a collective: every rank reaches this line once per train()
+        verdict = judge_tokenized(
+            result, action=self.action, max_masked_fraction=self.max_masked_fraction, ignore_index=self.ignore_index
+        )
+        findings = verdict.findings
+        refuse = distributed.any_rank(verdict.refuse)  # a collective: every rank reaches this line once per train()
         if result.skipped:
             self._summary = f"not checked: {result.skipped}"
             _LOG.info("trainguard data_guard: %s", self._summary)
@@ -143,8 +146,12 @@ class DataGuard(GuardCallback):
             first = firsts[0] if firsts else None
             raise DataValidationError(
                 f"the train dataset has rows the run cannot learn from: {message}",
-                where={"row": first, "field": "labels" if result.masked_rows else "input_ids",
-                       "step": 0, "rank": distributed.rank()},
+                where={
+                    "row": first,
+                    "field": "labels" if result.masked_rows else "input_ids",
+                    "step": 0,
+                    "rank": distributed.rank(),
+                },
                 next_step=(
                     "Drop those rows (dataset.filter), raise max_length if truncation cut the answers off, or "
                     "check the label masking; DataGuard(max_masked_fraction=...) or action='warn' accepts them."
@@ -154,34 +161,5 @@ class DataGuard(GuardCallback):
         self.alert("warning", message, step=0, evidence=evidence)
         return result
 
-    def _judge(self, result: TokenizedCheck) -> tuple[list[str], bool]:
-        findings: list[str] = []
-        if result.skipped or not result.rows:
-            return findings, False
-        nothing = result.masked_rows + result.empty_rows
-        if result.masked_rows:
-            findings.append(
-                f"{result.masked_rows} of {result.rows} row(s) have no supervised token "
-                f"(every label is {self.ignore_index}; rows {_rows(result.masked_examples, result.masked_rows)})"
-                if result.supervision == "labels"
-                else f"{result.masked_rows} of {result.rows} row(s) have an all-zero {result.supervision} "
-                f"(rows {_rows(result.masked_examples, result.masked_rows)})"
-            )
-        if result.empty_rows:
-            empty = _rows(result.empty_examples, result.empty_rows)
-            findings.append(f"{result.empty_rows} row(s) have no input_ids (rows {empty})")
-        if result.over_limit_rows:
-            findings.append(
-                f"{result.over_limit_rows} row(s) are longer than the model's {result.max_positions} positions "
-                f"(longest {result.max_len}; rows {_rows(result.over_limit_examples, result.over_limit_rows)})"
-            )
-        too_many = nothing / result.rows > self.max_masked_fraction
-        refuse = self.action == "refuse" and (too_many or result.over_limit_rows > 0)
-        return findings, refuse
-
     def summary(self) -> str:
         return self._summary
-
-
-def _rows(indices: list[int], count: int) -> str:
-    return ", ".join(str(i) for i in indices[:5]) + (", …" if count > len(indices[:5]) else "")

@@ -2,51 +2,33 @@
 
 from __future__ import annotations
 
-import logging
 import weakref
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from transformers.trainer_callback import ExportableState
 
 from .. import distributed
-from ..checks._resume import on_main_then_share, read_trainer_state, resolve_resume_checkpoint
-from ..checks.fingerprint import RECORD_SCHEME, check_run_identity, describe_dataset, plan_resume
+from ..checks._resume import on_main_then_share, resolve_resume_checkpoint
+from ..checks.dataset import (
+    CHECK_EVAL,
+    check_checkpoint_resume,
+    check_resume_identity,
+    run_identity_record,
+    stored_record,
+)
 from ..errors import DatasetMismatchError, TrainGuardError
 from ._base import GuardCallback, find_trainer
 
+if TYPE_CHECKING:
+    from transformers import TrainerControl, TrainerState, TrainingArguments
+
 __all__ = ["DatasetGuard"]
 
-_LOG = logging.getLogger("trainguard")
 # The run-identity record computed by before_train, per Trainer. With restore_callback_states_from_checkpoint the
 # Trainer replaces the user's guard by a new instance built from the checkpoint's args; that instance finds the
 # current record here instead of hashing the data a second time.
 _CURRENT: weakref.WeakKeyDictionary[Any, dict[str, Any]] = weakref.WeakKeyDictionary()
-_CHECK_EVAL = ("warn", "raise", "off")
-
-
-def _stored_record(trainer_state: dict[str, Any], name: str) -> dict[str, Any] | None:
-    callbacks = trainer_state.get("stateful_callbacks") or {}
-    entry = callbacks.get(name) if isinstance(callbacks, dict) else None
-    if entry is None and name != "DatasetGuard" and isinstance(callbacks, dict):
-        entry = callbacks.get("DatasetGuard")
-    if isinstance(entry, list):  # several instances of one class: transformers appends (see trainer_internals §4)
-        entry = entry[-1] if entry else None
-    if not isinstance(entry, dict):
-        return None
-    record = (entry.get("attributes") or {}).get("run_identity")
-    return record if isinstance(record, dict) else None
-
-
-def _identity(data: Any) -> dict[str, Any]:
-    try:
-        return describe_dataset(data).to_dict()
-    except ValueError as err:
-        try:
-            rows: int | None = len(data)
-        except TypeError:
-            rows = None
-        return {"fingerprint": None, "num_rows": rows, "kind": type(data).__name__, "unavailable": str(err)}
 
 
 def _steps_per_epoch(trainer: Any) -> int | None:
@@ -100,8 +82,8 @@ class DatasetGuard(GuardCallback, ExportableState):
         webhook_url: str | None = None,
     ) -> None:
         super().__init__(alert_sinks=alert_sinks, webhook_url=webhook_url)
-        if check_eval not in _CHECK_EVAL:
-            raise ValueError(f"check_eval must be one of {_CHECK_EVAL}, not {check_eval!r}")
+        if check_eval not in CHECK_EVAL:
+            raise ValueError(f"check_eval must be one of {CHECK_EVAL}, not {check_eval!r}")
         self.train_source = train_source
         self.eval_source = eval_source
         self.check_eval = check_eval
@@ -130,56 +112,29 @@ class DatasetGuard(GuardCallback, ExportableState):
     # ---------------------------------------------------------------------------------------------- the record
     def _current_record(self, trainer: Any, steps_per_epoch: int | None) -> dict[str, Any]:
         args = trainer.args
-        train = _identity(self.train_source if self.train_source is not None else trainer.train_dataset)
-        eval_data = self.eval_source if self.eval_source is not None else getattr(trainer, "eval_dataset", None)
-        evals: dict[str, Any] | None = None
-        if self.check_eval != "off" and eval_data is not None:
-            if isinstance(eval_data, dict):
-                evals = {str(name): _identity(ds) for name, ds in eval_data.items()}
-            else:
-                evals = {"eval": _identity(eval_data)}
-        world = int(args.world_size)
-        per_device = int(args.per_device_train_batch_size)
-        accumulation = int(args.gradient_accumulation_steps)
-        return {
-            "scheme": RECORD_SCHEME,
-            "train": train,
-            "eval": evals,
-            "world_size": world,
-            "per_device_train_batch_size": per_device,
-            "gradient_accumulation_steps": accumulation,
-            "global_batch": world * per_device * accumulation,
-            "steps_per_epoch": steps_per_epoch,
-        }
+        return run_identity_record(
+            self.train_source if self.train_source is not None else trainer.train_dataset,
+            self.eval_source if self.eval_source is not None else getattr(trainer, "eval_dataset", None),
+            world_size=int(args.world_size),
+            per_device_train_batch_size=int(args.per_device_train_batch_size),
+            gradient_accumulation_steps=int(args.gradient_accumulation_steps),
+            steps_per_epoch=steps_per_epoch,
+            check_eval=self.check_eval,
+        )
 
     def _check(self, trainer: Any, resume_from_checkpoint: Any, steps_per_epoch: int | None) -> dict[str, Any]:
         args = trainer.args
         current = self._current_record(trainer, steps_per_epoch)
         checkpoint = resolve_resume_checkpoint(args.output_dir, resume_from_checkpoint)
-        warnings: list[str] = []
-        if current["train"].get("fingerprint") is None:
-            warnings.append(
-                "cannot fingerprint the training data ("
-                + str(current["train"].get("unavailable"))
-                + "); resumes are checked for batch and step counts only"
-            )
-        if checkpoint is not None:
-            trainer_state = read_trainer_state(checkpoint)
-            try:
-                global_step = int(trainer_state.get("global_step") or 0)
-            except (TypeError, ValueError):
-                global_step = 0
-            plan = plan_resume(
-                global_step, steps_per_epoch, max_steps=int(args.max_steps), num_train_epochs=args.num_train_epochs
-            )
-            warnings += check_run_identity(
-                _stored_record(trainer_state, type(self).__name__),
-                current,
-                checkpoint=checkpoint,
-                plan=plan,
-                refuse_empty_resume=self.refuse_empty_resume,
-                check_eval=self.check_eval,
-            )
+        warnings = check_checkpoint_resume(
+            current,
+            checkpoint,
+            guard_name=type(self).__name__,
+            max_steps=int(args.max_steps),
+            num_train_epochs=args.num_train_epochs,
+            refuse_empty_resume=self.refuse_empty_resume,
+            check_eval=self.check_eval,
+        )
         return {"record": current, "warnings": warnings, "checkpoint": str(checkpoint) if checkpoint else None}
 
     # ------------------------------------------------------------------------------------------------- events
@@ -205,12 +160,14 @@ class DatasetGuard(GuardCallback, ExportableState):
         self._summary += f"; resumed from {Path(resumed).name}: same data and batch" if resumed else "; no resume"
         return resume_from_checkpoint
 
-    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+    def on_train_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> Any:
         name = type(self).__name__
         if self._trainer_ref is None:  # a guard rebuilt by restore_callback_states_from_checkpoint
             self._attach(args)
         trainer = self.trainer or find_trainer()
-        stored = _stored_record({"stateful_callbacks": state.stateful_callbacks}, name)
+        stored = stored_record({"stateful_callbacks": state.stateful_callbacks}, name)
         current = _CURRENT.get(trainer) if trainer is not None else None
         if current is None and trainer is not None:
             # train() was not wrapped (a Trainer subclass calling the inner loop itself): compute it here.
@@ -218,32 +175,33 @@ class DatasetGuard(GuardCallback, ExportableState):
         if current is not None:
             self.run_identity = current
         # transformers' KeyError bug: a stateful callback new to a resumed run has no entry in the loaded state.
-        state.stateful_callbacks.setdefault(name, self.state())
+        records: Any = state.stateful_callbacks  # a dict at runtime, whatever its annotation says
+        records.setdefault(name, self.state())
         if state.global_step <= 0 or current is None:
             return control
         error: TrainGuardError | None = None
         try:
-            plan = plan_resume(
-                int(state.global_step),
-                current.get("steps_per_epoch"),
-                max_steps=int(args.max_steps),
-                num_train_epochs=args.num_train_epochs,
-            )
-            check_run_identity(
+            check_resume_identity(
                 stored,
                 current,
                 checkpoint=f"{args.output_dir}/checkpoint-{state.global_step}",
-                plan=plan,
+                global_step=int(state.global_step),
+                max_steps=int(args.max_steps),
+                num_train_epochs=args.num_train_epochs,
                 refuse_empty_resume=self.refuse_empty_resume,
                 check_eval=self.check_eval,
             )
         except DatasetMismatchError as err:
             error = err
-        if distributed.any_rank(error is not None):
-            if error is None:
-                error = DatasetMismatchError("another rank refused this resume", where={"rank": distributed.rank()})
+        if error is not None:
             self._summary = f"refused the resume: {error.what}"
-            raise error
+        self.refuse_together(
+            error,
+            placeholder=lambda: DatasetMismatchError(
+                "another rank refused this resume", where={"rank": distributed.rank()}
+            ),
+            alert_level=None,
+        )
         return control
 
     def summary(self) -> str:

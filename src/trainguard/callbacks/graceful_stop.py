@@ -7,12 +7,16 @@ import signal
 import threading
 from collections.abc import Iterable
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .. import distributed
 from ..alerts import AlertSink, get_logger
 from ..checks import crash_loop
+from . import _trainer_compat
 from ._base import GuardCallback
+
+if TYPE_CHECKING:
+    from transformers import TrainerControl, TrainerState, TrainingArguments
 
 __all__ = ["GracefulStop"]
 
@@ -140,8 +144,7 @@ class GracefulStop(GuardCallback):
         for signum in self.signals:
             previous = signal.signal(signum, self._handle)
             self._previous[signum] = previous
-            owner = getattr(previous, "__self__", None)
-            if signum == signal.SIGTERM and type(owner).__name__ == "CheckpointManager":
+            if signum == signal.SIGTERM and _trainer_compat.is_jit_sigterm_handler(previous):
                 jit.append(signum)
         if jit:
             # transformers' enable_jit_checkpoint installed its own SIGTERM handler in Trainer.__init__. Ours
@@ -160,7 +163,9 @@ class GracefulStop(GuardCallback):
         self._previous.clear()
 
     # ------------------------------------------------------------------------------------------------ events
-    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+    def on_train_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> Any:
         self.stop_signal = None
         self.stopped_at_step = None
         self._world_size = distributed.world_size()  # read once: on_step_end must cost next to nothing
@@ -169,7 +174,7 @@ class GracefulStop(GuardCallback):
         self._install()
         return control
 
-    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> Any:
         local = self._received is not None
         if self._world_size > 1:
             if state.global_step % self.sync_every:
@@ -207,7 +212,7 @@ class GracefulStop(GuardCallback):
         dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._flag_group)
         return bool(flag.item())
 
-    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+    def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> Any:
         self._restore()
         return super().on_train_end(args, state, control, **kwargs)
 
@@ -217,6 +222,8 @@ class GracefulStop(GuardCallback):
     def summary(self) -> str:
         names = "/".join(signal.Signals(s).name for s in self.signals)
         if self.stopped_at_step is not None:
-            return f"stopped by {self.stop_signal.name if self.stop_signal else 'a signal'} after step " \
-                   f"{self.stopped_at_step}, checkpoint saved"
+            return (
+                f"stopped by {self.stop_signal.name if self.stop_signal else 'a signal'} after step "
+                f"{self.stopped_at_step}, checkpoint saved"
+            )
         return f"watched {names}; no stop requested"

@@ -4,11 +4,17 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..alerts import AlertSink, get_logger
-from ..checks.watchdog import HangReport, Watchdog
+from ..checks.watchdog import HangReport, Watchdog, WatchdogSettings
 from ._base import GuardCallback
+
+if TYPE_CHECKING:
+    from transformers import TrainerControl, TrainerState, TrainingArguments
+    from typing_extensions import Unpack
+
+    from ..checks.watchdog import WatchdogOptions
 
 __all__ = ["HangWatchdog"]
 
@@ -33,12 +39,13 @@ class HangWatchdog(GuardCallback):
     Args:
         timeout: Step budget in seconds; None (default) learns it: ``max(floor, multiplier x slowest step
             cycle)`` after ``warmup_steps`` steps, ``floor`` before.
-        action: ``"dump"`` (default: nothing is killed by a false alarm) or ``"abort"`` (exit with ``exit_code``).
-        repeat_interval, warmup_steps, floor, multiplier, first_step_timeout, eval_timeout, save_timeout,
-            resume_timeout, exit_code, abort_grace, native_stacks, check_interval: as in
-            :class:`~trainguard.checks.watchdog.Watchdog`, with the same defaults and reasons.
         alert_sinks: Replace the default alert sinks.
         webhook_url: Also POST warnings and worse to this URL.
+        **options: The watchdog's other options, fields of :class:`~trainguard.checks.watchdog.WatchdogSettings`
+            where their defaults and reasons are: ``action`` (``"dump"``, the default: nothing is killed by a false
+            alarm; or ``"abort"``: exit with ``exit_code``), ``repeat_interval``, ``warmup_steps``, ``floor``,
+            ``multiplier``, ``first_step_timeout``, ``eval_timeout``, ``save_timeout``, ``resume_timeout``,
+            ``exit_code``, ``abort_grace``, ``native_stacks``, ``check_interval``.
 
     Raises:
         ValueError: An option is out of range (at construction, before any training).
@@ -55,40 +62,13 @@ class HangWatchdog(GuardCallback):
         self,
         timeout: float | None = None,
         *,
-        action: str = "dump",
-        repeat_interval: float | None = None,
-        warmup_steps: int = 5,
-        floor: float = 300.0,
-        multiplier: float = 10.0,
-        first_step_timeout: float | None = None,
-        eval_timeout: float | None = None,
-        save_timeout: float | None = None,
-        resume_timeout: float | None = None,
-        exit_code: int = 124,
-        abort_grace: float = 30.0,
-        native_stacks: bool | None = None,
-        check_interval: float = 1.0,
         alert_sinks: Sequence[AlertSink] | None = None,
         webhook_url: str | None = None,
+        **options: Unpack[WatchdogOptions],
     ) -> None:
         super().__init__(alert_sinks=alert_sinks, webhook_url=webhook_url)
-        self.watchdog = Watchdog(
-            timeout,
-            action=action,
-            repeat_interval=repeat_interval,
-            warmup_steps=warmup_steps,
-            floor=floor,
-            multiplier=multiplier,
-            first_step_timeout=first_step_timeout,
-            eval_timeout=eval_timeout,
-            save_timeout=save_timeout,
-            resume_timeout=resume_timeout,
-            exit_code=exit_code,
-            abort_grace=abort_grace,
-            native_stacks=native_stacks,
-            check_interval=check_interval,
-            on_report=self._on_report,
-        )
+        settings = WatchdogSettings(timeout=timeout, **options)
+        self.watchdog = Watchdog(settings=settings, on_report=self._on_report)
         # Where the run goes after an evaluation and after a save that follow a step (set at each step end).
         self._after_eval = "step"
         self._after_save = "step"
@@ -125,7 +105,9 @@ class HangWatchdog(GuardCallback):
             get_logger().warning("trainguard hang watchdog: could not record the abort: %s", exc)
 
     # ------------------------------------------------------------------------------------------------ events
-    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+    def on_train_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> Any:
         wd = self.watchdog
         wd.step = int(state.global_step)
         phase = "resume" if state.global_step > 0 else "first_step"
@@ -136,31 +118,44 @@ class HangWatchdog(GuardCallback):
             budget, rule = wd.budget("resume")
             get_logger().info(
                 "trainguard hang watchdog: resuming at step %d; the first step includes the Trainer's skip over "
-                "trained batches and has %g s (%s)", state.global_step, budget, rule,
+                "trained batches and has %g s (%s)",
+                state.global_step,
+                budget,
+                rule,
             )
         return control
 
-    def on_epoch_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+    def on_epoch_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> Any:
         self.watchdog.beat()
         return control
 
-    def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+    def on_step_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> Any:
         self.watchdog.beat()
         return control
 
-    def on_substep_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+    def on_substep_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> Any:
         self.watchdog.beat()
         return control
 
-    def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+    def on_pre_optimizer_step(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> Any:
         self.watchdog.beat()
         return control
 
-    def on_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+    def on_optimizer_step(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> Any:
         self.watchdog.beat()
         return control
 
-    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> Any:
         self.watchdog.step_end(state.global_step)
         if control.should_training_stop or control.should_evaluate or control.should_save:
             self._next_phase(control)
@@ -168,7 +163,7 @@ class HangWatchdog(GuardCallback):
             self.watchdog.enter("step")  # step_end already recorded the progress of an ordinary step
         return control
 
-    def on_epoch_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+    def on_epoch_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> Any:
         self.watchdog.beat()
         self._next_phase(control)
         return control
@@ -186,33 +181,37 @@ class HangWatchdog(GuardCallback):
         else:
             self.watchdog.enter(after)
 
-    def on_log(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+    def on_log(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> Any:
         self.watchdog.beat()
         return control
 
-    def on_prediction_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+    def on_prediction_step(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> Any:
         self.watchdog.beat()
         return control
 
-    def on_evaluate(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+    def on_evaluate(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> Any:
         if self.watchdog.phase == "eval":
             self.watchdog.enter(self._after_eval)
         else:
             self.watchdog.beat()
         return control
 
-    def on_predict(self, args: Any, state: Any, control: Any, metrics: Any = None, **kwargs: Any) -> Any:
+    def on_predict(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, metrics: Any = None, **kwargs: Any
+    ) -> Any:
         self.watchdog.beat()
         return control
 
-    def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+    def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> Any:
         if self.watchdog.phase == "save":
             self.watchdog.enter(self._after_save)
         else:
             self.watchdog.beat()
         return control
 
-    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+    def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> Any:
         self.watchdog.stop()
         return super().on_train_end(args, state, control, **kwargs)
 
@@ -221,4 +220,3 @@ class HangWatchdog(GuardCallback):
 
     def summary(self) -> str:
         return self.watchdog.summary()
-

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .. import distributed
 from ..checks._resume import on_main_then_share, resolve_resume_checkpoint
 from ..checks.lora import check_lora_config, compare_adapter_weights, read_adapter_configs
 from ..errors import LoraConfigMismatchError, TrainGuardError
 from ._base import GuardCallback
+
+if TYPE_CHECKING:
+    from transformers import TrainerControl, TrainerState, TrainingArguments
 
 __all__ = ["LoraConfigGuard"]
 
@@ -91,27 +94,39 @@ class LoraConfigGuard(GuardCallback):
         )
         return resume_from_checkpoint
 
-    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+    def on_train_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> Any:
         checkpoint = self._resumed_from
         model = kwargs.get("model")
         if not self.check_weights or checkpoint is None or state.global_step <= 0 or _peft_config(model) is None:
             return control
         problems = compare_adapter_weights(model, checkpoint)
-        if distributed.any_rank(bool(problems)):
+        error: LoraConfigMismatchError | None = None
+        if problems:
             shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
+            error = _not_restored(checkpoint, state.global_step, shown, problems)
             self._summary = "adapter weights not restored"
-            raise LoraConfigMismatchError(
-                f"after resuming from {checkpoint.name} the adapter weights in the model are not the checkpoint's "
-                f"(adapter silently not restored): {shown or 'on another rank'}",
-                where={"file": str(checkpoint), "step": state.global_step, "rank": distributed.rank()},
-                next_step=(
-                    "Check that the model's adapter names match the checkpoint's folders (peft saves adapters other "
-                    "than 'default' in sub-folders) and that it was built with get_peft_model."
-                ),
-                evidence={"problems": problems},
-            )
+        self.refuse_together(
+            error,
+            placeholder=lambda: _not_restored(checkpoint, state.global_step, "on another rank", []),
+            alert_level=None,
+        )
         self._summary += "; adapter weights restored"
         return control
 
     def summary(self) -> str:
         return self._summary
+
+
+def _not_restored(checkpoint: Any, step: int, shown: str, problems: list[str]) -> LoraConfigMismatchError:
+    return LoraConfigMismatchError(
+        f"after resuming from {checkpoint.name} the adapter weights in the model are not the checkpoint's "
+        f"(adapter silently not restored): {shown}",
+        where={"file": str(checkpoint), "step": step, "rank": distributed.rank()},
+        next_step=(
+            "Check that the model's adapter names match the checkpoint's folders (peft saves adapters other "
+            "than 'default' in sub-folders) and that it was built with get_peft_model."
+        ),
+        evidence={"problems": problems},
+    )

@@ -1,78 +1,46 @@
-"""``NanGuard``: stop at the first non-finite step, never save a poisoned checkpoint, all ranks agree."""
+"""``NanGuard``: stop at the first non-finite step, never save a poisoned checkpoint, all ranks agree.
+
+The Trainer adapter: options, step hooks (through ``_trainer_compat``), events and the decision to act. What is
+checked, how one step's flags are collected and shared across ranks, and what a finding says live in
+:mod:`trainguard.checks.nan`.
+"""
 
 from __future__ import annotations
 
-import functools
 import math
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from .. import distributed
-from ..alerts import AlertSink
-from ..checks._resume import checkpoint_dirs, checkpoint_step
-from ..checks.numerics import (
+from ..alerts import AlertSink, get_logger
+from ..checks.nan import (
     LossHealth,
     NonFiniteFinding,
     Patience,
-    describe_value,
-    nonfinite_flag,
+    StepFlagCollector,
+    StepFlags,
+    StepVerdict,
+    finding_evidence,
+    finding_from_metrics,
+    finding_from_parameters,
+    finding_from_verdict,
+    finding_headline,
+    finding_message,
+    nonfinite_error,
     nonfinite_metrics,
     nonfinite_parameters,
+    process_topology,
+    stop_evidence,
 )
 from ..errors import NonFiniteError
+from . import _trainer_compat
 from ._base import GuardCallback, find_trainer
+
+if TYPE_CHECKING:
+    from transformers import TrainerControl, TrainerState, TrainingArguments
 
 __all__ = ["NanGuard"]
 
 _ACTIONS = ("raise", "stop", "warn")
-_HOOK_MARK = "_trainguard_nan_guard_hooks"
-
-
-@dataclass
-class _StepFlags:
-    """What one optimizer step left behind: device flags and the values behind them (for the message)."""
-
-    step: int
-    # [loss_bad, grad_bad, empty, loss rank code, grad rank code] all-reduced (MAX) across ranks, then this rank's
-    # [loss_bad, grad_bad, empty]: as host ints when the flags were already on the host (CPU training) ...
-    values: list[int] | None = None
-    # ... else as int32 tensors on the device, read later
-    vector: Any = None
-    local: Any = None  # int32 [loss_bad, grad_bad, empty] on this rank
-    host: Any = None  # host copy of cat(vector, local), filled asynchronously on CUDA
-    event: Any = None  # CUDA event recorded after the copy
-    losses: list[Any] = field(default_factory=list)
-    grad_norm: Any = None
-
-
-@dataclass(frozen=True)
-class _Verdict:
-    step: int
-    loss_bad: bool
-    grad_bad: bool
-    empty: bool
-    loss_rank: int | None
-    grad_rank: int | None
-    local_loss_bad: bool
-    local_grad_bad: bool
-    losses: list[Any]
-    grad_norm: Any
-
-    @property
-    def bad(self) -> bool:
-        return self.loss_bad or self.grad_bad
-
-
-def newest_checkpoint_before(output_dir: str | None, step: int) -> Path | None:
-    """The newest ``checkpoint-N`` in ``output_dir`` with ``N < step`` (None when there is none)."""
-    if not output_dir:
-        return None
-    try:
-        older = [d for d in checkpoint_dirs(output_dir) if (checkpoint_step(d) or 0) < step]
-    except OSError:
-        return None
-    return older[-1] if older else None
 
 
 class NanGuard(GuardCallback):
@@ -192,23 +160,13 @@ class NanGuard(GuardCallback):
         # Keep flags as device tensors even for CPU tensors (the accelerator path); tests set it to cover that path.
         self._device_flags = False
         self._update_pending = True
-        self._topology: tuple[int, int, Any] | None = None  # (world size, rank, process group or None)
         self._sync_now = True
-        self._device: Any = None
-        self._losses: list[Any] = []
-        self._loss_bad: Any = None
-        self._empty: Any = None
-        self._grad_norm: Any = None
-        self._grad_bad: Any = None
-        self._pending: _StepFlags | None = None
-        self._host_buffers: list[Any] = []
-        self._events: list[Any] = []
-        self._flip = 0
+        self._flags = StepFlagCollector()  # this step's observations; a new one (device, ranks) per train()
+        self._pending: StepFlags | None = None  # flags of the last step, read one step later (sync=False)
         self._nonfinite_since_log = False
         self._empty_since_log = False
         self._warned_streak = False
 
-    # ------------------------------------------------------------------------------------------------ state
     @property
     def stopped(self) -> bool:
         """True when the guard ended (or is ending) the run: read it after ``train()`` with ``action="stop"``."""
@@ -216,7 +174,7 @@ class NanGuard(GuardCallback):
 
     def summary(self) -> str:
         if self.tripped is not None:
-            return f"{self._headline(self.tripped)}; action {self.action}"
+            return f"{finding_headline(self.tripped)}; action {self.action}"
         extra = []
         if self.skipped_steps:
             extra.append(f"{self.skipped_steps} step(s) skipped under patience")
@@ -226,240 +184,42 @@ class NanGuard(GuardCallback):
 
     # ------------------------------------------------------------------------------------------------ hooks
     def _install(self, trainer: Any) -> None:
-        """Wrap this Trainer's ``training_step`` (raw loss of every micro-batch) and its grad-norm function (the
-        norm it computes for clipping), on this instance only. On an accelerator both only queue a device op; on the
-        CPU they read the value (one ``.item()``), which costs less than any tensor op."""
-        installed: list[NanGuard] = getattr(trainer, _HOOK_MARK, [])
-        if any(guard is self for guard in installed):
-            self._hooked = True
-            return
-        original_step = trainer.training_step
-
-        @functools.wraps(original_step)
-        def training_step(*args: Any, **kwargs: Any) -> Any:
-            loss = original_step(*args, **kwargs)
-            self._after_training_step(loss, args, kwargs)
-            return loss
-
-        trainer.training_step = training_step
-        # 5.x computes the logged norm in _get_grad_norm (clipping or not); 4.x calls accelerate's
-        # clip_grad_norm_ inline, and only when max_grad_norm > 0.
-        if callable(getattr(trainer, "_get_grad_norm", None)):
-            owner, name = trainer, "_get_grad_norm"
-        else:
-            owner, name = trainer.accelerator, "clip_grad_norm_"
-        original_norm = getattr(owner, name)
-
-        @functools.wraps(original_norm)
-        def grad_norm(*args: Any, **kwargs: Any) -> Any:
-            norm = original_norm(*args, **kwargs)
-            self._after_grad_norm(norm)
-            return norm
-
-        setattr(owner, name, grad_norm)
-        setattr(trainer, _HOOK_MARK, [*installed, self])
+        """See every micro-batch's raw loss and the gradient norm the Trainer computes (for clipping), on this
+        instance only. On an accelerator both only queue a device op; on the CPU they read the value (one
+        ``.item()``), which costs less than any tensor op. Once per trainer."""
+        missing = _trainer_compat.install_step_hooks(
+            trainer, self, on_loss=self._after_training_step, on_grad_norm=self._after_grad_norm
+        )
+        for feature in missing:
+            get_logger().warning("[nan_guard] off in this run: %s", feature)
         self._hooked = True
 
     # Both run on every micro-batch / step, with cold caches, where Python costs several times its timeit figure:
-    # the common case (a finite value on the CPU) is one .item() and a few attribute reads.
+    # the common case (a finite value on the CPU) is one .item() and a few attribute reads, inlined here (the
+    # label-token count is not looked at for a finite loss); StepFlagCollector.observe_* handle every other case.
     def _after_training_step(self, loss: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        if not self._device_flags and getattr(loss, "is_cpu", False) and loss.numel() == 1:
+        flags = self._flags
+        if not flags.device_flags and getattr(loss, "is_cpu", False) and loss.numel() == 1:
             value = loss.item()
             if math.isfinite(value):
-                self._losses.append(value)
-                if self._loss_bad is None:
-                    self._loss_bad = False
+                flags.losses.append(value)
+                if flags.loss_bad is None:
+                    flags.loss_bad = False
                 return
         # training_step(model, inputs, num_items_in_batch): the label-token count the loss is divided by.
-        self._observe_loss(loss, kwargs.get("num_items_in_batch", args[2] if len(args) > 2 else None))
+        flags.observe_loss(loss, kwargs.get("num_items_in_batch", args[2] if len(args) > 2 else None))
 
     def _after_grad_norm(self, norm: Any) -> None:
-        if not self._device_flags and getattr(norm, "is_cpu", False) and norm.numel() == 1:
-            self._grad_norm = value = norm.item()
-            self._grad_bad = not math.isfinite(value)
+        flags = self._flags
+        if not flags.device_flags and getattr(norm, "is_cpu", False) and norm.numel() == 1:
+            flags.grad_norm = value = norm.item()
+            flags.grad_bad = not math.isfinite(value)
         else:
-            self._observe_grad_norm(norm)
-
-    def _observe_loss(self, loss: Any, items: Any = None) -> None:
-        # A step without a single label token (num_items_in_batch == 0, every label masked) has the loss 0/0 = NaN
-        # and exactly zero gradients: nothing is poisoned, so it is a zero-loss step, not a non-finite alarm.
-        on_host = not self._is_tensor(loss) or (loss.device.type == "cpu" and not self._device_flags)
-        if self._is_tensor(items) and items.numel() == 1:
-            # Reading a CPU tensor is free; on an accelerator the comparison stays a device op.
-            items_on_host = items.device.type == "cpu" and not self._device_flags
-            empty: Any = float(items) == 0 if items_on_host else items.detach().reshape(()) == 0
-        else:
-            empty = isinstance(items, (int, float)) and not isinstance(items, bool) and items == 0
-        if on_host:
-            # CPU: plain floats; a tensor op costs microseconds, reading the value costs nothing.
-            value = float(loss)
-            bad = not math.isfinite(value) and not self._host_bool(empty)
-            self._loss_bad = self._or_host(self._loss_bad, bad)
-            self._losses.append(value)
-        else:
-            loss = loss.detach()
-            flag = nonfinite_flag(loss)
-            if empty is True:
-                flag = flag & False
-            elif empty is not False:
-                flag = flag & ~empty.to(flag.device, non_blocking=True)
-            self._loss_bad = flag if self._loss_bad is None else self._loss_bad | flag
-            self._losses.append(loss)
-        if empty is not False:
-            self._empty = self._or_host(self._empty, empty)
-
-    @staticmethod
-    def _host_bool(value: Any) -> bool:
-        return bool(value) if not NanGuard._is_tensor(value) else bool(value.item())
-
-    def _observe_grad_norm(self, norm: Any) -> None:
-        if norm is None:
-            return
-        if self._is_tensor(norm) and (norm.device.type != "cpu" or self._device_flags):
-            self._grad_norm = norm.detach()
-            self._grad_bad = nonfinite_flag(self._grad_norm)
-        else:
-            self._grad_norm = float(norm)
-            self._grad_bad = not math.isfinite(self._grad_norm)
-
-    @staticmethod
-    def _is_tensor(value: Any) -> bool:
-        return type(value).__module__.startswith("torch") and hasattr(value, "detach")
-
-    @staticmethod
-    def _or_host(flag: Any, value: bool) -> Any:
-        if flag is None:
-            return value
-        return flag | value
-
-    # ---------------------------------------------------------------------------------------- flag sharing
-    def _take_step_flags(self, step: int) -> _StepFlags:
-        """Turn this step's observations into one int32 vector on the device and all-reduce it (MAX).
-
-        Layout ``[loss_bad, grad_bad, empty, loss rank code, grad rank code]`` where a rank code is
-        ``world - rank`` on a rank that saw the value go bad (so MAX finds the lowest such rank): one collective says
-        *which* value went bad and *where*, and it can stay on the device (NCCL) for the asynchronous read. Every
-        rank calls this exactly once per optimizer step, so the collectives pair up.
-        """
-        import torch
-
-        world, rank, group = self._ranks()
-        raw = (self._loss_bad, self._grad_bad, self._empty)
-        if not any(self._is_tensor(flag) for flag in raw):
-            # Every flag is already on the host (CPU training): no tensor unless ranks must share them.
-            mine = [int(bool(flag)) for flag in raw]
-            code = world - rank
-            values = [*mine, mine[0] * code, mine[1] * code]
-            if group is not None:
-                shared = torch.tensor(values, dtype=torch.int32, device=self._collective_device(group))
-                group.all_reduce(shared, op=group.ReduceOp.MAX)
-                values = [int(v) for v in shared.tolist()]
-            flags = _StepFlags(step=step, values=values + mine, losses=self._losses, grad_norm=self._grad_norm)
-            self._reset_step()
-            return flags
-        device = self._device if self._device is not None else torch.device("cpu")
-        local = torch.zeros(3, dtype=torch.int32, device=device)
-        for index, flag in ((0, self._loss_bad), (1, self._grad_bad), (2, self._empty)):
-            if flag is None or flag is False:
-                continue
-            if flag is True:
-                local[index] = 1
-            else:
-                local[index] = flag.to(device=device, dtype=torch.int32)
-        vector = torch.zeros(5, dtype=torch.int32, device=device)
-        vector[:3] = local
-        vector[3:] = local[:2] * (world - rank)
-        if group is not None:
-            vector = vector.to(self._collective_device(group, vector.device))
-            group.all_reduce(vector, op=group.ReduceOp.MAX)  # queued on the device stream: no host sync
-        flags = _StepFlags(step=step, vector=vector, local=local, losses=self._losses, grad_norm=self._grad_norm)
-        self._reset_step()
-        return flags
-
-    def _reset_step(self) -> None:
-        self._losses = []
-        self._loss_bad = None
-        self._empty = None
-        self._grad_norm = None
-        self._grad_bad = None
-
-    def _ranks(self) -> tuple[int, int, Any]:
-        """World size, rank and ``torch.distributed`` (None alone), fixed for a ``train()``: looked up once."""
-        if self._topology is None:
-            self._topology = (distributed.world_size(), distributed.rank(), self._process_group())
-        return self._topology
-
-    @staticmethod
-    def _process_group() -> Any:
-        """``torch.distributed`` when more than one rank takes part, else None."""
-        if distributed.world_size() <= 1:
-            return None
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            return dist
-        return None
-
-    @staticmethod
-    def _collective_device(dist: Any, preferred: Any = None) -> Any:
-        import torch
-
-        # NCCL reduces CUDA tensors only; gloo reduces CPU (and CUDA) tensors.
-        if dist.get_backend() == "nccl":
-            return torch.device("cuda", torch.cuda.current_device())
-        return preferred if preferred is not None else torch.device("cpu")
-
-    def _start_copy(self, flags: _StepFlags) -> None:
-        """Queue the device-to-host copy of ``flags`` behind this step's work, without waiting for it."""
-        import torch
-
-        if flags.values is not None:
-            return  # already on the host
-        both = torch.cat([flags.vector, flags.local.to(flags.vector.device)])
-        if both.device.type != "cuda":
-            flags.host = both  # CPU: already on the host; other accelerators: read (and synchronised) later
-            return
-        if not self._host_buffers:
-            self._host_buffers = [torch.empty(8, dtype=torch.int32, pin_memory=True) for _ in range(2)]
-            self._events = [torch.cuda.Event() for _ in range(2)]
-        # Two alternating buffers: step k's copy is still pending while step k+1's is queued.
-        self._flip ^= 1
-        host = self._host_buffers[self._flip]
-        host.copy_(both, non_blocking=True)
-        event = self._events[self._flip]
-        event.record()
-        flags.host, flags.event = host, event
-
-    def _read(self, flags: _StepFlags) -> _Verdict:
-        if flags.values is not None:
-            values = flags.values
-        elif flags.host is None:
-            import torch
-
-            values = torch.cat([flags.vector, flags.local.to(flags.vector.device)]).tolist()
-        else:
-            if flags.event is not None:
-                flags.event.synchronize()  # waits for that step only, not for work queued after it
-            values = flags.host.tolist()
-        loss_bad, grad_bad, empty, loss_code, grad_code, local_loss, local_grad, _ = (int(v) for v in values)
-        world = self._ranks()[0]
-        return _Verdict(
-            step=flags.step,
-            loss_bad=bool(loss_bad),
-            grad_bad=bool(grad_bad),
-            empty=bool(empty),
-            loss_rank=(world - loss_code) if loss_code > 0 else None,
-            grad_rank=(world - grad_code) if grad_code > 0 else None,
-            local_loss_bad=bool(local_loss),
-            local_grad_bad=bool(local_grad),
-            losses=flags.losses,
-            grad_norm=flags.grad_norm,
-        )
+            flags.observe_grad_norm(norm)
 
     # -------------------------------------------------------------------------------------------- decisions
     def _scaler_active(self) -> bool:
-        trainer = self.trainer
-        scaler = getattr(getattr(trainer, "accelerator", None), "scaler", None)
+        scaler = getattr(getattr(self.trainer, "accelerator", None), "scaler", None)
         if scaler is None:
             return False
         is_enabled = getattr(scaler, "is_enabled", None)
@@ -467,9 +227,8 @@ class NanGuard(GuardCallback):
 
     def _judge(
         self,
-        verdict: _Verdict,
+        verdict: StepVerdict,
         args: Any,
-        state: Any,
         control: Any,
         *,
         before_update: bool,
@@ -489,94 +248,40 @@ class NanGuard(GuardCallback):
         if scaler and not verdict.loss_bad:
             # The GradScaler found inf/NaN gradients and skips this update on purpose, then lowers the scale.
             self.scaler_skipped_steps += 1
-            if self._scaler_streak.update(True):
-                finding = self._finding(
-                    verdict,
-                    "grad_norm",
-                    detail=(
-                        f"the fp16 loss scaler skipped {self._scaler_streak.streak} steps in a row: the loss scale "
-                        "has collapsed"
-                    ),
-                )
-                self._act(
-                    finding,
-                    args,
-                    state,
-                    control,
-                    before_update=before_update,
-                    optimizer=optimizer,
-                    drop_grads=False,
-                    detected_at=detected_at,
-                )
-            return
-        finding = self._finding(verdict, "loss" if verdict.loss_bad else "grad_norm")
-        self.findings.append(finding)
-        if not self._patience.update(True):
-            # Tolerated: drop the gradients so the optimizer leaves the weights as they were (a loss scaler skips
-            # a step with a non-finite loss by itself).
-            if before_update and not scaler:
-                self._drop_gradients(optimizer)
-            skipped = before_update or scaler
-            self.skipped_steps += int(skipped)
-            if distributed.is_main_process():
-                self.alert(
-                    "warning",
-                    f"{self._headline(finding)}; {'update skipped' if skipped else 'tolerated'} "
-                    f"({self._patience.streak} of {self.patience} tolerated in a row)",
-                    step=finding.step,
-                    evidence=self._evidence(finding),
-                )
-            return
+            if not self._scaler_streak.update(True):
+                return
+            streak = self._scaler_streak.streak
+            detail = f"the fp16 loss scaler skipped {streak} steps in a row: the loss scale has collapsed"
+            finding, drop_grads = finding_from_verdict(verdict, "grad_norm", detail=detail), False
+        else:
+            finding = finding_from_verdict(verdict, "loss" if verdict.loss_bad else "grad_norm")
+            self.findings.append(finding)
+            drop_grads = not scaler
+            if not self._patience.update(True):
+                # Tolerated: drop the gradients so the optimizer leaves the weights as they were (a loss scaler
+                # skips a step with a non-finite loss by itself).
+                if before_update and not scaler:
+                    self._drop_gradients(optimizer)
+                skipped = before_update or scaler
+                self.skipped_steps += int(skipped)
+                if distributed.is_main_process():
+                    self.alert(
+                        "warning",
+                        f"{finding_headline(finding)}; {'update skipped' if skipped else 'tolerated'} "
+                        f"({self._patience.streak} of {self.patience} tolerated in a row)",
+                        step=finding.step,
+                        evidence=finding_evidence(finding),
+                    )
+                return
         self._act(
             finding,
             args,
-            state,
             control,
             before_update=before_update,
             optimizer=optimizer,
-            drop_grads=not scaler,
+            drop_grads=drop_grads,
             detected_at=detected_at,
         )
-
-    def _finding(self, verdict: _Verdict, field_name: str, *, detail: str = "") -> NonFiniteFinding:
-        value: float | None = None
-        if field_name == "loss" and verdict.local_loss_bad:
-            for index, loss in enumerate(verdict.losses):
-                number = float(loss)
-                if not math.isfinite(number):
-                    value = number
-                    if not detail and len(verdict.losses) > 1:
-                        detail = f"micro-batch {index + 1} of {len(verdict.losses)}"
-                    break
-        elif field_name == "grad_norm" and verdict.grad_norm is not None:
-            number = float(verdict.grad_norm)
-            value = number if not math.isfinite(number) else None
-        rank = verdict.loss_rank if field_name == "loss" else verdict.grad_rank
-        return NonFiniteFinding(step=verdict.step, field=field_name, value=value, rank=rank, detail=detail)
-
-    def _headline(self, finding: NonFiniteFinding) -> str:
-        """``"loss is NaN at step 8 on rank 1 (micro-batch 3 of 4)"``."""
-        verb = "are" if finding.field == "parameters" else "is"
-        value = "non-finite" if finding.value is None else describe_value(finding.value)
-        text = f"{finding.field} {verb} {value} at step {finding.step}{self._rank_text(finding)}"
-        return f"{text} ({finding.detail})" if finding.detail else text
-
-    @staticmethod
-    def _rank_text(finding: NonFiniteFinding) -> str:
-        if finding.rank is None or not distributed.is_distributed():
-            return ""
-        return f" on rank {finding.rank}"
-
-    def _evidence(self, finding: NonFiniteFinding, **extra: Any) -> dict[str, Any]:
-        evidence: dict[str, Any] = {"field": finding.field, "step": finding.step}
-        if finding.value is not None:
-            evidence["value"] = describe_value(finding.value)
-        if finding.rank is not None:
-            evidence["rank"] = finding.rank
-        if finding.detail:
-            evidence["detail"] = finding.detail
-        evidence.update({k: v for k, v in extra.items() if v is not None})
-        return evidence
 
     @staticmethod
     def _drop_gradients(optimizer: Any) -> None:
@@ -589,7 +294,6 @@ class NanGuard(GuardCallback):
         self,
         finding: NonFiniteFinding,
         args: Any,
-        state: Any,
         control: Any,
         *,
         before_update: bool,
@@ -603,16 +307,13 @@ class NanGuard(GuardCallback):
         if finding not in self.findings:
             self.findings.append(finding)
         # Every rank takes the same action; rank 0 and the rank that saw the value (which alone knows it) report.
-        report = distributed.is_main_process() or finding.rank == self._ranks()[1]
+        report = distributed.is_main_process() or finding.rank == distributed.rank()
+        output_dir = getattr(args, "output_dir", None)
         if self.action == "warn":
             if not self._warned_streak and report:
                 self._warned_streak = True
-                self.alert(
-                    "error",
-                    self._message(finding, args, detected_at, warn=True),
-                    step=finding.step,
-                    evidence=self._evidence(finding),
-                )
+                text = finding_message(finding, action="warn", output_dir=output_dir, detected_at=detected_at)
+                self.alert("error", text, step=finding.step, evidence=finding_evidence(finding))
             return
         control.should_save = False
         control.should_evaluate = False
@@ -621,65 +322,17 @@ class NanGuard(GuardCallback):
             if before_update and drop_grads:
                 self._drop_gradients(optimizer)  # the in-memory model keeps the last finite weights
             if first and report:
-                self.alert(
-                    "error",
-                    self._message(finding, args, detected_at),
-                    step=finding.step,
-                    evidence=self._evidence(
-                        finding,
-                        resume_from=self._resume_text(args, finding),
-                        weights_in_memory=self._weights_in_memory(),
-                    ),
-                )
+                text = finding_message(finding, action="stop", output_dir=output_dir, detected_at=detected_at)
+                evidence = stop_evidence(finding, output_dir=output_dir, weights_in_memory=self._weights_in_memory())
+                self.alert("error", text, step=finding.step, evidence=evidence)
             return
-        error = self._error(finding, args, detected_at)
+        weights = self._weights_in_memory()
+        error = nonfinite_error(
+            finding, action=self.action, output_dir=output_dir, detected_at=detected_at, weights_in_memory=weights
+        )
         if report:
             self.alert("error", error.what, step=finding.step, evidence=error.evidence)
         raise error
-
-    def _resume_text(self, args: Any, finding: NonFiniteFinding) -> str | None:
-        checkpoint = newest_checkpoint_before(getattr(args, "output_dir", None), finding.step)
-        return str(checkpoint) if checkpoint is not None else None
-
-    def _message(self, finding: NonFiniteFinding, args: Any, detected_at: int | None, *, warn: bool = False) -> str:
-        what = f"{self._headline(finding)}"
-        if detected_at is not None and detected_at != finding.step:
-            what += f" (read at step {detected_at}: the check is asynchronous)"
-        if warn:
-            return what + "; action='warn': training continues and checkpoints may hold non-finite weights"
-        checkpoint = self._resume_text(args, finding)
-        tail = "no checkpoint of this step was written"
-        tail += f"; newest good checkpoint: {checkpoint}" if checkpoint else "; no earlier checkpoint exists"
-        if self.action == "stop":
-            return f"{what}; training stopped, {tail}"
-        return f"{what}; {tail}"
-
-    def _error(self, finding: NonFiniteFinding, args: Any, detected_at: int | None) -> NonFiniteError:
-        checkpoint = self._resume_text(args, finding)
-        where: dict[str, Any] = {"step": finding.step}
-        if finding.rank is not None:
-            where["rank"] = finding.rank
-        where["field"] = finding.field
-        next_step = (
-            f"Resume from {checkpoint} (trainer.train(resume_from_checkpoint={checkpoint!r})) "
-            if checkpoint
-            else "Start again "
-        )
-        weights = self._weights_in_memory()
-        next_step += (
-            "with a lower learning rate, gradient clipping (max_grad_norm) or bf16 instead of fp16; inspect the "
-            f"batch of step {finding.step}."
-        )
-        if weights == "non-finite":
-            next_step += " The model in memory holds non-finite weights: do not save or push it."
-        return NonFiniteError(
-            self._message(finding, args, detected_at),
-            where=where,
-            next_step=next_step,
-            evidence=self._evidence(
-                finding, resume_from=checkpoint, detected_at_step=detected_at, weights_in_memory=weights
-            ),
-        )
 
     def _weights_in_memory(self) -> str | None:
         """``"finite"`` or ``"non-finite"`` for this rank's weights (one pass, on the failure path only)."""
@@ -692,7 +345,9 @@ class NanGuard(GuardCallback):
             return None
 
     # ----------------------------------------------------------------------------------------------- events
-    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+    def on_train_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> Any:
         if self._alerter is None or self.trainer is None:
             self._attach(args)  # added with trainer.add_callback(): on_init_end never reached this guard
         trainer = self.trainer or find_trainer()
@@ -707,50 +362,53 @@ class NanGuard(GuardCallback):
             )
         import torch
 
-        self._device = getattr(args, "device", None) or torch.device("cpu")
-        self._topology = None  # the process group exists by now (the Trainer's accelerator made it)
-        device_type = getattr(self._device, "type", "cpu")
+        device = getattr(args, "device", None) or torch.device("cpu")
+        device_type = getattr(device, "type", "cpu")
         self._sync_now = self.sync if self.sync is not None else (device_type == "cpu" or self.patience > 0)
-        # A new train() (or auto_find_batch_size re-running the loop after an OOM) starts clean; findings stay.
+        # The process group exists by now (the Trainer's accelerator made it). A new train() (or
+        # auto_find_batch_size re-running the loop after an OOM) starts clean; findings stay.
+        world_size, rank, group = process_topology()
+        self._flags = StepFlagCollector(
+            device_flags=self._device_flags, device=device, world_size=world_size, rank=rank, group=group
+        )
+        self._pending = None
         self.tripped = None
         self._patience.streak = 0
         self._scaler_streak.streak = 0
         self._warned_streak = False
-        self._losses, self._loss_bad, self._empty, self._grad_norm, self._grad_bad = [], None, None, None, None
-        self._pending = None
         return control
 
-    def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+    def on_pre_optimizer_step(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> Any:
         if not self._hooked or not self._sync_now:
             return control
+        flags = self._flags
         if (
-            self._loss_bad is False
-            and (self._grad_bad is None or self._grad_bad is False)
-            and self._empty is None
-            and (self._topology or self._ranks())[2] is None
+            flags.loss_bad is False
+            and (flags.grad_bad is None or flags.grad_bad is False)
+            and flags.empty is None
+            and flags.group is None
         ):
             # The common step on one process: every value seen on the host, all finite. Nothing to share or judge.
             self._patience.streak = self._scaler_streak.streak = 0
             self._warned_streak = False
-            self._reset_step()
+            flags.reset()
             return control
-        flags = self._take_step_flags(state.global_step + 1)
-        verdict = self._read(flags)
+        verdict = flags.read(flags.take(state.global_step + 1))
         # Under DeepSpeed the engine already stepped inside backward: nothing is left to skip or prevent.
-        self._judge(
-            verdict, args, state, control, before_update=self._update_pending, optimizer=kwargs.get("optimizer")
-        )
+        self._judge(verdict, args, control, before_update=self._update_pending, optimizer=kwargs.get("optimizer"))
         return control
 
-    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> Any:
         if self._hooked and not self._sync_now:
-            previous, self._pending = self._pending, None
+            flags, previous, self._pending = self._flags, self._pending, None
             if previous is not None:
                 self._judge(
-                    self._read(previous), args, state, control, before_update=False, detected_at=int(state.global_step)
+                    flags.read(previous), args, control, before_update=False, detected_at=int(state.global_step)
                 )
-            current = self._take_step_flags(state.global_step)
-            self._start_copy(current)
+            current = flags.take(state.global_step)
+            flags.start_copy(current)
             if (
                 control.should_save
                 or control.should_evaluate
@@ -758,23 +416,26 @@ class NanGuard(GuardCallback):
                 or (state.max_steps and state.global_step >= state.max_steps)
             ):
                 # A save (or the end, where the user's script saves) is coming: it synchronises anyway.
-                self._judge(self._read(current), args, state, control, before_update=False)
+                self._judge(flags.read(current), args, control, before_update=False)
             else:
                 self._pending = current
         if self.tripped is not None or control.should_save:
             self._guard_save(args, state, control, kwargs.get("model"))
         return control
 
-    def on_epoch_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+    def on_epoch_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> Any:
         if self._pending is not None and (control.should_save or control.should_evaluate):
-            previous, self._pending = self._pending, None
-            self._judge(
-                self._read(previous), args, state, control, before_update=False, detected_at=int(state.global_step)
-            )
+            self._judge_pending(args, state, control)
         self._guard_save(args, state, control, kwargs.get("model"))
         return control
 
-    def _guard_save(self, args: Any, state: Any, control: Any, model: Any) -> None:
+    def _judge_pending(self, args: TrainingArguments, state: TrainerState, control: TrainerControl) -> None:
+        previous, self._pending = self._pending, None
+        if previous is not None:
+            verdict = self._flags.read(previous)
+            self._judge(verdict, args, control, before_update=False, detected_at=int(state.global_step))
+
+    def _guard_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model: Any) -> None:
         if self.tripped is not None and self.action != "warn":
             # on_step_end / on_epoch_end of DefaultFlowCallback ran before us and may have scheduled a save.
             control.should_save = False
@@ -789,15 +450,9 @@ class NanGuard(GuardCallback):
             # Sharded weights differ per rank. should_save is rank-consistent (the sharded save itself is a
             # collective), so every rank reaches this collective at the same step.
             bad = distributed.any_rank(bad)
-        if not bad:
-            return
-        finding = NonFiniteFinding(
-            step=int(state.global_step),
-            field="parameters",
-            rank=distributed.rank() if names else None,
-            detail=", ".join(names) if names else "on another rank's shard",
-        )
-        self._act(finding, args, state, control, before_update=False)
+        if bad:
+            finding = finding_from_parameters(int(state.global_step), names, distributed.rank())
+            self._act(finding, args, control, before_update=False)
 
     def _sharded(self) -> bool:
         trainer = self.trainer
@@ -805,27 +460,19 @@ class NanGuard(GuardCallback):
             getattr(trainer, "is_fsdp_enabled", False) or getattr(trainer, "is_deepspeed_enabled", False)
         )
 
-    def on_evaluate(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+    def on_evaluate(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> Any:
         metrics = kwargs.get("metrics") or {}
         if not self.check_eval or not metrics:
             return control
         # Evaluation metrics are gathered over all ranks, so every rank sees the same values: no collective.
         bad = nonfinite_metrics(metrics)
-        if not bad:
-            return control
-        name = next((key for key in bad if key.endswith("_loss")), next(iter(bad)))
-        others = [key for key in bad if key != name]
-        finding = NonFiniteFinding(
-            step=int(state.global_step),
-            field=name,
-            value=bad[name],
-            detail=("also " + ", ".join(others)) if others else "",
-        )
-        self.findings.append(finding)
-        self._act(finding, args, state, control, before_update=False)
+        if bad:
+            finding = finding_from_metrics(int(state.global_step), bad)
+            self.findings.append(finding)
+            self._act(finding, args, control, before_update=False)
         return control
 
-    def on_log(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+    def on_log(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> Any:
         logs = kwargs.get("logs") or {}
         if "loss" not in logs:
             return control
@@ -837,7 +484,7 @@ class NanGuard(GuardCallback):
                     finding = NonFiniteFinding(
                         step=int(state.global_step), field=key, value=float(value), detail="from the logged value"
                     )
-                    self._act(finding, args, state, control, before_update=False)
+                    self._act(finding, args, control, before_update=False)
                     return control
         loss = logs.get("loss")
         nonfinite, empty = self._nonfinite_since_log, self._empty_since_log
@@ -855,15 +502,12 @@ class NanGuard(GuardCallback):
                     )
         return control
 
-    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+    def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> Any:
         if self._pending is not None:
             # Training ended between two reads (another callback stopped it): read the last step now, so a
             # script that saves after train() does not save a poisoned model unwarned.
-            previous, self._pending = self._pending, None
             try:
-                self._judge(
-                    self._read(previous), args, state, control, before_update=False, detected_at=int(state.global_step)
-                )
+                self._judge_pending(args, state, control)
             finally:
                 super().on_train_end(args, state, control, **kwargs)
             return control

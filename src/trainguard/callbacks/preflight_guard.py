@@ -13,57 +13,49 @@ Acts in two places:
 
 from __future__ import annotations
 
-import json
-import math
-import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .. import distributed
 from ..alerts import AlertSink, get_logger
-from ..checks._resume import checkpoint_dirs
-from ..checks.resources import (
+from ..checks.preflight import (
     DEFAULT_MARGIN,
     DEFAULT_MARGIN_BYTES,
     DEFAULT_MIN_AVAILABLE_MEMORY,
     CheckpointEstimate,
+    RunSettings,
     check_disk_space,
     check_memory,
-    describe_args,
-    directory_size,
+    check_save_space,
+    checkpoint_global_step,
     estimate_checkpoint_size,
     format_bytes,
+    memory_error,
+    next_save_size,
     param_stats,
-    planned_checkpoints,
+    plan_run_disk,
+    resume_folder,
+    run_disk_error,
+    save_stopped_error,
     tokenizer_size,
 )
 from ..errors import PreflightError, TrainGuardError
 from ._base import GuardCallback
 
+if TYPE_CHECKING:
+    from transformers import TrainerControl, TrainerState, TrainingArguments
+
 __all__ = ["PreflightGuard"]
 
 
-
-def _resolve_resume(resume: Any, output_dir: Path) -> Path | None:
-    if resume is None or resume is False:
-        return None
-    if resume is True:
-        found = checkpoint_dirs(output_dir)
-        return found[-1] if found else None
-    path = Path(os.fspath(resume))
-    return path if path.is_dir() else None
-
-
-def _global_step(checkpoint: Path | None) -> int:
-    if checkpoint is None:
-        return 0
+def _train_rows(trainer: Any) -> int | None:
+    """Rows of the Trainer's train dataset; None without one or for an iterable dataset (no length)."""
+    dataset = getattr(trainer, "train_dataset", None) if trainer is not None else None
     try:
-        state = json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8"))
-        return max(0, int(state.get("global_step", 0)))
-    except (OSError, ValueError, TypeError, AttributeError):
-        # Unreadable state: CheckpointVerifier reports it; here start from 0, which over-estimates (the safe side).
-        return 0
+        return len(dataset) if dataset is not None else None
+    except TypeError:
+        return None  # an iterable dataset: max_steps is then required by the Trainer
 
 
 class PreflightGuard(GuardCallback):
@@ -72,7 +64,7 @@ class PreflightGuard(GuardCallback):
 
     The estimate: one checkpoint = the weights as saved (all parameters of a full model; only the adapter of a PEFT
     model) + optimizer state (AdamW: two states the size of the trainable parameters; see
-    :func:`~trainguard.checks.resources.optimizer_state_bytes`; none with ``save_only_model``) + scheduler, RNG,
+    :func:`~trainguard.checks.preflight.optimizer_state_bytes`; none with ``save_only_model``) + scheduler, RNG,
     trainer state and tokenizer files; times the checkpoints on disk at the peak (``save_total_limit + 1``, or every
     save without a limit); plus the final ``trainer.save_model()``; plus the margin.
 
@@ -153,41 +145,14 @@ class PreflightGuard(GuardCallback):
         self._preflight(trainer, resume_from_checkpoint)
         return resume_from_checkpoint
 
-    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+    def on_train_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> Any:
         if not self._preflight_done:  # the Trainer could not be found at init: check here, still before step 1
             self._preflight_done = True
             self.stopped = None
             self._preflight(self.trainer, None, args=args, state=state, model=kwargs.get("model"))
         return control
-
-    def _plan(self, trainer: Any, args: Any, start_step: int) -> tuple[int, int, int]:
-        """(max_steps, num_epochs, epochs_done) as Trainer.set_initial_training_values will compute them."""
-        world = max(1, int(getattr(args, "world_size", 1) or 1))
-        per_device = max(1, int(getattr(args, "per_device_train_batch_size", 1) or 1))
-        accumulation = max(1, int(getattr(args, "gradient_accumulation_steps", 1) or 1))
-        dataset = getattr(trainer, "train_dataset", None) if trainer is not None else None
-        try:
-            n_rows = len(dataset) if dataset is not None else None
-        except TypeError:
-            n_rows = None  # an iterable dataset: max_steps is then required by the Trainer
-        steps_per_epoch = None
-        if n_rows:
-            per_rank = math.ceil(n_rows / world)
-            batches = (
-                per_rank // per_device
-                if getattr(args, "dataloader_drop_last", False)
-                else math.ceil(per_rank / per_device)
-            )
-            steps_per_epoch = max(1, math.ceil(batches / accumulation))
-        max_steps = int(getattr(args, "max_steps", -1) or -1)
-        if max_steps <= 0:
-            epochs_f = float(getattr(args, "num_train_epochs", 1) or 1)
-            max_steps = math.ceil(epochs_f * steps_per_epoch) if steps_per_epoch else 0
-            num_epochs = math.ceil(epochs_f)
-        else:
-            num_epochs = math.ceil(max_steps / steps_per_epoch) if steps_per_epoch else max_steps
-        epochs_done = start_step // steps_per_epoch if steps_per_epoch else 0
-        return max_steps, num_epochs, epochs_done
 
     def _preflight(self, trainer: Any, resume: Any, *, args: Any = None, state: Any = None, model: Any = None) -> None:
         args = args if args is not None else getattr(trainer, "args", None)
@@ -202,10 +167,7 @@ class PreflightGuard(GuardCallback):
             if problem is None and self.min_available_memory is not None:
                 status = check_memory(self.min_available_memory, raise_error=False)
                 if not status.ok:
-                    try:
-                        check_memory(self.min_available_memory)
-                    except PreflightError as err:
-                        problem = err
+                    problem = memory_error(status)
                 self._log_memory(status.to_dict())
         except TrainGuardError as err:  # never raise before the collective: the other ranks would wait forever
             problem = err
@@ -215,112 +177,54 @@ class PreflightGuard(GuardCallback):
                 where={"file": str(output_dir), "rank": distributed.rank()},
             )
         # Collective: every rank calls it here, so a refusal on any rank is a refusal on all.
-        if distributed.any_rank(problem is not None):
-            if problem is None:
-                problem = PreflightError(
-                    "another rank's pre-flight check failed (see that rank's log); every rank refuses together",
-                    where={"rank": distributed.rank()},
-                )
-            self.alert("critical", problem.what, step=0, evidence=problem.evidence)
-            raise problem
+        self.refuse_together(
+            problem,
+            placeholder=lambda: PreflightError(
+                "another rank's pre-flight check failed (see that rank's log); every rank refuses together",
+                where={"rank": distributed.rank()},
+            ),
+            alert_level="critical",
+            alert_placeholder=True,
+            step=0,
+        )
 
     def _check_run_disk(
         self, trainer: Any, args: Any, state: Any, model: Any, output_dir: Path, resume: Any
     ) -> PreflightError | None:
-        checkpoint = _resolve_resume(resume, output_dir)
-        start_step = _global_step(checkpoint) if state is None else int(state.global_step)
-        max_steps, num_epochs, epochs_done = self._plan(trainer, args, start_step)
-        if state is not None and getattr(state, "max_steps", None):
-            max_steps, num_epochs = int(state.max_steps), int(state.num_train_epochs)
-        stats = param_stats(model)
-        processing = getattr(trainer, "processing_class", None) if trainer is not None else None
-        tok_bytes = tokenizer_size(processing)
-        logging_steps = float(getattr(args, "logging_steps", 500) or 500)
-        log_every = math.ceil(max_steps * logging_steps) if logging_steps < 1 else int(logging_steps)
-        estimate = estimate_checkpoint_size(
-            stats,
-            optim=getattr(args, "optim", "adamw_torch"),
-            save_only_model=bool(getattr(args, "save_only_model", False)),
-            tokenizer_bytes=tok_bytes,
-            log_entries=max_steps // max(1, log_every) + 2,
+        settings = RunSettings.from_args(args)
+        checkpoint = resume_folder(resume, output_dir)
+        known = state is not None and getattr(state, "max_steps", None)
+        plan = plan_run_disk(
+            settings,
+            param_stats(model),
+            output_dir=output_dir,
+            resumed_from=checkpoint,
+            start_step=checkpoint_global_step(checkpoint) if state is None else int(state.global_step),
+            train_rows=_train_rows(trainer),
+            schedule=(int(state.max_steps), int(state.num_train_epochs)) if known else None,
+            tokenizer_bytes=tokenizer_size(getattr(trainer, "processing_class", None) if trainer is not None else None),
+            include_final_model=self.include_final_model,
         )
-        per_checkpoint = estimate.total_bytes
-        if checkpoint is not None:  # a real checkpoint of this run beats the estimate
-            per_checkpoint = max(directory_size(checkpoint), 1)
-        self.estimate = estimate
-        existing = checkpoint_dirs(output_dir)
-        planned = planned_checkpoints(
-            save_strategy=args.save_strategy,
-            save_steps=float(getattr(args, "save_steps", 500) or 0),
-            max_steps=max_steps,
-            num_epochs=num_epochs,
-            save_total_limit=getattr(args, "save_total_limit", None),
-            load_best_model_at_end=bool(getattr(args, "load_best_model_at_end", False)),
-            start_step=start_step,
-            epochs_done=epochs_done,
-            existing_checkpoints=len(existing),
-            eval_strategy=getattr(args, "eval_strategy", "no"),
-            eval_steps=float(getattr(args, "eval_steps", 0) or 0),
-        )
-        final = estimate.weights_bytes + tok_bytes if self.include_final_model else 0
-        required = planned * per_checkpoint + final
-        self.planned = planned
-        self.required_bytes = required
-        if not bool(getattr(args, "should_save", True)):
+        self.estimate, self.planned, self.required_bytes = plan.estimate, plan.checkpoints, plan.required_bytes
+        if not settings.should_save:
             return None  # this rank writes no checkpoint files beyond its RNG state
-        parts = (
-            f"weights {format_bytes(estimate.weights_bytes)}, optimizer state {format_bytes(estimate.optimizer_bytes)}"
-            f", other files {format_bytes(estimate.other_bytes)}"
-        )
-        measured = f"measured on {checkpoint.name}" if checkpoint is not None else parts
-        purpose = f"{planned} checkpoint(s) of ~{format_bytes(per_checkpoint)} each ({measured})" + (
-            f" plus the final model ({format_bytes(final)})" if final else ""
-        )
         disk = check_disk_space(
             output_dir,
-            required,
+            plan.required_bytes,
             margin=self.disk_margin,
             margin_bytes=self.disk_margin_bytes,
-            purpose=purpose,
+            purpose=plan.purpose,
             raise_error=False,
         )
         self.free_bytes = disk.free_bytes
         get_logger().info(
             "[preflight_guard] disk: %s needed for %s, %s free on %s",
             format_bytes(disk.needed_bytes),
-            purpose,
+            plan.purpose,
             format_bytes(disk.free_bytes),
             disk.checked_path,
         )
-        if disk.ok:
-            return None
-        try:
-            check_disk_space(
-                output_dir, required, margin=self.disk_margin, margin_bytes=self.disk_margin_bytes, purpose=purpose
-            )
-        except PreflightError as err:
-            limit = getattr(args, "save_total_limit", None)
-            return PreflightError(
-                f"the run's checkpoints will not fit on disk; refused before step {start_step + 1}: {err.what}",
-                where={**err.where, "field": "save_total_limit", "step": start_step, "rank": distributed.rank()},
-                next_step=(
-                    f"Free at least {format_bytes(disk.needed_bytes - disk.free_bytes)} on {disk.checked_path}, "
-                    f"point output_dir at a larger disk, or keep fewer checkpoints (save_total_limit={limit} now; "
-                    "save_only_model=True drops the optimizer state). To accept the risk: "
-                    "PreflightGuard(check_disk=False)."
-                ),
-                evidence={
-                    **err.evidence,
-                    "checkpoints": planned,
-                    "per_checkpoint_bytes": per_checkpoint,
-                    "estimate": estimate.to_dict(),
-                    "final_model_bytes": final,
-                    "start_step": start_step,
-                    "max_steps": max_steps,
-                    "args": describe_args(args),
-                },
-            )
-        return None  # pragma: no cover - the raising call above fails whenever disk.ok is False
+        return None if disk.ok else run_disk_error(plan, disk, settings, rank=distributed.rank())
 
     def _log_memory(self, status: dict[str, Any]) -> None:
         log = get_logger()
@@ -341,38 +245,30 @@ class PreflightGuard(GuardCallback):
                 )
 
     # ------------------------------------------------------------------------------------- before each save
-    def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
-        self._last_checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+    def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> Any:
+        self._last_checkpoint = Path(str(args.output_dir)) / f"checkpoint-{state.global_step}"
         return control
 
-    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> Any:
         if control.should_save and self.check_before_save:
             self._check_save(args, state, control, kwargs.get("model"))
         return control
 
-    def on_epoch_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+    def on_epoch_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> Any:
         if control.should_save and self.check_before_save:
             self._check_save(args, state, control, kwargs.get("model"))
         return control
 
-    def _needed_for_next_save(self, args: Any, model: Any) -> tuple[int, str]:
-        last = self._last_checkpoint
-        if last is None:
-            found = checkpoint_dirs(Path(args.output_dir))
-            last = found[-1] if found else None
-        if last is not None and last.is_dir():
-            size = directory_size(last)
-            if size > 0:
-                return size, f"the size of {last.name}"
+    def _estimate(self, args: Any, model: Any) -> CheckpointEstimate | None:
         if self.estimate is None and model is not None:
             self.estimate = estimate_checkpoint_size(
                 param_stats(model),
                 optim=getattr(args, "optim", "adamw_torch"),
                 save_only_model=bool(getattr(args, "save_only_model", False)),
             )
-        return (self.estimate.total_bytes if self.estimate is not None else 0), "the estimated checkpoint size"
+        return self.estimate
 
-    def _check_save(self, args: Any, state: Any, control: Any, model: Any) -> None:
+    def _check_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model: Any) -> None:
         if self.stopped is not None:  # already stopping for space (same on every rank): no second save attempt
             control.should_save = False
             return
@@ -380,51 +276,20 @@ class PreflightGuard(GuardCallback):
         short = False
         detail: dict[str, Any] = {}
         if bool(getattr(args, "should_save", True)):
-            size, basis = self._needed_for_next_save(args, model)
-            try:
-                disk = check_disk_space(
-                    args.output_dir,
-                    size,
-                    margin=self.disk_margin,
-                    margin_bytes=self.disk_margin_bytes,
-                    raise_error=False,
-                )
-                short = not disk.ok
-                detail = {**disk.to_dict(), "basis": basis}
-            except OSError as exc:
-                short, detail = True, {"error": f"{type(exc).__name__}: {exc}", "basis": basis}
+            size, basis = next_save_size(
+                str(args.output_dir), self._last_checkpoint, lambda: self._estimate(args, model)
+            )
+            short, detail = check_save_space(
+                str(args.output_dir), size, basis, margin=self.disk_margin, margin_bytes=self.disk_margin_bytes
+            )
         self.saves_checked += 1
         # Collective at the same event on every rank (should_save comes from the step count, so it agrees).
         if not distributed.any_rank(short):
             return
         control.should_save = False
         control.should_training_stop = True
-        found = checkpoint_dirs(Path(args.output_dir))
-        newest = found[-1].name if found else "none"
-        if detail.get("needed_bytes") is not None:
-            what = (
-                f"checkpoint-{step} was not written: it needs ~{format_bytes(detail['needed_bytes'])} "
-                f"({detail['basis']} + margin) and only {format_bytes(detail['free_bytes'])} is free on "
-                f"{detail['checked_path']}; training stopped cleanly at step {step}. "
-                f"Newest complete checkpoint: {newest}"
-            )
-        elif detail:
-            what = f"checkpoint-{step} was not written: free space could not be measured ({detail.get('error')})"
-        else:
-            what = (
-                f"checkpoint-{step} was not written: another rank's disk cannot hold it; training stopped cleanly "
-                f"at step {step}. Newest complete checkpoint: {newest}"
-            )
-        self.stopped = PreflightError(
-            what,
-            where={"file": str(args.output_dir), "step": step, "rank": distributed.rank()},
-            next_step=(
-                f"Free space on that disk (or move older checkpoints away), then resume with "
-                f"trainer.train(resume_from_checkpoint=True) from {newest}; steps after it are redone."
-            ),
-            evidence={**detail, "newest_checkpoint": newest},
-        )
-        self.alert("critical", what, step=step, evidence=self.stopped.evidence)
+        self.stopped = save_stopped_error(str(args.output_dir), step, detail, rank=distributed.rank())
+        self.alert("critical", self.stopped.what, step=step, evidence=self.stopped.evidence)
 
     def summary(self) -> str:
         if self.stopped is not None:

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import os
 import uuid
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .. import distributed
 from ..alerts import AlertSink
 from ..checks.run_lock import INFO_NAME, LOCK_NAME, RunLockHandle, acquire_run_lock, read_holder
 from ..errors import RunLockedError
 from ._base import GuardCallback
+
+if TYPE_CHECKING:
+    from transformers import TrainerControl, TrainerState, TrainingArguments
 
 __all__ = ["RunLock"]
 
@@ -64,12 +67,14 @@ class RunLock(GuardCallback):
         self.handle: RunLockHandle | None = None
         self._locked_dir: str | None = None
 
-    def on_init_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+    def on_init_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> Any:
         super().on_init_end(args, state, control, **kwargs)
         self._take(args)
         return control
 
-    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+    def on_train_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> Any:
         # Normally a no-op (taken at init); covers a changed args.output_dir and callbacks added after init.
         self._take(args)
         return control
@@ -94,31 +99,13 @@ class RunLock(GuardCallback):
                 )
             except Exception as exc:  # refused, or no output_dir: every rank must learn of it
                 problem = exc
-        if distributed.any_rank(problem is not None):
-            if handle is not None:
-                handle.release()
-            if problem is None:
-                # This rank writes nothing; the writing rank that was refused raised the full message. Name the
-                # holder here too when its record is readable from this node.
-                holder = read_holder(os.path.join(output_dir, INFO_NAME)) or {}
-                who = (
-                    f": PID {holder.get('pid')} on {holder.get('host')}, started {holder.get('started_utc')} (UTC), "
-                    f"command: {holder.get('command')}"
-                    if holder.get("pid") is not None and "released_utc" not in holder
-                    else " (see that rank's error)"
-                )
-                problem = RunLockedError(
-                    f"the writing rank of this job could not lock {output_dir}{who}",
-                    where={
-                        "file": os.path.join(output_dir, LOCK_NAME),
-                        "rank": distributed.rank(),
-                        "host": holder.get("host", "unknown"),
-                        "pid": holder.get("pid", "unknown"),
-                    },
-                    evidence={"holder": holder},
-                )
+        try:
             # No alert: the refused run must not write into a folder another run owns; the error is the message.
-            raise problem
+            self.refuse_together(problem, placeholder=lambda: _other_rank_refused(output_dir), alert_level=None)
+        except BaseException:
+            if handle is not None:
+                handle.release()  # this rank got its lock, another did not: the job does not start, hold nothing
+            raise
         if self.handle is not None and self.handle is not handle:
             self.handle.release()  # output_dir changed between init and train: hold only the current one
         self.handle = handle
@@ -126,7 +113,7 @@ class RunLock(GuardCallback):
         if handle is not None and (not handle.enforced or handle.reach != "ok"):
             self.alert("warning", f"run lock on {output_dir}: {handle.note}", evidence={"reach": handle.reach})
 
-    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+    def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> Any:
         if self.release_at_train_end:
             self.release()
         return super().on_train_end(args, state, control, **kwargs)
@@ -146,3 +133,26 @@ class RunLock(GuardCallback):
         if not self.handle.held:
             return f"lock on {self._locked_dir} {self.handle.note or 'released'}"
         return f"holds {self.handle.lock_file} (PID {os.getpid()}); {self.handle.reach} on this filesystem"
+
+
+def _other_rank_refused(output_dir: str) -> RunLockedError:
+    """The error of a rank that writes nothing when the writing rank of its job was refused the lock."""
+    # This rank writes nothing; the writing rank that was refused raised the full message. Name the
+    # holder here too when its record is readable from this node.
+    holder = read_holder(os.path.join(output_dir, INFO_NAME)) or {}
+    who = (
+        f": PID {holder.get('pid')} on {holder.get('host')}, started {holder.get('started_utc')} (UTC), "
+        f"command: {holder.get('command')}"
+        if holder.get("pid") is not None and "released_utc" not in holder
+        else " (see that rank's error)"
+    )
+    return RunLockedError(
+        f"the writing rank of this job could not lock {output_dir}{who}",
+        where={
+            "file": os.path.join(output_dir, LOCK_NAME),
+            "rank": distributed.rank(),
+            "host": holder.get("host", "unknown"),
+            "pid": holder.get("pid", "unknown"),
+        },
+        evidence={"holder": holder},
+    )

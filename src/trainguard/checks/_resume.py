@@ -76,9 +76,7 @@ def read_json_object(path: str | os.PathLike[str]) -> dict[str, Any]:
     try:
         text = file.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as err:
-        raise CheckpointIntegrityError(
-            f"cannot read {file.name}: {err}", where={"file": str(file)}
-        ) from err
+        raise CheckpointIntegrityError(f"cannot read {file.name}: {err}", where={"file": str(file)}) from err
     try:
         value = json.loads(text)
     except json.JSONDecodeError as err:

@@ -11,7 +11,8 @@ started from.
 :func:`find_crash_loop` walks back from the newest finished run: when the same failure (same step, same exception
 type) ended the last ``max_repeats`` runs in a row, it is a loop. A clean end breaks the streak; an interrupted
 run is neutral. For a CUDA out-of-memory loop :func:`oom_fix` proposes half the per-device batch and twice the
-gradient accumulation, which keeps the global batch.
+gradient accumulation, which keeps the global batch. :func:`decide_start` is the policy CrashLoopGuard acts on
+before a run starts: go on, apply that fix, or refuse.
 
 Every line is one ``append_line`` write, so ranks of one job can record their own failures in the same file.
 
@@ -28,10 +29,10 @@ import os
 import socket
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from .._util import pid_alive, utc_now
 from ..alerts import get_logger
 from ..atomic import append_line
 from ..errors import PreflightError
@@ -40,9 +41,11 @@ __all__ = [
     "CRASH_LOG",
     "CrashLoop",
     "RunRecord",
+    "StartDecision",
     "check_crash_loop",
     "crash_log_path",
     "crash_loop_error",
+    "decide_start",
     "describe_exception",
     "find_crash_loop",
     "is_oom",
@@ -59,10 +62,6 @@ UNKNOWN = "unknown (died without a record: SIGKILL, OOM killer or node failure)"
 _MESSAGE_HEAD = 300
 
 PathLike = str | os.PathLike[str]
-
-
-def _utc_now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
 def crash_log_path(output_dir: PathLike) -> Path:
@@ -113,7 +112,7 @@ def record_start(
             "run_id": run_id,
             "step": int(step),
             "batch": dict(batch or {}),
-            "utc": _utc_now(),
+            "utc": utc_now(),
             "host": socket.gethostname(),
             "pid": os.getpid(),
             **(extra or {}),
@@ -133,7 +132,7 @@ def record_failure(output_dir: PathLike, *, run_id: str, step: int, exc: BaseExc
             "exception": name,
             "message": head,
             "oom": is_oom(exc),
-            "utc": _utc_now(),
+            "utc": utc_now(),
             "host": socket.gethostname(),
             "pid": os.getpid(),
             "rank": int(rank),
@@ -148,7 +147,7 @@ def record_end(output_dir: PathLike, *, run_id: str, step: int, status: str = "c
     record: dict[str, Any] = {"event": "end", "run_id": run_id, "step": int(step), "status": status}
     if reason:
         record["reason"] = reason
-    record.update({"utc": _utc_now(), "host": socket.gethostname(), "pid": os.getpid()})
+    record.update({"utc": utc_now(), "host": socket.gethostname(), "pid": os.getpid()})
     _append(output_dir, record)
 
 
@@ -219,22 +218,12 @@ def _as_int(value: Any) -> int:
         return -1
 
 
-def _pid_alive(pid: Any) -> bool:
-    try:
-        os.kill(int(pid), 0)
-    except (TypeError, ValueError, ProcessLookupError, OverflowError):
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _still_running(run: RunRecord, host: str) -> bool:
     """A start without an end is alive if it is one of this process's open runs or its PID lives on this host."""
     pid = run.start.get("pid")
     if pid == os.getpid():
         return run.run_id in _OPEN_RUNS
-    return run.start.get("host") == host and _pid_alive(pid)
+    return run.start.get("host") == host and pid_alive(pid)
 
 
 def _read_records(path: Path) -> tuple[list[dict[str, Any]], list[int]]:
@@ -358,8 +347,9 @@ def find_crash_loop(
     """
     if max_repeats < 1:
         return None
-    history = [r for r in (runs if runs is not None else load_runs(output_dir)) if r.outcome in ("clean", "failed",
-                                                                                                   "unknown")]
+    history = [
+        r for r in (runs if runs is not None else load_runs(output_dir)) if r.outcome in ("clean", "failed", "unknown")
+    ]
     if not history or history[-1].outcome == "clean":
         return None
     newest = history[-1]
@@ -402,14 +392,12 @@ def check_crash_loop(
     max_repeats: int = 3,
     per_device_train_batch_size: int | None = None,
     gradient_accumulation_steps: int | None = None,
-) -> CrashLoop | None:
-    """Raise :class:`PreflightError` when the last ``max_repeats`` runs in ``output_dir`` ended the same way.
+) -> None:
+    """Raise :class:`PreflightError` when the last ``max_repeats`` runs in ``output_dir`` ended the same way;
+    return (nothing) when they did not. :func:`find_crash_loop` gives the loop itself instead of raising.
 
     For an out-of-memory loop the message proposes the halved per-device batch with doubled accumulation
     (from the given settings, else from those the failing runs recorded).
-
-    Returns:
-        None when there is no loop.
 
     Raises:
         PreflightError: The same failure repeats; the message says which, at which step and how often.
@@ -419,9 +407,79 @@ def check_crash_loop(
         check_crash_loop("out", per_device_train_batch_size=8, gradient_accumulation_steps=1)
     """
     loop = find_crash_loop(output_dir, max_repeats=max_repeats)
+    if loop is not None:
+        raise crash_loop_error(output_dir, loop, per_device_train_batch_size, gradient_accumulation_steps)
+
+
+@dataclass(frozen=True)
+class StartDecision:
+    """What to do with a run about to start in an ``output_dir``, from its recorded runs (:func:`decide_start`).
+
+    Attributes:
+        action: ``"go"`` (no loop: start as configured), ``"fix"`` (an out-of-memory loop: start with the batch
+            settings in ``after``) or ``"refuse"`` (raise ``error``).
+        runs: Earlier runs recorded in the log.
+        abnormal: How many of them ended abnormally (failed, or died without a record).
+        loop: The crash loop found, or None.
+        before: For ``"fix"``: ``(per_device_train_batch_size, gradient_accumulation_steps)`` the fix halves from.
+        after: For ``"fix"``: the settings to apply (same global batch).
+        error: For ``"refuse"``: the :class:`PreflightError` to raise.
+    """
+
+    action: str
+    runs: int = 0
+    abnormal: int = 0
+    loop: CrashLoop | None = None
+    before: tuple[int, int] | None = None
+    after: tuple[int, int] | None = None
+    error: PreflightError | None = None
+
+    @property
+    def history(self) -> str:
+        """``"4 earlier run(s), 3 ended abnormally"``."""
+        return f"{self.runs} earlier run(s), {self.abnormal} ended abnormally"
+
+
+def decide_start(
+    output_dir: PathLike,
+    *,
+    per_device_train_batch_size: int,
+    gradient_accumulation_steps: int,
+    max_repeats: int = 3,
+    apply_oom_fix: bool = False,
+    can_change_batch: bool = True,
+) -> StartDecision:
+    """Decide, from the runs recorded in ``output_dir``, whether a run with these batch settings may start.
+
+    No loop (or ``max_repeats`` 0): go on. An out-of-memory loop with ``apply_oom_fix``: the :func:`oom_fix` of the
+    batch the last failing run used when it kept this run's global batch (so repeated OOMs keep halving), else of
+    the given settings; refused instead when the batch cannot be halved evenly or ``can_change_batch`` is False
+    (DeepSpeed holds the batch size in its own config). Any other loop: refuse with :func:`crash_loop_error`.
+
+    Example::
+
+        decision = decide_start("out", per_device_train_batch_size=8, gradient_accumulation_steps=1,
+                                apply_oom_fix=True)
+        if decision.action == "refuse": raise decision.error
+    """
+    runs = load_runs(output_dir)
+    abnormal = sum(1 for r in runs if r.outcome in ("failed", "unknown"))
+    loop = find_crash_loop(output_dir, max_repeats=max_repeats, runs=runs)
     if loop is None:
-        return None
-    raise crash_loop_error(output_dir, loop, per_device_train_batch_size, gradient_accumulation_steps)
+        return StartDecision("go", runs=len(runs), abnormal=abnormal)
+    bs, ga = int(per_device_train_batch_size), int(gradient_accumulation_steps)
+    if loop.oom and apply_oom_fix:
+        last = loop.last_batch
+        # Halve from where the last failing run stood when it kept this run's global batch (a fix applied
+        # before), so repeated OOMs keep halving instead of restarting from the user's setting.
+        lbs, lga = last.get("per_device_train_batch_size"), last.get("gradient_accumulation_steps")
+        if isinstance(lbs, int) and isinstance(lga, int) and lbs * lga == bs * ga:
+            bs, ga = lbs, lga
+        fix = oom_fix(bs, ga)
+        if fix is not None and can_change_batch:
+            return StartDecision("fix", len(runs), abnormal, loop, before=(bs, ga), after=fix)
+    error = crash_loop_error(output_dir, loop, bs, ga)
+    return StartDecision("refuse", len(runs), abnormal, loop, error=error)
 
 
 def crash_loop_error(

@@ -6,31 +6,37 @@ the Trainer's resume and rotation logic never look (both only see top-level ``ch
 
 - :func:`start_fresh`: archive the checkpoints; the next ``trainer.train()`` starts at step 0 from the model as it
   is now (the base model).
-- :func:`continue_on_new_data`: load the weights of the newest verified checkpoint into ``trainer.model`` (for a
-  PEFT model: the adapter weights), confirm they arrived, then archive the checkpoints; the next ``trainer.train()``
-  starts at step 0 with a new optimizer and schedule on whatever data the Trainer now holds, from those weights.
+- :func:`trainguard.continue_on_new_data` (in :mod:`trainguard.recovery`, since it drives a Trainer): load the
+  weights of the newest verified checkpoint into ``trainer.model`` and confirm they arrived (:func:`compare_loaded`),
+  then archive the checkpoints; the next ``trainer.train()`` starts at step 0 from those weights.
 
 Example::
 
-    trainguard.continue_on_new_data(trainer)     # weights of the newest verified checkpoint, step reset
+    trainguard.start_fresh("out")     # the checkpoints move into out/trainguard-archive/<UTC time>-<fingerprint>/
     trainer.train()
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import re
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from ..errors import CheckpointIntegrityError, TrainGuardError
+from .._util import utc_stamp
+from ..errors import TrainGuardError
 from ._layout import ARCHIVE_DIR
 from ._resume import TRAINER_STATE, checkpoint_dirs, on_main_then_share, read_json_object
 
-__all__ = ["ARCHIVE_DIR", "archive_checkpoints", "continue_on_new_data", "start_fresh"]
+__all__ = [
+    "ARCHIVE_DIR",
+    "archive_checkpoints",
+    "compare_loaded",
+    "newest_verified",
+    "start_fresh",
+    "verify_if_possible",
+]
 _LOG = logging.getLogger("trainguard")
 
 
@@ -40,9 +46,7 @@ def _output_dir_of(output_dir_or_trainer: Any) -> Path:
         return Path(args.output_dir)
     if isinstance(output_dir_or_trainer, (str, os.PathLike)):
         return Path(output_dir_or_trainer)
-    raise TypeError(
-        f"expected a Trainer or an output_dir path, not {type(output_dir_or_trainer).__name__}"
-    )
+    raise TypeError(f"expected a Trainer or an output_dir path, not {type(output_dir_or_trainer).__name__}")
 
 
 def _stored_fingerprint(checkpoint: Path) -> str:
@@ -65,7 +69,7 @@ def archive_checkpoints(output_dir: Path) -> Path | None:
     checkpoints = checkpoint_dirs(output_dir)
     if not checkpoints:
         return None
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    stamp = utc_stamp()
     label = re.sub(r"[^0-9A-Za-z]", "", _stored_fingerprint(checkpoints[-1]))
     if label == "unknown":
         from .lineage import checkpoint_origin
@@ -116,7 +120,8 @@ def start_fresh(output_dir_or_trainer: Any) -> Path | None:
     return result
 
 
-def _newest_verified(output_dir: Path) -> Path | None:
+def newest_verified(output_dir: Path) -> Path | None:
+    """The newest checkpoint of ``output_dir`` that verifies (the newest by number without checkpoint checks)."""
     try:
         from .checkpoint import latest_verified_checkpoint
     except ImportError:
@@ -126,7 +131,8 @@ def _newest_verified(output_dir: Path) -> Path | None:
     return Path(verified) if verified is not None else None
 
 
-def _verify_if_possible(checkpoint: Path) -> None:
+def verify_if_possible(checkpoint: Path) -> None:
+    """``verify_checkpoint`` where the checkpoint module is installed."""
     try:
         from .checkpoint import verify_checkpoint
     except ImportError:
@@ -134,7 +140,7 @@ def _verify_if_possible(checkpoint: Path) -> None:
     verify_checkpoint(checkpoint)
 
 
-def _compare_loaded(model: Any, checkpoint: Path) -> list[str]:
+def compare_loaded(model: Any, checkpoint: Path) -> list[str]:
     """Names of tensors whose values in ``model`` differ from the checkpoint's files (empty: all arrived)."""
     import torch
     from safetensors.torch import load_file
@@ -155,79 +161,3 @@ def _compare_loaded(model: Any, checkpoint: Path) -> list[str]:
             if current.shape != tensor.shape or not torch.equal(current.detach().cpu(), tensor):
                 problems.append(name)
     return problems
-
-
-def continue_on_new_data(trainer: Any, checkpoint: str | os.PathLike[str] | None = None) -> Path:
-    """Load a checkpoint's weights into ``trainer.model``, then archive the run's checkpoints, so that the next
-    ``trainer.train()`` learns on the Trainer's (new) data from those weights with the step counter, optimizer and
-    learning-rate schedule reset. Nothing is deleted.
-
-    The weights are loaded the way ``Trainer`` itself loads them on resume (for a PEFT model: the adapter weights
-    only), then compared tensor by tensor with the checkpoint's files. Call it on every rank of a distributed run.
-
-    Args:
-        trainer: The Trainer, already holding the new data.
-        checkpoint: The checkpoint to take the weights from. Default: the newest checkpoint in ``output_dir`` that
-            passes ``verify_checkpoint`` (the newest by number where checkpoint verification is not installed).
-
-    Returns:
-        Where the loaded checkpoint now is (inside the archive folder).
-
-    Raises:
-        CheckpointIntegrityError: There is no (verified) checkpoint, it fails verification, or its weights did not
-            arrive in the model.
-
-    Example::
-
-        trainguard.continue_on_new_data(trainer)
-        trainer.train()                      # step 0, new optimizer and schedule, the checkpoint's weights
-    """
-    output_dir = Path(trainer.args.output_dir)
-    if checkpoint is None:
-        source = on_main_then_share(_newest_verified, output_dir)
-        if source is None:
-            raise CheckpointIntegrityError(
-                "no verified checkpoint to continue from",
-                where={"file": str(output_dir)},
-                next_step="Pass checkpoint=PATH, or use trainguard.start_fresh(trainer) to train from the base model.",
-            )
-    else:
-        source = Path(checkpoint)
-        on_main_then_share(_verify_if_possible, source)
-    if not source.is_dir():
-        raise CheckpointIntegrityError("the checkpoint does not exist", where={"file": str(source)})
-    loader = getattr(trainer, "_load_from_checkpoint", None)
-    if loader is None:
-        raise CheckpointIntegrityError(
-            "this transformers version has no Trainer._load_from_checkpoint to load the weights with",
-            where={"file": str(source)},
-            next_step="Load the weights yourself (model.load_state_dict / load_adapter), then call start_fresh.",
-        )
-    peft_config = getattr(trainer.model, "peft_config", None)
-    if isinstance(peft_config, dict) and peft_config:
-        from .lora import check_lora_config
-
-        check_lora_config(source, peft_config)  # a clear refusal instead of a size-mismatch dump
-    try:
-        loader(str(source))
-    except (ValueError, RuntimeError, OSError) as err:
-        raise CheckpointIntegrityError(
-            f"could not load the checkpoint's weights: {str(err).splitlines()[0] if str(err) else type(err).__name__}",
-            where={"file": str(source)},
-            next_step="Check that the model has the checkpoint's architecture; nothing was moved.",
-        ) from err
-    mismatched = _compare_loaded(trainer.model, source)
-    if mismatched:
-        shown = ", ".join(mismatched[:5]) + (f" and {len(mismatched) - 5} more" if len(mismatched) > 5 else "")
-        raise CheckpointIntegrityError(
-            f"the checkpoint's weights did not arrive in the model: {len(mismatched)} tensor(s) differ ({shown})",
-            where={"file": str(source)},
-            next_step="Check that the model has the checkpoint's architecture and adapter names; nothing was moved.",
-            evidence={"tensors": mismatched},
-        )
-    archive = start_fresh(output_dir)
-    moved = archive / source.name if archive is not None and source.parent.resolve() == output_dir.resolve() else source
-    with contextlib.suppress(Exception):
-        trainer.state.global_step = 0
-    _LOG.warning("trainguard: loaded the weights of %s; the next train() starts at step 0 from them", source)
-    return moved

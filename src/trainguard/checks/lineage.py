@@ -39,6 +39,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from .._util import utc_now, utc_stamp
 from ..alerts import get_logger
 from ..atomic import atomic_write_json, fsync_dir
 from ..errors import LineageError
@@ -79,10 +80,6 @@ __all__ = [
 LINEAGE_FORMAT = "trainguard-lineage/1"
 _MAX_RUNS = 200  # runs kept in the registry; older ones are dropped (their checkpoints still say who wrote them)
 _MAX_RECORD_BYTES = 1 << 20  # a lineage record or registry larger than this is not trainguard's
-
-
-def _utc_now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
 def new_id() -> str:
@@ -275,7 +272,7 @@ def record_run(
     """
     folder = Path(output_dir)
     registry = read_registry(folder)
-    now = _utc_now()
+    now = utc_now()
     registry["format"] = LINEAGE_FORMAT
     registry.setdefault("since_utc", now)
     registry["meaning"] = (
@@ -363,7 +360,7 @@ def move_aside(folder: str | os.PathLike[str], reason: str, *, into: str = QUARA
     path = Path(folder)
     target_dir = path.parent / into
     target_dir.mkdir(exist_ok=True)
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    stamp = utc_stamp()
     target = target_dir / f"{path.name}.{stamp}"
     while os.path.lexists(target):
         target = target_dir / f"{path.name}.{stamp}-{secrets.token_hex(2)}"
@@ -376,7 +373,7 @@ def move_aside(folder: str | os.PathLike[str], reason: str, *, into: str = QUARA
             {
                 "from": str(path),
                 "to": str(target),
-                "utc": _utc_now(),
+                "utc": utc_now(),
                 "reason": reason,
                 "problems": [p.to_dict() if hasattr(p, "to_dict") else str(p) for p in problems],
             },
@@ -439,7 +436,7 @@ def begin_save(folder: str | os.PathLike[str], record: Mapping[str, Any]) -> Non
     """Create ``folder`` and write the saving marker into it (before the Trainer writes anything there)."""
     path = Path(folder)
     path.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(path / SAVING_MARKER, {"format": LINEAGE_FORMAT, **record, "began_utc": _utc_now()})
+    atomic_write_json(path / SAVING_MARKER, {"format": LINEAGE_FORMAT, **record, "began_utc": utc_now()})
 
 
 def end_save(folder: str | os.PathLike[str]) -> None:

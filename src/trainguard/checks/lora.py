@@ -102,9 +102,7 @@ def _as_adapter_map(lora_config: Any) -> dict[str | None, tuple[dict[str, Any], 
     if hasattr(lora_config, "to_dict") or (isinstance(lora_config, Mapping) and _CONFIG_KEYS & set(lora_config)):
         return {None: (_config_dict(lora_config), not hasattr(lora_config, "to_dict"))}
     if isinstance(lora_config, Mapping) and lora_config:
-        return {
-            str(name): (_config_dict(cfg), not hasattr(cfg, "to_dict")) for name, cfg in lora_config.items()
-        }
+        return {str(name): (_config_dict(cfg), not hasattr(cfg, "to_dict")) for name, cfg in lora_config.items()}
     raise TypeError(
         "lora_config must be a peft LoraConfig, a config dict, or a {adapter_name: config} mapping "
         f"(such as model.peft_config), not {type(lora_config).__name__}"

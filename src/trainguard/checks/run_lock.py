@@ -38,11 +38,11 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from .._util import utc_now
 from ..alerts import get_logger
 from ..atomic import atomic_write_json
 from ..errors import PreflightError, RunLockedError
@@ -67,10 +67,6 @@ PathLike = str | os.PathLike[str]
 # flock fails with these when the filesystem cannot lock at all (Lustre without -o flock, some FUSE, old NFS).
 _UNSUPPORTED_ERRNOS = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL, errno.ENOTSUP}
 _BUSY_ERRNOS = {errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES}
-
-
-def _utc_now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
 def _command() -> str:
@@ -206,7 +202,7 @@ class RunLockHandle:
     def _record_release(self) -> None:
         try:
             record = dict(self.holder)
-            record["released_utc"] = _utc_now()
+            record["released_utc"] = utc_now()
             atomic_write_json(self.info_file, record)
         except OSError as exc:  # the lock is released by the kernel anyway; the record is a courtesy
             get_logger().debug("could not update %s on release: %s", self.info_file, exc)
@@ -342,8 +338,11 @@ def _locked_error(output_dir: Path, lock_file: Path, info_file: Path) -> RunLock
     # holder's (then it carries released_utc, or /proc/locks names another PID): the kernel's word wins.
     stale = "released_utc" in holder or (pids and same_host and holder.get("pid") not in pids)
     if stale or not holder:
-        holder = {"pid": pids[0] if pids else "unknown", "host": socket.gethostname() if pids else "unknown",
-                  "note": "the holder had not written its record yet"}
+        holder = {
+            "pid": pids[0] if pids else "unknown",
+            "host": socket.gethostname() if pids else "unknown",
+            "note": "the holder had not written its record yet",
+        }
     pid = holder.get("pid", "unknown")
     host = holder.get("host", "unknown")
     started = holder.get("started_utc", "unknown")
@@ -415,7 +414,7 @@ def _acquire(
     holder: dict[str, Any] = {
         "pid": os.getpid(),
         "host": socket.gethostname(),
-        "started_utc": _utc_now(),
+        "started_utc": utc_now(),
         "command": _command(),
         "cwd": os.getcwd(),
         "lock_id": uuid.uuid4().hex,

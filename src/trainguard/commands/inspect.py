@@ -3,8 +3,8 @@
 Shows the run lock (held or free, and who holds or last held it), the recorded runs and crashes (and a crash loop
 if the next start would be refused), the checkpoints (verified with ``trainguard.checks.checkpoint`` where that
 module is installed), merged versions (``v001``, ``v002``, … with their ``trainguard-version.json``) and the run
-identity the guards recorded (``stateful_callbacks`` of the newest checkpoint's ``trainer_state.json`` and any
-``trainguard-run.json``). Reads only; never imports torch. Exit status 0, or 2 when PATH is not a folder.
+identity the guards recorded (``stateful_callbacks`` of the newest checkpoint's ``trainer_state.json``) and which
+run lineage wrote each checkpoint. Reads only; never imports torch. Exit status 0, or 2 when PATH is not a folder.
 
 Example::
 
@@ -26,14 +26,13 @@ from ..checks import crash_loop
 from ..checks import lineage as _lineage
 from ..checks._layout import ARCHIVE_DIR, QUARANTINE_DIR
 from ..checks._resume import checkpoint_dirs, checkpoint_step
-from ..checks.resources import format_bytes
+from ..checks.preflight import format_bytes
 from ..checks.run_lock import lock_status
 
 __all__ = ["inspect_output_dir", "register"]
 
 _VERSION_RE = re.compile(r"^v(\d{3,})$")
 _VERSION_METADATA = "trainguard-version.json"
-_RUN_SIDECAR = "trainguard-run.json"
 
 
 def register(subparsers: Any) -> None:
@@ -147,11 +146,7 @@ def _versions(folder: Path) -> list[dict[str, Any]]:
 
 
 def _identity(folder: Path, checkpoints: list[dict[str, Any]]) -> dict[str, Any]:
-    identity: dict[str, Any] = {"sidecars": {}, "checkpoint": None, "stateful_callbacks": {}}
-    candidates = [folder / _RUN_SIDECAR] + [Path(c["path"]) / _RUN_SIDECAR for c in checkpoints]
-    for sidecar in candidates:
-        if sidecar.is_file():
-            identity["sidecars"][str(sidecar)] = _read_json(sidecar)
+    identity: dict[str, Any] = {"checkpoint": None, "stateful_callbacks": {}}
     if checkpoints:
         newest = Path(checkpoints[-1]["path"])
         state = _read_json(newest / "trainer_state.json") if (newest / "trainer_state.json").is_file() else {}
@@ -317,9 +312,7 @@ def _print(report: dict[str, Any]) -> None:
     recorded = identity["stateful_callbacks"]
     if recorded:
         w(f"identity:    recorded in {identity['checkpoint']}/trainer_state.json by {', '.join(sorted(recorded))}\n")
-    for name in identity["sidecars"]:
-        w(f"identity:    {name}\n")
-    if not recorded and not identity["sidecars"]:
+    else:
         w("identity:    none recorded\n")
 
 

@@ -34,16 +34,35 @@ def register(subparsers: Any) -> None:
     )
     parser.add_argument("path", metavar="PATH", help="a data file or a folder of them")
     parser.add_argument("--tokenizer", metavar="DIR", help="a local folder holding the tokenizer training uses")
-    parser.add_argument("--max-length", type=int, metavar="N",
-                        help="the length training truncates to (default: the tokenizer's model_max_length)")
-    parser.add_argument("--format", choices=["auto", *FORMATS], default="auto",
-                        help="the record format (default: detected from the first records)")
-    parser.add_argument("--eval", metavar="PATH", dest="eval_path",
-                        help="eval data: validated too, and its overlap with PATH reported")
-    parser.add_argument("--min-unique-ratio", type=float, default=0.5, metavar="R",
-                        help="error below this fraction of distinct rows (default 0.5; 0 turns it off)")
-    parser.add_argument("--max-answer-cut-fraction", type=float, default=0.0, metavar="F",
-                        help="error above this fraction of rows whose whole answer is truncated away (default 0)")
+    parser.add_argument(
+        "--max-length",
+        type=int,
+        metavar="N",
+        help="the length training truncates to (default: the tokenizer's model_max_length)",
+    )
+    parser.add_argument(
+        "--format",
+        choices=["auto", *FORMATS],
+        default="auto",
+        help="the record format (default: detected from the first records)",
+    )
+    parser.add_argument(
+        "--eval", metavar="PATH", dest="eval_path", help="eval data: validated too, and its overlap with PATH reported"
+    )
+    parser.add_argument(
+        "--min-unique-ratio",
+        type=float,
+        default=0.5,
+        metavar="R",
+        help="error below this fraction of distinct rows (default 0.5; 0 turns it off)",
+    )
+    parser.add_argument(
+        "--max-answer-cut-fraction",
+        type=float,
+        default=0.0,
+        metavar="F",
+        help="error above this fraction of rows whose whole answer is truncated away (default 0)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="never show a progress bar")
     parser.add_argument("--json", action="store_true", help="print one JSON document")
     parser.set_defaults(func=run)

@@ -24,7 +24,7 @@ from ..checks import checkpoint as ckpt
 from ..checks import lineage as _lineage
 from ..checks._layout import ARCHIVE_DIR, TRAINER_STATE, checkpoint_step
 from ..checks._resume import checkpoint_dirs
-from ..checks.resources import format_bytes
+from ..checks.preflight import format_bytes
 
 __all__ = ["adopt", "register"]
 

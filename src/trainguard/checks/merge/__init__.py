@@ -27,30 +27,28 @@ Example::
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
 import json
 import os
 import platform
-import re
 import secrets
 import shutil
 import sys
 from collections.abc import Mapping
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from ..alerts import get_logger
-from ..atomic import atomic_write_json, fsync_dir
-from ..errors import (
+from ..._util import utc_now
+from ...alerts import get_logger
+from ...atomic import atomic_write_json, fsync_dir
+from ...errors import (
     CheckpointIntegrityError,
     LoraConfigMismatchError,
     NonFiniteError,
     PreflightError,
     TrainGuardError,
 )
-from .resources import DEFAULT_MARGIN, DEFAULT_MARGIN_BYTES, check_disk_space, format_bytes, tokenizer_size
+from ..preflight import DEFAULT_MARGIN, DEFAULT_MARGIN_BYTES, check_disk_space, format_bytes, tokenizer_size
 
 __all__ = [
     "STAGING_PREFIX",
@@ -59,15 +57,18 @@ __all__ = [
     "safe_merge",
 ]
 
+from .versions import (
+    METADATA_FORMAT,
+    STAGING_PREFIX,
+    VERSION_METADATA,
+    _rename_noreplace,  # noqa: F401 - tests race it
+    list_versions,
+)
+from .versions import next_number as _next_number
+from .versions import publish as _publish
+
 PathLike = str | os.PathLike[str]
 
-#: The metadata file inside every version folder (``trainguard inspect`` reads it).
-VERSION_METADATA = "trainguard-version.json"
-#: Staging folders are hidden, in ``versions_dir`` itself, so publishing is a same-filesystem rename.
-STAGING_PREFIX = ".staging-"
-METADATA_FORMAT = "trainguard-version/1"
-
-_VERSION_RE = re.compile(r"^v(\d{3,})$")
 _ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 _TOKENIZER_FILES = (
     "tokenizer.json",
@@ -87,72 +88,6 @@ _TOKENIZER_FILES = (
 _SMALL_FILES_BYTES = 256 * 1024
 
 
-# ------------------------------------------------------------------------------------------------- versions
-def list_versions(versions_dir: PathLike) -> list[Path]:
-    """The version folders (``v001``, ``v002``, ...) under ``versions_dir``, oldest first; [] when none.
-
-    Example::
-
-        latest = list_versions("models/merged")[-1]
-    """
-    folder = Path(versions_dir)
-    if not folder.is_dir():
-        return []
-    found = [p for p in folder.iterdir() if _VERSION_RE.match(p.name) and p.is_dir()]
-    return sorted(found, key=lambda p: int(p.name[1:]))
-
-
-def _next_number(versions_dir: Path) -> int:
-    numbers = [int(m.group(1)) for p in versions_dir.iterdir() if (m := _VERSION_RE.match(p.name))]
-    return max(numbers, default=0) + 1
-
-
-def _renameat2() -> Any:
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        fn = ctypes.CDLL(None, use_errno=True).renameat2
-    except (OSError, AttributeError):
-        return None  # glibc < 2.28 or musl without renameat2
-    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
-    fn.restype = ctypes.c_int
-    return fn
-
-
-def _rename_noreplace(src: Path, dst: Path) -> None:
-    """Rename ``src`` to ``dst``; FileExistsError if ``dst`` exists (even an empty folder, which plain rename
-    would silently replace). Atomic with Linux ``renameat2(RENAME_NOREPLACE)``; a check-then-rename elsewhere."""
-    fn = _renameat2()
-    if fn is not None:
-        at_fdcwd, rename_noreplace = -100, 1
-        if fn(at_fdcwd, os.fsencode(src), at_fdcwd, os.fsencode(dst), rename_noreplace) == 0:
-            return
-        err = ctypes.get_errno()
-        if err in (errno.EEXIST, errno.ENOTEMPTY):
-            raise FileExistsError(err, os.strerror(err), str(dst))
-        if err not in (errno.EINVAL, errno.ENOSYS, errno.EPERM):  # EINVAL: the filesystem lacks the flag
-            raise OSError(err, os.strerror(err), str(dst))
-    if os.path.lexists(dst):
-        raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(dst))
-    os.rename(src, dst)
-
-
-def _publish(staging: Path, versions_dir: Path) -> Path:
-    number = _next_number(versions_dir)
-    for _ in range(10_000):
-        target = versions_dir / f"v{number:03d}"
-        try:
-            _rename_noreplace(staging, target)
-        except FileExistsError:
-            number += 1  # another process (or the user) took this number meanwhile: take the next
-            continue
-        fsync_dir(versions_dir)
-        return target
-    raise PreflightError(  # pragma: no cover - 10,000 concurrent publishers
-        "no free version number found", where={"file": str(versions_dir)}
-    )
-
-
 # -------------------------------------------------------------------------------------------------- helpers
 def _is_enospc(exc: BaseException | None) -> bool:
     seen = 0
@@ -165,10 +100,6 @@ def _is_enospc(exc: BaseException | None) -> bool:
         exc = exc.__cause__ or exc.__context__
         seen += 1
     return False
-
-
-def _utc_now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
 def _read_json(path: Path, what: str) -> dict[str, Any]:
@@ -207,7 +138,7 @@ def _tokenizer_files(folder: Path) -> list[Path]:
 
 
 def _software() -> dict[str, str]:
-    from .._version import __version__
+    from ..._version import __version__
 
     versions = {"trainguard": __version__, "python": platform.python_version()}
     for name in ("torch", "transformers", "peft", "safetensors"):
@@ -218,7 +149,7 @@ def _software() -> dict[str, str]:
 
 def _write_manifest(folder: Path, source_step: int | None) -> Path:
     # Imported here: the checkpoint module is only needed when a merge publishes.
-    from .checkpoint import write_manifest
+    from ..checkpoint import write_manifest
 
     return write_manifest(folder, step=source_step, extra={"kind": "safe_merge version"})
 
@@ -619,7 +550,7 @@ def safe_merge(
         )
         record = {
             "format": METADATA_FORMAT,
-            "created_utc": _utc_now(),
+            "created_utc": utc_now(),
             "source_checkpoint": str(adapter_dir.resolve()),
             "source_step": source_step,
             "base_model": {
@@ -643,7 +574,7 @@ def safe_merge(
             raise TypeError(f"metrics, metadata and dataset_fingerprint must be JSON-able: {exc}") from exc
         manifest = _write_manifest(staging, source_step)
         _fsync_tree(staging)
-        target = _publish(staging, versions)
+        target = _publish(staging, versions, start=_next_number(versions))
     except BaseException as exc:
         shutil.rmtree(staging, ignore_errors=True)  # ours alone: created by this call a moment ago
         if isinstance(exc, TrainGuardError) or not _is_enospc(exc):

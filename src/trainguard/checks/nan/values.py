@@ -1,4 +1,4 @@
-"""Numerical health of a training run: finiteness, patience, loss spikes and zero-loss streaks.
+"""Non-finite values and loss health: finiteness, patience, loss spikes and zero-loss streaks.
 
 Plain functions and small classes on plain inputs (floats, tensors, metric dicts); nothing here knows about the
 Trainer. :class:`~trainguard.NanGuard` adapts them to Trainer events; they are just as usable in a custom loop.
@@ -13,7 +13,7 @@ Two kinds of helper live here:
 
 Example::
 
-    from trainguard.checks.numerics import LossHealth, is_finite
+    from trainguard.checks.nan import LossHealth, is_finite
     health = LossHealth(spike_factor=10.0, zero_loss_steps=5)
     for step, loss in enumerate(losses, 1):
         if not is_finite(loss):

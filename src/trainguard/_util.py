@@ -1,0 +1,47 @@
+"""Small foundation helpers every layer uses: UTC time stamps, whether a PID lives, how many threads to hash with.
+
+Example::
+
+    from trainguard._util import utc_now
+    utc_now()                       # '2026-11-30T01:02:03Z'
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from datetime import datetime, timezone
+from typing import Any
+
+__all__ = ["default_workers", "pid_alive", "utc_now", "utc_stamp"]
+
+
+def utc_now(timespec: str = "seconds", when: float | None = None) -> str:
+    """ISO 8601 UTC time with a ``Z`` (``timespec`` as :meth:`datetime.isoformat`), now or at ``when`` (epoch s)."""
+    moment = datetime.now(timezone.utc) if when is None else datetime.fromtimestamp(when, timezone.utc)
+    return moment.isoformat(timespec=timespec).replace("+00:00", "Z")
+
+
+def utc_stamp(when: float | None = None, *, milliseconds: bool = False) -> str:
+    """A compact UTC stamp for file names: ``20261130T010203Z`` (or ``20261130T010203.456Z``)."""
+    moment = datetime.fromtimestamp(time.time() if when is None else when, timezone.utc)
+    if milliseconds:
+        return moment.strftime("%Y%m%dT%H%M%S.") + f"{moment.microsecond // 1000:03d}Z"
+    return moment.strftime("%Y%m%dT%H%M%SZ")
+
+
+def pid_alive(pid: Any) -> bool:
+    """True when a process with this PID exists on this host (one we may not signal counts as alive)."""
+    try:
+        os.kill(int(pid), 0)
+    except (TypeError, ValueError, ProcessLookupError, OverflowError):
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def default_workers(cap: int) -> int:
+    """Threads for hashing: the CPU count, at most ``cap`` (the functions use 8; the callback 4, to leave cores to
+    the data loader while training)."""
+    return max(1, min(cap, os.cpu_count() or 1))

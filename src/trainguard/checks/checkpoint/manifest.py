@@ -1,0 +1,358 @@
+"""The manifest: GNU ``sha256sum`` lines as the commit marker, hashing in a thread pool, and writing it.
+
+:func:`write_manifest` hashes every file of a finished checkpoint and writes ``trainguard-manifest.json`` (sizes, step,
+time, versions, run lineage) and, last and atomically, ``trainguard-manifest.sha256``: the commit marker.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+import json
+import os
+import platform
+import re
+import time
+from collections.abc import Iterable, Mapping
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from pathlib import Path
+from typing import Any
+
+from ..._util import default_workers, utc_now
+from ..._version import __version__
+from ...alerts import get_logger
+from ...atomic import atomic_write_json, atomic_write_text, fsync_dir, is_temp_name
+from .. import lineage as _lineage
+from .._layout import (
+    JIT_SENTINEL,
+    MANIFEST_FORMAT,
+    MANIFEST_NAME,
+    METADATA_NAME,
+    RUN_MARKER,
+    SAVING_MARKER,
+    checkpoint_step,
+)
+from .._resume import checkpoint_dirs
+from .formats import special_extra
+
+__all__ = [
+    "format_sha256_lines",
+    "has_manifest",
+    "hash_many",
+    "list_files",
+    "mark_run_uses_manifests",
+    "parse_sha256_file",
+    "read_metadata",
+    "run_uses_manifests",
+    "sha256_file",
+    "write_manifest",
+]
+
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+_CHUNK = 4 << 20  # 4 MiB reads: large enough that hashlib releases the GIL and syscalls are negligible
+
+
+# ------------------------------------------------------------------------------------------ sha256sum format
+def _escape_name(name: str) -> tuple[bool, str]:
+    # GNU coreutils: a name with a backslash, newline or CR is written escaped and the line starts with "\".
+    if "\\" in name or "\n" in name or "\r" in name:
+        return True, name.replace("\\", "\\\\").replace("\n", "\\n").replace("\r", "\\r")
+    return False, name
+
+
+def _unescape_name(name: str) -> str:
+    out: list[str] = []
+    i = 0
+    while i < len(name):
+        ch = name[i]
+        if ch == "\\" and i + 1 < len(name):
+            nxt = name[i + 1]
+            out.append({"\\": "\\", "n": "\n", "r": "\r"}.get(nxt, nxt))
+            i += 2
+            continue
+        out.append(ch)
+        i += 1
+    return "".join(out)
+
+
+def format_sha256_lines(digests: Mapping[str, str]) -> str:
+    """``sha256sum``-format text for ``{relative posix path: hex digest}``, sorted by path."""
+    lines = []
+    for name in sorted(digests):
+        escaped, text = _escape_name(name)
+        lines.append(("\\" if escaped else "") + f"{digests[name]}  {text}\n")
+    return "".join(lines)
+
+
+def parse_sha256_file(path: str | os.PathLike[str]) -> dict[str, str]:
+    """Read a GNU ``sha256sum`` file into ``{relative path: hex digest}``.
+
+    Accepts text (``"  "``) and binary (``" *"``) lines, escaped names, and ``#`` comment lines.
+
+    Raises:
+        ValueError: A line is not in ``sha256sum`` format, or a path repeats or escapes the folder.
+        OSError: The file cannot be read.
+    """
+    digests: dict[str, str] = {}
+    with open(path, encoding="utf-8", newline="\n") as fh:
+        for number, raw in enumerate(fh, 1):
+            line = raw.rstrip("\n")
+            if not line or line.startswith("#"):
+                continue
+            escaped = line.startswith("\\")
+            if escaped:
+                line = line[1:]
+            digest, sep, name = line[:64], line[64:66], line[66:]
+            if not _HEX64.match(digest.lower()) or sep not in ("  ", " *") or not name:
+                raise ValueError(f"line {number} is not a sha256sum line: {raw[:120]!r}")
+            if escaped:
+                name = _unescape_name(name)
+            parts = Path(name).parts
+            if Path(name).is_absolute() or ".." in parts:
+                raise ValueError(f"line {number} names a path outside the folder: {name!r}")
+            if name in digests:
+                raise ValueError(f"line {number} repeats {name!r}")
+            digests[name] = digest.lower()
+    return digests
+
+
+# ------------------------------------------------------------------------------------------------- hashing
+def sha256_file(path: str | os.PathLike[str], *, chunk_size: int = _CHUNK, fsync: bool = False) -> str:
+    """The hex sha256 of a file, read in ``chunk_size`` chunks into one reused buffer.
+
+    With ``fsync``, the file is also flushed to disk (the Trainer never fsyncs its checkpoint files).
+    """
+    digest = hashlib.sha256()
+    buffer = bytearray(chunk_size)
+    view = memoryview(buffer)
+    with open(path, "rb", buffering=0) as fh:
+        while True:
+            n = fh.readinto(buffer)
+            if not n:
+                break
+            digest.update(view[:n])
+        if fsync:
+            with contextlib.suppress(OSError):  # some filesystems refuse fsync on a read-only descriptor
+                os.fsync(fh.fileno())
+    return digest.hexdigest()
+
+
+def hash_many(
+    folder: Path,
+    names: Iterable[str],
+    sizes: Mapping[str, int],
+    workers: int | None,
+    *,
+    expected: Mapping[str, str] | None = None,
+    stop_early: bool = False,
+    fsync: bool = False,
+) -> dict[str, str | BaseException]:
+    """sha256 of ``names`` (relative to ``folder``) in a thread pool; largest first so the pool stays busy.
+
+    With ``stop_early`` and ``expected``, pending files are cancelled at the first mismatch or error.
+    """
+    order = sorted(names, key=lambda n: -sizes.get(n, 0))
+    results: dict[str, str | BaseException] = {}
+    if not order:
+        return results
+    n_workers = max(1, min(workers or default_workers(8), len(order)))
+    if n_workers == 1 and not stop_early:
+        for name in order:
+            try:
+                results[name] = sha256_file(folder / name, fsync=fsync)
+            except OSError as err:
+                results[name] = err
+        return results
+    with ThreadPoolExecutor(max_workers=n_workers, thread_name_prefix="trainguard-sha256") as pool:
+        pending: dict[Future[str], str] = {pool.submit(sha256_file, folder / name, fsync=fsync): name for name in order}
+        while pending:
+            done, _ = wait(pending, return_when=FIRST_COMPLETED)
+            failed = False
+            for future in done:
+                name = pending.pop(future)
+                try:
+                    results[name] = future.result()
+                except OSError as err:
+                    results[name] = err
+                value = results[name]
+                if isinstance(value, BaseException) or (expected is not None and expected.get(name) != value):
+                    failed = True
+            if failed and stop_early:
+                for future in pending:
+                    future.cancel()
+                break
+    return results
+
+
+# -------------------------------------------------------------------------------------------- file listing
+def _is_own_file(name: str) -> bool:
+    return name in (MANIFEST_NAME, SAVING_MARKER) or is_temp_name(name)
+
+
+def list_files(folder: Path) -> dict[str, int]:
+    """``{relative posix path: size}`` of every regular file under ``folder`` (recursively), without the commit
+    marker and trainguard temp files."""
+    found: dict[str, int] = {}
+    for root, dirs, files in os.walk(folder):
+        dirs.sort()
+        base = Path(root)
+        for name in files:
+            if _is_own_file(name):
+                continue
+            path = base / name
+            try:
+                st = path.stat()
+            except FileNotFoundError:
+                continue  # a broken link, or removed while we listed
+            if not os.path.isfile(path):
+                continue
+            found[path.relative_to(folder).as_posix()] = st.st_size
+    return found
+
+
+def has_manifest(folder: str | os.PathLike[str]) -> bool:
+    """True when ``folder`` holds a commit marker (``trainguard-manifest.sha256``)."""
+    return (Path(folder) / MANIFEST_NAME).is_file()
+
+
+def run_uses_manifests(output_dir: str | os.PathLike[str]) -> bool:
+    """True when ``output_dir`` holds trainguard's registry (written by :class:`~trainguard.CheckpointVerifier` and
+    ``trainguard manifest``) or any ``checkpoint-N`` in it has a manifest. Informational: a manifest-less folder is
+    judged by what is in it (interrupted or legacy), never by its siblings."""
+    folder = Path(output_dir)
+    return (folder / RUN_MARKER).is_file() or any(has_manifest(d) for d in checkpoint_dirs(folder))
+
+
+def mark_run_uses_manifests(output_dir: str | os.PathLike[str]) -> None:
+    """Create ``output_dir``'s registry (with no current lineage) if it has none (once; atomic)."""
+    marker = Path(output_dir) / RUN_MARKER
+    if os.path.lexists(marker):
+        return
+    atomic_write_json(
+        marker,
+        {
+            "format": _lineage.LINEAGE_FORMAT,
+            "since_utc": utc_now(),
+            "meaning": f"trainguard's lineage registry; every checkpoint-N trainguard commits has {MANIFEST_NAME}",
+        },
+    )
+
+
+# ----------------------------------------------------------------------------------------- versions, meta
+@functools.lru_cache(maxsize=1)
+def _versions() -> dict[str, str]:
+    from importlib import metadata
+
+    versions = {"trainguard": __version__, "python": platform.python_version()}
+    for name in ("torch", "transformers", "safetensors", "accelerate", "peft"):
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
+def read_metadata(folder: Path) -> dict[str, Any] | None:
+    try:
+        value = json.loads((folder / METADATA_NAME).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+# --------------------------------------------------------------------------------------------- the manifest
+def write_manifest(
+    checkpoint_dir: str | os.PathLike[str],
+    *,
+    step: int | None = None,
+    workers: int | None = None,
+    extra: Mapping[str, Any] | None = None,
+    lineage: Mapping[str, Any] | None = None,
+) -> Path:
+    """Hash every file of a finished checkpoint and write its manifest, the commit marker last.
+
+    Writes ``trainguard-manifest.json`` (format, step, UTC time, library versions, and each file's size and sha256)
+    and then ``trainguard-manifest.sha256``, one ``<sha256>  <relative path>`` line per file including the JSON,
+    both atomically (temporary name, fsync, rename). Every file is fsynced while it is hashed, so the marker never
+    vouches for data that is only in the page cache. ``sha256sum -c trainguard-manifest.sha256`` run inside the
+    folder checks it. An existing marker is removed first, so a kill while rewriting leaves "no manifest" (an
+    interrupted save), never a stale one. The folder's mtime is restored afterwards: the Trainer's rotation sorts
+    checkpoints by mtime. trainguard's saving marker, if there, is removed after the commit marker is written; the
+    Trainer's JIT sentinel is never listed (JIT checkpointing removes it after its save returns).
+
+    Call it only once every process has finished writing the folder.
+
+    Args:
+        checkpoint_dir: The checkpoint folder.
+        step: The global step (default: from ``checkpoint-N`` or ``trainer_state.json``).
+        workers: Threads hashing files in parallel (default: the CPU count, at most 8).
+        extra: More JSON-able facts for the metadata, under ``"extra"``.
+        lineage: Who wrote the checkpoint and how (``lineage``, ``run``, ``step``, ``saved_by``,
+            ``save_only_model``, ``world_size``, ...), under ``"lineage"``; see :mod:`trainguard.checks.lineage`.
+
+    Returns:
+        The path of the ``.sha256`` marker.
+
+    Raises:
+        FileNotFoundError: The folder (or a file in it) vanished, e.g. removed by checkpoint rotation.
+        OSError: Writing failed.
+
+    Example::
+
+        write_manifest("out/checkpoint-50")   # then: cd out/checkpoint-50 && sha256sum -c trainguard-manifest.sha256
+    """
+    folder = Path(checkpoint_dir)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"not a checkpoint folder: {folder}")
+    start = time.perf_counter()
+    folder_stat = folder.stat()
+    marker = folder / MANIFEST_NAME
+    marker.unlink(missing_ok=True)
+    files = list_files(folder)
+    files.pop(METADATA_NAME, None)
+    files.pop(JIT_SENTINEL, None)
+    leftovers = sorted(n for n in files if special_extra(n) is not None)
+    if leftovers:
+        get_logger().warning(
+            "trainguard: %s holds leftovers of an earlier interrupted write (%s); they are listed in its manifest "
+            "as they are",
+            folder,
+            ", ".join(leftovers),
+        )
+    # fsync while hashing: once the marker exists, the files it vouches for are on disk, not only in the page cache.
+    digests = hash_many(folder, files, files, workers, fsync=True)
+    for value in digests.values():
+        if isinstance(value, BaseException):
+            raise value
+    if step is None:
+        step = checkpoint_step(folder)
+        if step is None and "trainer_state.json" in files:
+            with contextlib.suppress(OSError, ValueError, TypeError, AttributeError):
+                step = int(json.loads((folder / "trainer_state.json").read_text(encoding="utf-8"))["global_step"])
+    meta: dict[str, Any] = {
+        "format": MANIFEST_FORMAT,
+        "algorithm": "sha256",
+        "checkpoint": folder.name,
+        "step": step,
+        "created_utc": utc_now(),
+        "host": platform.node(),
+        "versions": _versions(),
+        "total_bytes": sum(files.values()),
+        "hash_seconds": round(time.perf_counter() - start, 4),
+        "files": {name: {"size": files[name], "sha256": digests[name]} for name in sorted(files)},
+    }
+    if lineage:
+        meta["lineage"] = dict(lineage)
+    if extra:
+        meta["extra"] = dict(extra)
+    atomic_write_json(folder / METADATA_NAME, meta)
+    lines = {name: str(digests[name]) for name in files}
+    lines[METADATA_NAME] = sha256_file(folder / METADATA_NAME)
+    for sub in {(folder / name).parent for name in files}:
+        fsync_dir(sub)
+    atomic_write_text(marker, format_sha256_lines(lines))
+    _lineage.end_save(folder)
+    with contextlib.suppress(OSError):
+        os.utime(folder, ns=(folder_stat.st_atime_ns, folder_stat.st_mtime_ns))
+    return marker

@@ -1,0 +1,153 @@
+"""What the start of ``train()`` decides about checkpoints, before anything loads: a fresh start (refused when the
+output_dir holds checkpoints, or started beside them or after archiving them, by option), or a resume (which
+checkpoint, verified, and which run lineage the run continues). Plain inputs; the callback shares the decision
+with every rank and acts on it.
+
+Example::
+
+    decision = decide_resume("out", True)     # the newest verified checkpoint of the current lineage
+    decision.path, decision.lineage
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .. import lineage as _lineage
+from .._resume import checkpoint_dirs, resolve_resume_checkpoint
+from ..fresh_start import archive_checkpoints
+from .report import CheckpointReport
+from .resume import resume_choice
+from .verify import verify_checkpoint
+
+__all__ = ["EXISTING_CHECKPOINTS", "StartDecision", "check_loaded", "decide_fresh_start", "decide_resume"]
+
+#: What a fresh start does when the output_dir holds checkpoints.
+EXISTING_CHECKPOINTS = ("refuse", "keep", "archive")
+
+
+@dataclass
+class StartDecision:
+    """The checkpoint to load (``path``; None: start fresh), the lineage this run belongs to and whether it adopts
+    checkpoints that record none, a new run id, what to tell the user (``notes``: ``(level, text)``), the checkpoint
+    status, and the checkpoints that failed on the way (set aside or skipped)."""
+
+    path: str | None = None
+    lineage: str = field(default_factory=_lineage.new_id)
+    run: str = field(default_factory=_lineage.new_id)
+    adopts_unrecorded: bool = False
+    parent: _lineage.CheckpointOrigin | None = None
+    notes: list[tuple[str, str]] = field(default_factory=list)
+    status: str = ""
+    failed: list[str] = field(default_factory=list)
+
+
+def lineage_for(
+    output_dir: str | os.PathLike[str] | None, origin: _lineage.CheckpointOrigin | None
+) -> tuple[str, bool]:
+    """The lineage a resume from ``origin`` continues, and whether it adopts checkpoints that record none: the
+    checkpoint's own; for one that records none, the output_dir's current lineage when that adopts them; else new."""
+    if origin is not None and origin.lineage is not None:
+        return origin.lineage, bool(output_dir) and _lineage.adopts_unrecorded(output_dir or "", origin.lineage)
+    scope = _lineage.current_scope(output_dir) if output_dir else _lineage.LineageScope(None)
+    if scope.lineage is not None and scope.adopts_unrecorded:
+        return scope.lineage, True
+    return _lineage.new_id(), True
+
+
+def decide_fresh_start(output_dir: str | os.PathLike[str] | None, existing: str = "refuse") -> StartDecision:
+    """A fresh start into ``output_dir``: a new lineage, or :class:`~trainguard.LineageError` when checkpoints are
+    there and ``existing`` is ``"refuse"``; ``"archive"`` moves them into ``trainguard-archive/`` first, ``"keep"``
+    leaves them (a warning names them).
+
+    Raises:
+        LineageError: ``existing="refuse"`` and the output_dir holds ``checkpoint-N`` folders.
+    """
+    decision = StartDecision(status="fresh")
+    origins = [_lineage.checkpoint_origin(d) for d in checkpoint_dirs(output_dir)] if output_dir else []
+    if not origins:
+        return decision
+    if existing == "refuse":
+        raise _lineage.fresh_start_error(output_dir or "", origins)
+    if existing == "archive":
+        archive = archive_checkpoints(Path(output_dir or ""))
+        decision.notes.append(("warning", f"fresh start: moved {len(origins)} earlier checkpoint(s) into {archive}"))
+    else:
+        decision.notes.append(
+            (
+                "warning",
+                f"fresh start beside {len(origins)} checkpoint(s) of other runs, kept as they are and never resumed, "
+                f"saved over or rotated by this run: {_lineage.describe_many(origins)}",
+            )
+        )
+    return decision
+
+
+def decide_resume(
+    output_dir: str | os.PathLike[str] | None,
+    resume_from_checkpoint: Any,
+    *,
+    verify: bool = True,
+    set_aside: bool = True,
+    workers: int | None = None,
+) -> StartDecision:
+    """A resume: ``True`` → the newest checkpoint of the current lineage that verifies (newer failures of it set
+    aside when ``set_aside``); a path → that checkpoint, verified. Without ``verify``: resolved like the Trainer does,
+    unchecked. ``path`` is None when there is no checkpoint at all (the Trainer then raises its own error).
+
+    Raises:
+        CheckpointIntegrityError: The explicit path, or every checkpoint of the lineage, fails verification.
+        LineageError: ``True``, and every checkpoint there belongs to another lineage.
+    """
+    if not verify:
+        path = resolve_resume_checkpoint(output_dir, resume_from_checkpoint)
+        origin = _lineage.checkpoint_origin(path) if path is not None and path.is_dir() else None
+        lineage, adopts = lineage_for(output_dir, origin)
+        return StartDecision(
+            str(path) if path else None, lineage, adopts_unrecorded=adopts, parent=origin,
+            status="not verified (verify_resume=False)",
+        )  # fmt: skip
+    decision = StartDecision(status="not checked")
+
+    def failed(report: CheckpointReport, moved: Path | None) -> None:
+        where = f"set aside to {moved}" if moved is not None else "skipped (left in place)"
+        problems = "; ".join(p.format() for p in report.problems)
+        decision.notes.append(("warning", f"{report.path.name} failed verification, {where}: {problems}"))
+        decision.failed.append(report.path.name)
+
+    choice = resume_choice(output_dir, resume_from_checkpoint, set_aside=set_aside, workers=workers, on_failure=failed)
+    if choice is None or choice.path is None:
+        return decision
+    report = choice.report
+    if report is not None and report.warnings:
+        decision.notes.append(("warning", f"{choice.path.name}: " + "; ".join(w.format() for w in report.warnings)))
+    if report is not None and report.mode == "structural":
+        decision.status = "unverified (legacy): written without trainguard, structural checks only"
+        decision.notes.append(("warning", f"resuming from {choice.path.name}, {decision.status}"))
+    else:
+        decision.status = "verified"
+    decision.path = str(choice.path)
+    decision.lineage, decision.adopts_unrecorded = lineage_for(output_dir, choice.origin)
+    decision.parent = choice.origin
+    return decision
+
+
+def check_loaded(
+    folder: str | os.PathLike[str], output_dir: str | os.PathLike[str] | None, workers: int | None = None
+) -> StartDecision | None:
+    """For a checkpoint the Trainer already loaded (``train`` reached around trainguard's wrapper): verify it and
+    say which lineage the run continues; None when the folder is not there.
+
+    Raises:
+        CheckpointIntegrityError: It fails verification.
+    """
+    path = Path(folder)
+    if not path.is_dir():
+        return None
+    verify_checkpoint(path, workers=workers)
+    origin = _lineage.checkpoint_origin(path)
+    lineage, adopts = lineage_for(output_dir, origin)
+    return StartDecision(str(path), lineage, adopts_unrecorded=adopts, parent=origin, status="verified")

@@ -1,0 +1,345 @@
+"""Verifying one checkpoint folder: against its manifest (sizes, structure, sha256), or, for a legacy checkpoint
+without one, structurally; and the error that names every problem.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from ...errors import CheckpointIntegrityError
+from .. import lineage as _lineage
+from .._layout import (
+    JIT_SENTINEL,
+    MANIFEST_NAME,
+    METADATA_NAME,
+    QUARANTINE_DIR,
+    SAVING_MARKER,
+    checkpoint_step,
+)
+from .._resume import checkpoint_dirs
+from .formats import check_format, issue_kind, loaded_on_resume, special_extra
+from .manifest import has_manifest, hash_many, list_files, parse_sha256_file, read_metadata, sha256_file
+from .report import CheckpointReport, Problem
+
+__all__ = ["check_checkpoint", "integrity_error", "verify_checkpoint"]
+
+
+# -------------------------------------------------------------------------------------------------- checks
+def _check_trainer_state(folder: Path, problems: list[Problem]) -> int | None:
+    """The ``global_step`` of ``trainer_state.json`` when readable; a mismatch with ``checkpoint-N`` is a problem."""
+    expected = checkpoint_step(folder)
+    if not (folder / "trainer_state.json").is_file():
+        return expected
+    try:
+        state = json.loads((folder / "trainer_state.json").read_text(encoding="utf-8"))
+        step = int(state.get("global_step"))
+    except (OSError, ValueError, TypeError, AttributeError):
+        return expected  # unreadable JSON is reported by the format check
+    if expected is not None and step != expected:
+        problems.append(
+            Problem(
+                "trainer_state.json",
+                "changed",
+                f"global_step is {step} but the folder is {folder.name}: not the state saved with this checkpoint",
+            )
+        )
+    return step
+
+
+def _check_with_manifest(folder: Path, report: CheckpointReport, workers: int | None, stop_early: bool) -> None:
+    problems = report.problems
+    try:
+        expected = parse_sha256_file(folder / MANIFEST_NAME)
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        problems.append(Problem(MANIFEST_NAME, "unreadable", f"the manifest is damaged ({err})"))
+        return
+    actual = list_files(folder)
+    report.files = len(expected)
+    report.bytes = sum(actual.get(n, 0) for n in expected)
+
+    sizes: dict[str, int] = {}
+    if METADATA_NAME in expected and METADATA_NAME in actual:
+        meta_digest = sha256_file(folder / METADATA_NAME)
+        report.hashed_bytes += actual[METADATA_NAME]
+        if meta_digest != expected[METADATA_NAME]:
+            problems.append(Problem(METADATA_NAME, "changed", "the manifest metadata changed since it was written"))
+        else:
+            meta = read_metadata(folder) or {}
+            entries = meta.get("files") if isinstance(meta.get("files"), dict) else {}
+            for name, entry in (entries or {}).items():
+                if isinstance(entry, dict) and isinstance(entry.get("size"), int):
+                    sizes[name] = entry["size"]
+    elif METADATA_NAME not in expected:
+        report.notes.append(f"{METADATA_NAME} is not listed: sizes unknown, content checked by sha256 only")
+
+    failed: set[str] = {METADATA_NAME} if problems else set()
+    for name in sorted(expected):
+        if name not in actual:
+            problems.append(Problem(name, "missing", "missing (listed in the manifest)"))
+            failed.add(name)
+    for name in sorted(set(actual) - set(expected)):
+        special = special_extra(name)
+        if special is not None and name.rsplit("/", 1)[-1] == JIT_SENTINEL:
+            # The commit marker is written only after the Trainer's save returned: a JIT sentinel beside it is a
+            # leftover of that save (or of a JIT save this run skipped), not an unfinished write.
+            report.warnings.append(
+                Problem(
+                    name,
+                    "stale",
+                    "the Trainer's JIT sentinel is still there, but this save was committed after it completed",
+                )
+            )
+        elif special is not None:
+            problems.append(special)
+        elif loaded_on_resume(name):
+            problems.append(
+                Problem(
+                    name,
+                    "extra",
+                    "not in the manifest: a file a resume would load, added or renamed after the checkpoint was saved",
+                )
+            )
+        else:
+            report.warnings.append(
+                Problem(
+                    name, "extra", "not in the manifest, ignored: added after the save, and never loaded by a resume"
+                )
+            )
+    for name in sorted(set(expected) & set(actual)):
+        if name in sizes and actual[name] != sizes[name]:
+            kind = "truncated" if actual[name] < sizes[name] else "size"
+            word = "truncated" if kind == "truncated" else "size changed"
+            problems.append(Problem(name, kind, f"{word}: {actual[name]} bytes, {sizes[name]} when saved"))
+            failed.add(name)
+    suspects: dict[str, str] = {}
+    for name in sorted(set(expected) & set(actual) - failed):
+        issue = check_format(folder / name, actual[name], crc=False)
+        if issue is not None:
+            suspects[name] = issue
+    if suspects:
+        # A file can be odd from the start (a ".bin" that is not a torch file): only a file that also differs from
+        # its recorded hash is damaged, so hash the suspects first, before the rest.
+        suspect_digests = hash_many(folder, suspects, actual, workers)
+        for name, issue in suspects.items():
+            failed.add(name)
+            if suspect_digests.get(name) == expected[name]:
+                report.hashed_bytes += actual[name]
+                report.notes.append(f"{name}: {issue}, but unchanged since the manifest was written")
+            else:
+                problems.append(Problem(name, issue_kind(issue), issue))
+
+    if problems and stop_early:
+        report.notes.append("sha256 hashing skipped: the structural checks already failed")
+        return
+    to_hash = [n for n in expected if n in actual and n not in failed and n != METADATA_NAME]
+    digests = hash_many(folder, to_hash, actual, workers, expected=expected, stop_early=stop_early)
+    for name in sorted(digests):
+        value = digests[name]
+        if isinstance(value, BaseException):
+            problems.append(Problem(name, "unreadable", f"unreadable ({type(value).__name__}: {value})"))
+        elif value != expected[name]:
+            problems.append(
+                Problem(name, "changed", f"content changed: sha256 {value[:12]}…, {expected[name][:12]}… when saved")
+            )
+        else:
+            report.hashed_bytes += actual[name]
+    if len(digests) < len(to_hash):
+        report.notes.append("sha256 hashing stopped at the first mismatch")
+
+
+def _interruption(folder: Path) -> Problem | None:
+    """Evidence, in a folder without a commit marker, that trainguard began a save or its commit there."""
+    if (folder / SAVING_MARKER).is_file():
+        origin = _lineage.checkpoint_origin(folder)
+        who = f" (lineage {origin.lineage}, run {origin.run})" if origin.lineage else ""
+        return Problem(
+            SAVING_MARKER,
+            "interrupted",
+            f"trainguard began this save{who} and it never committed: killed during the save or while its manifest "
+            "was written",
+        )
+    if (folder / METADATA_NAME).is_file():
+        return Problem(
+            MANIFEST_NAME,
+            "interrupted",
+            f"{METADATA_NAME} is there but not the commit marker {MANIFEST_NAME}: killed while the manifest was "
+            "being written",
+        )
+    return None
+
+
+def _check_structure_only(folder: Path, report: CheckpointReport, require_state: bool) -> None:
+    problems = report.problems
+    actual = list_files(folder)
+    report.files = len(actual)
+    report.bytes = sum(actual.values())
+    if require_state and "trainer_state.json" not in actual:
+        problems.append(
+            Problem(
+                "trainer_state.json",
+                "missing",
+                "missing: the Trainer writes it last, so the save did not finish (killed mid-save?)",
+            )
+        )
+    for name in sorted(actual):
+        special = special_extra(name)
+        if special is not None:
+            problems.append(special)
+            continue
+        issue = check_format(folder / name, actual[name], crc=True)
+        if issue is not None:
+            problems.append(Problem(name, issue_kind(issue), issue))
+    report.notes.append(
+        "no manifest (a legacy checkpoint, written without trainguard): structural checks only (sizes, safetensors "
+        "headers, JSON, zip CRC-32); a changed byte inside tensor data is not detectable without a manifest "
+        "(`trainguard manifest` adopts it)"
+    )
+
+
+def check_checkpoint(
+    path: str | os.PathLike[str],
+    *,
+    require_manifest: bool | None = None,
+    workers: int | None = None,
+    stop_early: bool = False,
+) -> CheckpointReport:
+    """Check one checkpoint folder and report every problem; never raises for a damaged checkpoint.
+
+    Args:
+        path: The checkpoint folder (``out/checkpoint-50``, a LoRA checkpoint, a ``safe_merge`` version, ...).
+        require_manifest: Whether a missing manifest is itself a failure. ``None``/``False`` (default): a folder
+            without one is an interrupted save when trainguard's saving marker or a half-written manifest is there,
+            else a legacy checkpoint that gets structural checks only (``status`` "unverified (legacy)").
+        workers: Threads hashing files in parallel (default: the CPU count, at most 8).
+        stop_early: Stop at the first problem (for choosing a checkpoint, where the first reason is enough).
+
+    Example::
+
+        report = check_checkpoint("out/checkpoint-50")
+        print(report.ok, [p.format() for p in report.problems])
+    """
+    folder = Path(path)
+    start = time.perf_counter()
+    report = CheckpointReport(path=folder, ok=False, mode="none", step=checkpoint_step(folder))
+    if not folder.is_dir():
+        what = "does not exist" if not folder.exists() else "is not a folder"
+        report.problems.append(Problem("", "missing", f"the checkpoint {folder} {what}"))
+        return report
+    if has_manifest(folder):
+        report.mode = "manifest"
+        _check_with_manifest(folder, report, workers, stop_early)
+    else:
+        interrupted = _interruption(folder)
+        if interrupted is not None:
+            report.problems.append(interrupted)
+        elif require_manifest:
+            report.problems.append(
+                Problem(
+                    MANIFEST_NAME,
+                    "unverified",
+                    f"no commit marker {MANIFEST_NAME}: not written (or adopted) by trainguard; `trainguard manifest` "
+                    "adopts it after its structural checks pass",
+                )
+            )
+        else:
+            report.mode = "structural"
+            _check_structure_only(folder, report, require_state=checkpoint_step(folder) is not None)
+    if report.mode != "none" and (not report.problems or not stop_early):
+        state_step = _check_trainer_state(folder, report.problems)
+        if report.step is None:
+            report.step = state_step
+    report.ok = not report.problems
+    report.seconds = time.perf_counter() - start
+    return report
+
+
+def _older_verified(folder: Path, workers: int | None) -> Path | None:
+    step = checkpoint_step(folder)
+    if step is None:
+        return None
+    origin = _lineage.checkpoint_origin(folder)
+    scope = (
+        _lineage.LineageScope(origin.lineage, True, "given")
+        if origin.lineage is not None
+        else _lineage.current_scope(folder.parent)
+    )
+    older = [d for d in checkpoint_dirs(folder.parent) if (checkpoint_step(d) or 0) < step]
+    for candidate in reversed(older):
+        if not scope.admits(_lineage.checkpoint_origin(candidate)):
+            continue
+        if check_checkpoint(candidate, workers=workers, stop_early=True).ok:
+            return candidate
+    return None
+
+
+def integrity_error(report: CheckpointReport, *, alternative: Path | None = None) -> CheckpointIntegrityError:
+    """The :class:`CheckpointIntegrityError` for a failed report: every problem named, the next step concrete."""
+    folder = report.path
+    named = [p.file for p in report.problems if p.file]
+    what = f"{folder.name} failed verification ({len(report.problems)} problem(s)): " + "; ".join(
+        p.format() for p in report.problems
+    )
+    where: dict[str, Any] = {"file": str(folder / named[0]) if named else str(folder)}
+    if len(set(named)) > 1:
+        where["files"] = ", ".join(dict.fromkeys(named))
+    where["checkpoint"] = str(folder)
+    if alternative is not None:
+        next_step = (
+            f"Resume from {alternative}, the newest older checkpoint that verifies: pass that path, or use "
+            f"train(resume_from_checkpoint=True) with CheckpointVerifier, which sets {folder.name} aside in "
+            f"{QUARANTINE_DIR}/ and resumes from it. Nothing is deleted."
+        )
+    else:
+        next_step = (
+            "No older checkpoint verifies: start fresh, or restore this checkpoint from a backup. "
+            "`trainguard verify OUTPUT_DIR` lists every checkpoint's status; nothing is deleted."
+        )
+    return CheckpointIntegrityError(
+        what,
+        where=where,
+        next_step=next_step,
+        evidence={
+            "checkpoint": str(folder),
+            "mode": report.mode,
+            "problems": [p.to_dict() for p in report.problems],
+            "older_verified": str(alternative) if alternative is not None else None,
+        },
+    )
+
+
+def verify_checkpoint(
+    path: str | os.PathLike[str],
+    *,
+    require_manifest: bool | None = None,
+    workers: int | None = None,
+) -> CheckpointReport:
+    """Verify a checkpoint folder; raise naming every missing, truncated or changed file.
+
+    Cheap structural checks run first (every listed file present with its recorded size, safetensors headers,
+    JSON files, torch zip archives), then the sha256 of every file, in parallel threads. Without a manifest in the
+    whole run, only the structural checks run (``report.mode == "structural"``, and ``report.notes`` says so).
+
+    Args:
+        path: The checkpoint folder.
+        require_manifest: See :func:`check_checkpoint`.
+        workers: Threads hashing files in parallel (default: the CPU count, at most 8).
+
+    Returns:
+        The :class:`CheckpointReport` (``ok`` is True).
+
+    Raises:
+        CheckpointIntegrityError: Anything failed; ``where["file"]`` names the first file, ``what`` every problem,
+            ``evidence["problems"]`` all of them, ``next_step`` the newest older checkpoint that verifies.
+
+    Example::
+
+        verify_checkpoint("out/checkpoint-50")
+    """
+    report = check_checkpoint(path, require_manifest=require_manifest, workers=workers)
+    if not report.ok:
+        raise integrity_error(report, alternative=_older_verified(report.path, workers))
+    return report

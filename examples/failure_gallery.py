@@ -508,6 +508,48 @@ def scenario_reused_dir(work: Path) -> Row:
     )  # fmt: skip
 
 
+def hollow_saves(model: Any, at_step: int) -> None:
+    """Make the real save path write an empty embedding at ``at_step``, as ZeRO-3 without a 16-bit gather does."""
+    original = model.save_pretrained
+
+    def save_pretrained(*args: Any, **kwargs: Any) -> Any:
+        if Path(args[0]).name == f"checkpoint-{at_step}":
+            state = dict(kwargs.get("state_dict") or model.state_dict())
+            state["model.embed_tokens.weight"] = torch.empty(0)
+            kwargs["state_dict"] = state
+        return original(*args, **kwargs)
+
+    model.save_pretrained = save_pretrained
+
+
+def scenario_hollow_save(work: Path) -> Row:
+    from safetensors import safe_open
+
+    plan = {"max_steps": 8, "save_steps": 4, "per_device_train_batch_size": 2}
+    model = tiny_model()
+    hollow_saves(model, 4)
+    output = make_trainer(work / "plain", rows(32), [], model=model, **plan).train()
+    with safe_open(str(work / "plain" / "checkpoint-4" / "model.safetensors"), "pt") as saved:
+        shape = list(saved.get_slice("model.embed_tokens.weight").get_shape())
+    plain = f"saved checkpoint-4 with model.embed_tokens.weight {shape}, trained on to step {output.global_step}"
+    plain_ok = shape == [0] and output.global_step == 8
+
+    model = tiny_model()
+    hollow_saves(model, 4)
+    trainer = make_trainer(work / "guarded", rows(32), [trainguard.CheckpointVerifier()], model=model, **plan)
+    with timer() as took:
+        try:
+            trainer.train()
+            result, caught = "trained on", False
+        except trainguard.SaveAuditError as err:
+            caught = trainer.state.global_step == 4 and "embed_tokens" in err.what
+            result = "SaveAuditError at that save: model.embed_tokens.weight saved empty; not committed, run stopped"
+    return Row(
+        "hollow_save", "a save that writes an empty tensor (ZeRO-3 without a gather)", plain, "CheckpointVerifier",
+        result, took[0], plain_ok, caught,
+    )  # fmt: skip
+
+
 def scenario_masked(work: Path) -> Row:
     trainer = make_trainer(work / "plain", rows(16, masked=True), [], max_steps=4, save_strategy="no")
     output = trainer.train()
@@ -572,6 +614,7 @@ SCENARIOS: dict[str, Callable[[Path], Row]] = {
     "hang": scenario_hang,
     "run_lock": scenario_run_lock,
     "reused_dir": scenario_reused_dir,
+    "hollow_save": scenario_hollow_save,
     "masked": scenario_masked,
     "disk": scenario_disk,
 }

@@ -48,12 +48,13 @@ def _assert_sensible_summaries(summaries: dict[str, str], *, resumed: bool, kind
     assert "checked 32 row(s)" in summaries["data_guard"]
     if resumed:
         assert summaries["checkpoint_verifier"].startswith("1 manifest(s) written, lineage ")
-        assert summaries["checkpoint_verifier"].endswith(", resumed from checkpoint-4")
+        assert ", resumed from checkpoint-4, 1 save(s) audited" in summaries["checkpoint_verifier"]
         assert "resumed from checkpoint-4: same data and batch" in summaries["dataset_guard"]
         expected_lora = "checkpoint-4: same LoRA config" if kind == "sft_lora" else "checkpoint-4: no LoRA"
         assert summaries["lora_config_guard"].startswith(expected_lora)
     else:
         assert summaries["checkpoint_verifier"].startswith("2 manifest(s) written, lineage ")
+        assert summaries["checkpoint_verifier"].endswith(", 2 save(s) audited")  # none hollow
         assert summaries["dataset_guard"].endswith("no resume")
         assert summaries["lora_config_guard"].startswith("no resume")
 

@@ -11,7 +11,10 @@ import pytest
 from _rig import REPO_ROOT, run_python
 
 GALLERY = str(REPO_ROOT / "examples" / "failure_gallery.py")
-ROWS = ("dataset", "lora", "flipped_byte", "truncated", "nan", "hang", "run_lock", "reused_dir", "masked", "disk")
+ROWS = (
+    "dataset", "lora", "flipped_byte", "truncated", "nan", "hang", "run_lock", "reused_dir", "hollow_save", "masked",
+    "disk",
+)  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -85,6 +88,12 @@ def test_a_fresh_run_in_a_reused_output_dir_destroys_the_other_run_plain_and_is_
     row = _row(gallery, "reused_dir")
     assert "saved into run A's checkpoint-4 folder" in row["plain"] and "deleted" in row["plain"]
     assert "LineageError before step 1" in row["trainguard"]
+
+
+def test_a_hollow_save_trains_on_plain_and_stops_the_run_at_that_save_with_trainguard(gallery: dict[str, Any]) -> None:
+    row = _row(gallery, "hollow_save")
+    assert "model.embed_tokens.weight [0]" in row["plain"] and "trained on to step 8" in row["plain"]
+    assert "SaveAuditError at that save" in row["trainguard"]
 
 
 def test_all_masked_labels_train_plain_and_are_refused_by_data_guard(gallery: dict[str, Any]) -> None:

@@ -220,3 +220,30 @@ def test_load_checkpoint_weights_loads_like_a_resume_and_says_when_it_cannot(out
     assert any(not torch.equal(before[k], after[k]) for k in before)  # the trained weights arrived
     with pytest.raises(NotImplementedError):
         compat.load_checkpoint_weights(SimpleNamespace(), output_dir / "checkpoint-2")
+
+
+# ------------------------------------------------------------------------------------------- what a save holds
+def test_save_spec_lists_what_save_pretrained_writes_and_maps_a_tied_name_on_either_branch(
+    output_dir: Path, monkeypatch: pytest.MonkeyPatch
+):
+    import transformers.modeling_utils as modeling
+
+    from _rig import make_tiny_llama
+
+    trainer = make_trainer(output_dir, model=make_tiny_llama(tie_word_embeddings=True), max_steps=1)
+    trainer.train()
+    spec = compat.save_spec(trainer)
+    assert "model.embed_tokens.weight" in spec.weights and "lm_head.weight" not in spec.weights
+    assert spec.tied == {"lm_head.weight": "model.embed_tokens.weight"}
+    assert spec.optimizer_params == sum(1 for p in trainer.model.parameters() if p.requires_grad)
+    monkeypatch.delattr(modeling, "remove_tied_weights_from_state_dict", raising=False)  # as on 4.x
+    assert compat.save_spec(trainer).tied == {"lm_head.weight": "model.embed_tokens.weight"}
+
+
+def test_resume_facts_read_the_optimizer_step_and_the_next_learning_rate(output_dir: Path):
+    trainer = make_trainer(output_dir, max_steps=4, learning_rate=1e-3)
+    trainer.train()
+    facts = compat.resume_facts(trainer)
+    assert facts["global_step"] == 4 and facts["optimizer_step"] == 4.0
+    assert facts["next_lr"] == [0.0] or all(lr == pytest.approx(0.0) for lr in facts["next_lr"])  # linear, ended
+    assert facts["per_device_train_batch_size"] == 2 and facts["max_steps"] == 4

@@ -24,7 +24,9 @@ from .errors import (
     LoraConfigMismatchError,
     NonFiniteError,
     PreflightError,
+    ResumeAttestationError,
     RunLockedError,
+    SaveAuditError,
     TrainGuardError,
 )
 
@@ -76,7 +78,9 @@ __all__ = [  # noqa: RUF022 - grouped: errors, then lazily loaded names
     "LoraConfigMismatchError",
     "NonFiniteError",
     "PreflightError",
+    "ResumeAttestationError",
     "RunLockedError",
+    "SaveAuditError",
     "TrainGuardError",
     "__version__",
     "Alert",

@@ -27,6 +27,7 @@ __all__ = [
     "any_rank",
     "barrier",
     "broadcast_object",
+    "gather_object",
     "is_distributed",
     "is_local_main_process",
     "is_main_process",
@@ -148,3 +149,14 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     box = [obj]
     dist.broadcast_object_list(box, src=src, device=_collective_device(dist))
     return box[0]
+
+
+def gather_object(obj: Any) -> list[Any]:
+    """Every rank's ``obj``, in rank order, on every rank (pickled; a collective). Without a process group:
+    ``[obj]``."""
+    dist = _dist()
+    if dist is None or dist.get_world_size() == 1:
+        return [obj]
+    box: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(box, obj)
+    return box

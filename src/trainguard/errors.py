@@ -27,7 +27,9 @@ __all__ = [
     "LoraConfigMismatchError",
     "NonFiniteError",
     "PreflightError",
+    "ResumeAttestationError",
     "RunLockedError",
+    "SaveAuditError",
     "TrainGuardError",
 ]
 
@@ -152,6 +154,27 @@ class CheckpointIntegrityError(TrainGuardError):
     default_next_step = (
         "Resume from an older verified checkpoint (`trainguard verify OUTPUT_DIR` lists them); "
         "the damaged folder can be set aside, it is never deleted."
+    )
+
+
+class SaveAuditError(CheckpointIntegrityError):
+    """A save completed but does not hold what the run had: an empty or missing tensor, a tensor of another shape or
+    dtype, missing optimizer/scheduler/RNG state; or, before step 1, the run's saves could not succeed at all."""
+
+    default_next_step = (
+        "Nothing was committed from this save, and the run stopped at it so no further steps are lost on top of a "
+        "hollow checkpoint. Fix the cause named above (a ZeRO-3 save without a 16-bit gather, an FSDP state-dict "
+        "type, shared tensors the model does not declare), then resume from the newest verified checkpoint."
+    )
+
+
+class ResumeAttestationError(TrainGuardError):
+    """A resume does not continue the saved run exactly: its optimizer, learning-rate schedule, batch geometry, data
+    position or random state differ from what the run had at that save, or it would train no step."""
+
+    default_next_step = (
+        "Resume with the saved run's settings (the fields above), or start a new run on purpose; "
+        "CheckpointVerifier(attest_resume='alert') reports this without stopping."
     )
 
 

@@ -16,6 +16,10 @@ What goes through it, and why there is no public way:
 - :func:`is_jit_sigterm_handler`: whether a SIGTERM handler is transformers' JIT checkpointing (5.x).
 - :func:`load_checkpoint_weights`: load a checkpoint's weights the way a resume does (sharded, PEFT, FSDP layouts):
   ``_load_from_checkpoint``.
+- :func:`save_spec`: what a save of the live run must hold, as ``save_pretrained`` will write it (5.x: the tie
+  removal of ``transformers.modeling_utils.remove_tied_weights_from_state_dict``, which also raises the first-save
+  "shared tensors" crash in advance; 4.x: storage-sharing names dropped).
+- :func:`resume_facts`: the run's step, optimizer step count, learning rates and the settings that define them.
 
 Every touch is:
 
@@ -48,7 +52,9 @@ __all__ = [
     "is_jit_sigterm_handler",
     "load_checkpoint_weights",
     "output_dir_for",
+    "resume_facts",
     "routing",
+    "save_spec",
     "set_train_batch_size",
 ]
 
@@ -254,8 +260,9 @@ def install_step_hooks(
     trainer: Any,
     owner: object,
     *,
-    on_loss: Callable[[Any, tuple[Any, ...], dict[str, Any]], None],
-    on_grad_norm: Callable[[Any], None],
+    on_loss: Callable[[Any, tuple[Any, ...], dict[str, Any]], None] | None = None,
+    on_grad_norm: Callable[[Any], None] | None = None,
+    before_step: Callable[[tuple[Any, ...], dict[str, Any]], None] | None = None,
 ) -> list[str]:
     """Call ``on_loss(loss, args, kwargs)`` after every ``training_step`` of ``trainer`` (each micro-batch's raw
     loss) and ``on_grad_norm(norm)`` whenever it computes the gradient norm; on this instance only, once per
@@ -272,11 +279,17 @@ def install_step_hooks(
 
     @functools.wraps(original_step)
     def training_step(*args: Any, **kwargs: Any) -> Any:
+        if before_step is not None:
+            before_step(args, kwargs)  # training_step(model, inputs, num_items_in_batch), before the forward pass
         loss = original_step(*args, **kwargs)
-        on_loss(loss, args, kwargs)
+        if on_loss is not None:
+            on_loss(loss, args, kwargs)
         return loss
 
     trainer.training_step = training_step
+    if on_grad_norm is None:
+        trainer._trainguard_step_hooks = [*installed, owner]
+        return missing
     # 5.x computes the logged norm in _get_grad_norm, clipping or not; 4.x calls accelerate's clip_grad_norm_
     # inline, and only when max_grad_norm > 0.
     if callable(getattr(trainer, "_get_grad_norm", None)):
@@ -311,3 +324,139 @@ def load_checkpoint_weights(trainer: Any, checkpoint: Any) -> None:
             "this transformers version has no Trainer._load_from_checkpoint to load the weights with"
         )
     loader(str(checkpoint))
+
+
+# ------------------------------------------------------------------------------------------ what a save holds
+def _tensor_spec(tensor: Any) -> Any:
+    from ..checks.checkpoint.audit import TensorSpec, safetensors_dtype
+
+    # ZeRO-3 keeps the full shape in ds_shape (the local tensor is empty); a DTensor's .shape is already global.
+    shape = getattr(tensor, "ds_shape", None) or tuple(tensor.shape)
+    return TensorSpec(tuple(int(d) for d in shape), safetensors_dtype(tensor.dtype))
+
+
+def _storage_key(tensor: Any) -> Any:
+    try:
+        return (tensor.device, tensor.untyped_storage().data_ptr())
+    except Exception:  # meta, sharded or exotic tensors: no sharing to find
+        return id(tensor)
+
+
+def saved_weights(model: Any) -> tuple[dict[str, Any], str, dict[str, str]]:
+    """The tensors ``save_pretrained`` writes for ``model`` (name -> :class:`TensorSpec`), ``"adapter"`` or
+    ``"model"``, and the names it drops because they share memory with a saved one (name -> saved name).
+
+    Raises:
+        RuntimeError: The model has shared tensors ``save_pretrained`` will refuse ("contained shared tensors ...
+            which are not properly defined"), the crash of a tied-weight model at its first save.
+    """
+    peft_config = getattr(model, "peft_config", None)
+    if isinstance(peft_config, dict) and peft_config:
+        from peft import get_peft_model_state_dict
+
+        adapter = get_peft_model_state_dict(model)
+        return {name: _tensor_spec(t) for name, t in adapter.items()}, "adapter", {}
+    full = dict(model.state_dict())
+    import transformers.modeling_utils as modeling
+
+    remove_tied = getattr(modeling, "remove_tied_weights_from_state_dict", None)
+    if remove_tied is not None:
+        kept = remove_tied(dict(full), model)
+    else:  # 4.x: save_pretrained drops names that share storage with one it keeps
+        seen: set[Any] = set()
+        kept = {}
+        for name, tensor in full.items():
+            key = _storage_key(tensor)
+            if key not in seen:
+                seen.add(key)
+                kept[name] = tensor
+    by_storage = {_storage_key(t): n for n, t in kept.items()}
+    tied = {n: by_storage.get(_storage_key(t), "") for n, t in full.items() if n not in kept}
+    return {name: _tensor_spec(t) for name, t in kept.items()}, "model", tied
+
+
+def save_spec(trainer: Any) -> Any:
+    """What a save of ``trainer``'s live run must hold (:class:`~trainguard.checks.checkpoint.audit.SaveSpec`).
+
+    The weights are compared only for the plain layout (one process writes ``save_pretrained`` files); sharded
+    engines (DeepSpeed, FSDP) write their own layouts, whose files the audit does not know yet.
+    """
+    from ..checks.checkpoint.audit import SaveSpec
+
+    args = trainer.args
+    sharded = bool(getattr(trainer, "is_deepspeed_enabled", False) or getattr(trainer, "is_fsdp_enabled", False))
+    weights, kind, tied = ({}, "model", {}) if sharded else saved_weights(trainer.model)
+    optimizer = getattr(trainer, "optimizer", None)
+    inner = getattr(optimizer, "optimizer", optimizer)
+    groups = getattr(inner, "param_groups", None)
+    scaler = getattr(getattr(trainer, "accelerator", None), "scaler", None)
+    enabled = getattr(scaler, "is_enabled", None)
+    return SaveSpec(
+        weights=weights,
+        weights_kind=kind,
+        tied=tied,
+        model_only=bool(getattr(args, "save_only_model", False)) or sharded,
+        world_size=int(getattr(args, "world_size", 1) or 1),
+        fp16_scaler=bool(enabled()) if callable(enabled) else scaler is not None,
+        optimizer_params=sum(len(g.get("params", [])) for g in groups) if groups else None,
+        optimizer_states=len(getattr(inner, "state", {}) or {}) if groups else None,
+    )
+
+
+def _optimizer_step(trainer: Any) -> float | None:
+    optimizer = getattr(trainer, "optimizer", None)
+    inner = getattr(optimizer, "optimizer", optimizer)
+    for state in (getattr(inner, "state", None) or {}).values():
+        step = state.get("step") if isinstance(state, dict) else None
+        if step is not None:
+            return float(step)
+    return None
+
+
+def resume_facts(trainer: Any, train_dataloader: Any = None) -> dict[str, Any]:
+    """The facts a resume must continue: the step, the optimizer's own step count, the learning rate now and after
+    the next step (``LambdaLR`` schedules, which ``get_scheduler`` makes), and the settings behind them."""
+    args, state = trainer.args, trainer.state
+    facts: dict[str, Any] = {
+        "global_step": int(state.global_step),
+        "max_steps": int(getattr(state, "max_steps", 0) or 0),
+        "args_max_steps": int(getattr(args, "max_steps", 0) or 0),
+        "num_train_epochs": getattr(args, "num_train_epochs", None),
+        "optimizer_step": _optimizer_step(trainer),
+    }
+    scheduler = getattr(trainer, "lr_scheduler", None)
+    last = getattr(scheduler, "get_last_lr", None)
+    if callable(last):
+        facts["last_lr"] = [float(x) for x in last()]
+    lambdas, bases = getattr(scheduler, "lr_lambdas", None), getattr(scheduler, "base_lrs", None)
+    if lambdas is not None and bases is not None:
+        epoch = int(getattr(scheduler, "last_epoch", 0)) + 1
+        facts["next_lr"] = [float(base * fn(epoch)) for fn, base in zip(lambdas, bases, strict=False)]
+    for name in (
+        "learning_rate",
+        "warmup_steps",
+        "optim",
+        "per_device_train_batch_size",
+        "gradient_accumulation_steps",
+        "world_size",
+        "seed",
+        "data_seed",
+        "group_by_length",
+        "dataloader_drop_last",
+        "ignore_data_skip",
+    ):
+        value = getattr(args, name, None)
+        facts[name] = value if isinstance(value, (int, float, str, bool)) or value is None else str(value)
+    facts["lr_scheduler_type"] = str(getattr(args, "lr_scheduler_type", ""))
+    facts["lr_scheduler_kwargs"] = str(getattr(args, "lr_scheduler_kwargs", None) or {})
+    dataset = getattr(trainer, "train_dataset", None)
+    try:
+        facts["train_rows"] = len(dataset) if dataset is not None else None
+    except TypeError:
+        facts["train_rows"] = None  # an iterable dataset
+    if train_dataloader is not None:
+        try:
+            facts["steps_per_epoch"] = max(1, len(train_dataloader) // max(1, int(args.gradient_accumulation_steps)))
+        except TypeError:
+            facts["steps_per_epoch"] = None
+    return facts

@@ -19,6 +19,7 @@ from ..checks.checkpoint.commit import Committer
 from ..errors import CheckpointIntegrityError, LineageError
 from . import _trainer_compat
 from ._base import GuardCallback
+from ._save_audit import SaveAuditor
 
 if TYPE_CHECKING:
     from transformers import TrainerControl, TrainerState, TrainingArguments
@@ -61,6 +62,13 @@ class CheckpointVerifier(GuardCallback):
         existing_checkpoints: What a fresh start does when ``output_dir`` already holds checkpoints: ``"refuse"``
             (default), ``"keep"`` (start a new lineage beside them; they are never resumed, saved over or rotated by
             it) or ``"archive"`` (move them into ``trainguard-archive/`` first, as :func:`~trainguard.start_fresh`).
+        audit: The save audit before each commit marker (``docs/save-audit.md``): ``"raise"`` (default: a hollow save
+            is not committed and the run stops at it, on every rank, with :class:`~trainguard.SaveAuditError`;
+            every step trained on top of it would be lost work), ``"alert"`` (not committed, the run goes on) or
+            ``"off"``. Also a save dry-run before step 1.
+        attest_resume: After a resume loaded everything, and at its first step, compare with what the run had at
+            that save (optimizer, learning rate, batch geometry, data position, RNG): ``"alert"`` (default),
+            ``"raise"`` (:class:`~trainguard.ResumeAttestationError` on an error-level finding) or ``"off"``.
         background: Hash off the training thread (default True). False hashes inside ``on_save``.
         workers: Threads hashing one checkpoint's files (default: the CPU count, at most 4).
         alert_sinks: Replace the default alert sinks.
@@ -87,6 +95,8 @@ class CheckpointVerifier(GuardCallback):
         set_aside: bool = True,
         protect_rotation: bool = True,
         existing_checkpoints: str = "refuse",
+        audit: str = "raise",
+        attest_resume: str = "alert",
         background: bool = True,
         workers: int | None = None,
         alert_sinks: Any = None,
@@ -118,6 +128,15 @@ class CheckpointVerifier(GuardCallback):
         self._parent: _lineage.CheckpointOrigin | None = None
         self._registered: str | None = None
         self._hooked = False
+        self._decision: _start.StartDecision | None = None
+        self._began = False
+        self._auditor = SaveAuditor(
+            audit=audit,
+            attest_resume=attest_resume,
+            alert=self.alert,
+            refuse_together=self.refuse_together,
+            late_failures=self._late_audit_failures,
+        )
 
     # -------------------------------------------------------------------------------------------- wiring
     def on_init_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> Any:
@@ -127,6 +146,8 @@ class CheckpointVerifier(GuardCallback):
             for feature in missing:
                 get_logger().warning("[checkpoint_verifier] off on this transformers version: %s", feature)
             self._hooked = not any(feature.startswith("save hooks") for feature in missing)
+            if self._auditor.attest != "off":
+                _trainer_compat.install_step_hooks(self.trainer, self, before_step=self._auditor.before_step)
         return control
 
     # ------------------------------------------------------------------------------------------- resume
@@ -154,6 +175,7 @@ class CheckpointVerifier(GuardCallback):
                 self.alert("error", f"{'start' if fresh else 'resume'} refused: {err.what}", evidence=err.evidence)
             raise
         self._adopt(decision)
+        self._decision = decision
         if fresh or decision.path is None:
             return resume_from_checkpoint  # no checkpoint at all: the Trainer raises its own clear error
         self._resumed_from = decision.path
@@ -205,6 +227,12 @@ class CheckpointVerifier(GuardCallback):
                 self._registered = self.run
             except OSError as err:
                 get_logger().warning("[checkpoint_verifier] could not record the run lineage: %s", err)
+        trainer = self.trainer
+        if trainer is not None and not self._began:  # auto_find_batch_size re-enters on_train_begin: once
+            self._began = True
+            self._auditor.dry_run(trainer)
+            if int(state.global_step or 0) > 0:
+                self._auditor.after_resume(trainer, self._decision, kwargs.get("train_dataloader"))
         return control
 
     def _check_loaded(self, args: Any, state: Any) -> None:
@@ -221,6 +249,7 @@ class CheckpointVerifier(GuardCallback):
             raise
         if checked is not None:
             self._adopt(checked)
+            self._decision = checked
         elif self.verify_resume and distributed.is_main_process():
             self.alert(
                 "warning",
@@ -295,6 +324,7 @@ class CheckpointVerifier(GuardCallback):
         self._save = None
         save["saved_by"] = "jit" if save["jit"] else "direct (no on_save)"
         distributed.barrier()  # every rank's files are written
+        save["commit"] = self._auditor.audit_save(trainer, save["folder"], save["step"]) and save["commit"]
         if trainer.args.should_save:
             self._commit(trainer, save, announce=True)
 
@@ -329,6 +359,7 @@ class CheckpointVerifier(GuardCallback):
 
     # --------------------------------------------------------------------------------------------- saves
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> Any:
+        self._auditor.step_end(str(args.output_dir), int(state.global_step))
         self._flush_messages(state)
         if control.should_save:
             self.wait()  # a save follows: the previous manifest must be complete before its rotation
@@ -344,22 +375,19 @@ class CheckpointVerifier(GuardCallback):
         # manifest covers every rank's files (rng_state_K.pth, sharded states, files other callbacks add here).
         distributed.barrier()
         save, self._save = self._save, None
-        if not args.should_save:
-            self._deferred_rotation = None
-            return control
         if save is None:
             if self._hooked:
                 return control  # this save was skipped (already committed by this run at this step)
             # The save hooks are not installed (the Trainer was not found at on_init_end): commit what is there.
             folder = Path(str(args.output_dir)) / f"checkpoint-{state.global_step}"
-            save = {
-                "folder": folder,
-                "run_dir": str(args.output_dir),
-                "step": int(state.global_step),
-                "jit": False,
-                "commit": True,
-                "saved_by": "on_save",
-            }
+            save = {"folder": folder, "run_dir": str(args.output_dir), "step": int(state.global_step), "jit": False,
+                    "commit": True, "saved_by": "on_save"}  # fmt: skip
+        # The audit is a collective (every rank agrees), so it runs before the writing-rank-only part.
+        save["commit"] = self._auditor.audit_save(self.trainer, save["folder"], save["step"]) and save["commit"]
+        self._auditor.arm_after_save(save["folder"].name, self.run)
+        if not args.should_save:
+            self._deferred_rotation = None
+            return control
         self._commit(self.trainer, save, announce=False)
         if not self.background:
             self._flush_messages(state)
@@ -374,13 +402,27 @@ class CheckpointVerifier(GuardCallback):
             if trainer is not None
             else {"lineage": self.lineage, "run": self.run, "step": save["step"], "saved_by": save["saved_by"]}
         )
+        facts = self._auditor.facts(trainer)
+        if facts is not None:
+            record["resume"] = facts
         step = save["step"]
         after = functools.partial(self._after_commit, rotation, step) if rotation is not None else None
         note = (
             f"committed {save['folder'].name}, saved without on_save ({save['saved_by']}): it has its manifest like "
             "every other save"
         )
-        self._committer.submit(save["folder"], step, record, after=after, announce=note if announce else None)
+        self._committer.submit(
+            save["folder"],
+            step,
+            record,
+            after=after,
+            announce=note if announce else None,
+            check=self._auditor.pre_commit_check(),
+        )
+
+    def _late_audit_failures(self) -> list[Any]:
+        self._committer.wait_checked()  # the optimizer check of the last save: milliseconds, not the hashing
+        return self._committer.take_check_failures()
 
     def _after_commit(self, rotation: tuple[str, int | None, str | None], step: int, folder: Path) -> None:
         self._run_rotation(rotation, newest=folder, step=step)
@@ -410,11 +452,13 @@ class CheckpointVerifier(GuardCallback):
         self._flush_messages(state)
         self._deferred_rotation = None
         self._resume_checked = False
+        self._began = False
         self._committer.shutdown()
         return super().on_train_end(args, state, control, **kwargs)
 
     def after_train(self, trainer: Any, output: Any) -> None:
         self.wait()  # a save after on_train_end (the user's own _save_checkpoint call) still gets its marker
+        self._auditor.check_late(int(trainer.state.global_step))  # a hollow last save (no step followed it)
         for _level, text, _step in self._committer.take_messages():
             get_logger().info("[checkpoint_verifier] %s", text)
 
@@ -434,4 +478,5 @@ class CheckpointVerifier(GuardCallback):
             parts.append(f"{self._skipped_saves} repeated save(s) skipped")
         if self._set_aside:
             parts.append(f"set aside {', '.join(self._set_aside)}")
-        return ", ".join(parts)
+        audit = self._auditor.summary()
+        return ", ".join([*parts, audit] if audit else parts)

@@ -61,6 +61,7 @@ __all__ = [
     "LineageScope",
     "SaveTarget",
     "adopts_unrecorded",
+    "after_save",
     "begin_save",
     "checkpoint_origin",
     "current_scope",
@@ -72,6 +73,7 @@ __all__ = [
     "new_id",
     "prepare_save_target",
     "read_registry",
+    "record_after_save",
     "record_run",
     "rotate",
     "rotation_plan",
@@ -511,3 +513,32 @@ def rotate(
         get_logger().info("trainguard: deleting %s of this lineage (save_total_limit=%s)", path, limit)
         shutil.rmtree(path, ignore_errors=True)
     return doomed
+
+
+# ------------------------------------------------------------------------------ the first step after a save
+_MAX_AFTER_SAVE = 100  # checkpoints whose next step is remembered; older entries are dropped
+
+
+def record_after_save(
+    output_dir: str | os.PathLike[str], checkpoint: str, *, run: str | None, observations: list[Any]
+) -> None:
+    """Remember what the first step after ``checkpoint`` was saved saw on each rank (RNG and batch digests), for a
+    resume from it to compare with. Atomic; call it from one process."""
+    folder = Path(output_dir)
+    registry = read_registry(folder)
+    found = registry.get("after_save")
+    entries: dict[str, Any] = {k: v for k, v in found.items() if k != checkpoint} if isinstance(found, dict) else {}
+    entries[checkpoint] = {"run": run, "utc": utc_now(), "ranks": observations}
+    registry["after_save"] = dict(list(entries.items())[-_MAX_AFTER_SAVE:])
+    registry.setdefault("format", LINEAGE_FORMAT)
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(folder / RUN_MARKER, registry)
+
+
+def after_save(output_dir: str | os.PathLike[str], checkpoint: str, run: str | None) -> list[Any] | None:
+    """What the first step after ``checkpoint`` saw, per rank, when the run that saved it recorded it; else None."""
+    entries = read_registry(output_dir).get("after_save")
+    entry = entries.get(checkpoint) if isinstance(entries, dict) else None
+    if not isinstance(entry, dict) or entry.get("run") != run or not isinstance(entry.get("ranks"), list):
+        return None
+    return list(entry["ranks"])

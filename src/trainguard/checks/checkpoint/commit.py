@@ -44,6 +44,10 @@ class Committer:
         self._pending: list[Future[None]] = []
         self._lock = threading.Lock()
         self._messages: list[Message] = []
+        self._checked = threading.Event()
+        self._checked.set()
+        #: Saves whose pre-commit ``check`` found problems: ``(folder, step, problems)``; taken by the caller.
+        self.check_failures: list[tuple[Path, int, list[Any]]] = []
 
     def submit(
         self,
@@ -53,10 +57,13 @@ class Committer:
         *,
         after: Callable[[Path], None] | None = None,
         announce: str | None = None,
+        check: Callable[[Path], list[Any]] | None = None,
     ) -> None:
         """Commit ``folder``; then call ``after(folder)`` (only when the manifest was written); report ``announce``
-        (info) once committed."""
-        job = self._job(folder, step, dict(record), after, announce)
+        (info) once committed. ``check(folder)`` runs first: problems it returns mean no commit (they are kept in
+        :attr:`check_failures`); :meth:`wait_checked` waits for it alone, not for the hashing."""
+        self._checked.clear()
+        job = self._job(folder, step, dict(record), after, announce, check)
         if not self.background:
             job()
             return
@@ -72,8 +79,19 @@ class Committer:
         record: dict[str, Any],
         after: Callable[[Path], None] | None,
         announce: str | None,
+        check: Callable[[Path], list[Any]] | None,
     ) -> Callable[[], None]:
         def run() -> None:
+            try:
+                problems = check(folder) if check is not None else []
+            except Exception as err:  # a check that cannot run must not pass: no commit, and say why
+                problems = [f"the pre-commit check failed ({type(err).__name__}: {err})"]
+            finally:
+                self._checked.set()
+            if problems:
+                with self._lock:
+                    self.check_failures.append((folder, step, problems))
+                return
             try:
                 marker = self.write(folder, step=step, workers=self.workers, lineage=record)
             except FileNotFoundError:
@@ -110,6 +128,15 @@ class Committer:
         with self._lock:
             messages, self._messages = self._messages, []
         return messages
+
+    def wait_checked(self) -> None:
+        """Block until the pre-commit check of the newest submitted save has run (milliseconds), not its hashing."""
+        self._checked.wait()
+
+    def take_check_failures(self) -> list[tuple[Path, int, list[Any]]]:
+        with self._lock:
+            failures, self.check_failures = self.check_failures, []
+        return failures
 
     def wait(self) -> None:
         """Block until every commit submitted so far is done (and what followed it)."""

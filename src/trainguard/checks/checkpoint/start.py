@@ -43,6 +43,22 @@ class StartDecision:
     notes: list[tuple[str, str]] = field(default_factory=list)
     status: str = ""
     failed: list[str] = field(default_factory=list)
+    #: For a resume: the run's facts recorded at that save, and what the first step after it saw on each rank.
+    saved_facts: dict[str, Any] | None = None
+    model_only: bool = False
+    after_save: list[Any] | None = None
+
+    def attach_records(self, output_dir: str | os.PathLike[str] | None) -> StartDecision:
+        """Fill the records a resume from ``parent`` is attested against (see :mod:`.attest`)."""
+        origin = self.parent
+        if origin is None:
+            return self
+        facts = origin.record.get("resume")
+        self.saved_facts = dict(facts) if isinstance(facts, dict) else None
+        self.model_only = bool(origin.record.get("save_only_model"))
+        if output_dir and origin.run:
+            self.after_save = _lineage.after_save(output_dir, origin.path.name, origin.run)
+        return self
 
 
 def lineage_for(
@@ -109,7 +125,7 @@ def decide_resume(
         return StartDecision(
             str(path) if path else None, lineage, adopts_unrecorded=adopts, parent=origin,
             status="not verified (verify_resume=False)",
-        )  # fmt: skip
+        ).attach_records(output_dir)  # fmt: skip
     decision = StartDecision(status="not checked")
 
     def failed(report: CheckpointReport, moved: Path | None) -> None:
@@ -132,7 +148,7 @@ def decide_resume(
     decision.path = str(choice.path)
     decision.lineage, decision.adopts_unrecorded = lineage_for(output_dir, choice.origin)
     decision.parent = choice.origin
-    return decision
+    return decision.attach_records(output_dir)
 
 
 def check_loaded(
@@ -150,4 +166,5 @@ def check_loaded(
     verify_checkpoint(path, workers=workers)
     origin = _lineage.checkpoint_origin(path)
     lineage, adopts = lineage_for(output_dir, origin)
-    return StartDecision(str(path), lineage, adopts_unrecorded=adopts, parent=origin, status="verified")
+    decision = StartDecision(str(path), lineage, adopts_unrecorded=adopts, parent=origin, status="verified")
+    return decision.attach_records(output_dir)

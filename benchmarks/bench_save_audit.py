@@ -39,10 +39,10 @@ def best_of(fn: Callable[[], Any], repeat: int = 5) -> float:
 
 
 def bench(name: str, hidden: int, intermediate: int, layers: int, heads: int) -> None:
-    from _rig import make_lm_dataset, make_tiny_llama, make_trainer  # type: ignore[import-not-found]
-
     from trainguard.callbacks import _trainer_compat
     from trainguard.checks.checkpoint.audit import audit_checkpoint, audit_optimizer
+
+    from _rig import make_lm_dataset, make_tiny_llama, make_trainer  # type: ignore[import-not-found]
 
     model = make_tiny_llama(
         hidden_size=hidden,

@@ -112,11 +112,14 @@ def training_args(output_dir: str | os.PathLike[str], **overrides: Any) -> Any:
         "logging_steps": 1,
         "save_strategy": "no",
         "report_to": "none",
-        "use_cpu": True,
+        "use_cpu": os.environ.get("TRAINGUARD_TEST_ON_GPU") != "1",  # tests/gpu/run_gpu_checks.sh sets it
         "dataloader_num_workers": 0,
         "disable_tqdm": True,
         "seed": 0,
     }
+    from _engines import from_env
+
+    kwargs.update(from_env())  # TRAINGUARD_TEST_ENGINE=<layout>: the same scenario on a sharded engine
     kwargs.update(overrides)
     return TrainingArguments(**kwargs)
 
@@ -217,6 +220,40 @@ def run_torchrun(
         stdout, stderr = proc.communicate()
         raise subprocess.TimeoutExpired(cmd, timeout, output=stdout, stderr=stderr) from None
     return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
+
+
+def run_torchrun_nodes(
+    script: str | os.PathLike[str],
+    node_args: Sequence[Sequence[str]],
+    *,
+    timeout: float = 300,
+    env: dict[str, str] | None = None,
+) -> list[subprocess.CompletedProcess[str]]:
+    """Several nodes simulated on this machine: one torchrun agent per entry of ``node_args`` (one process each,
+    ``--nnodes N --node_rank K``, rendezvous on 127.0.0.1), each agent running ``script`` with its own arguments
+    (a node-local output folder, say). Returns one completed process per node; never raises on a non-zero exit."""
+    port, nodes = free_port(), len(node_args)
+    procs = []
+    for node, args in enumerate(node_args):
+        cmd = [
+            sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=1", f"--nnodes={nodes}",
+            f"--node_rank={node}", "--master_addr=127.0.0.1", f"--master_port={port}", "--max-restarts=0",
+            str(script), *args,
+        ]  # fmt: skip
+        pipes = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE}
+        procs.append(subprocess.Popen(cmd, env=subprocess_env(env), text=True, start_new_session=True, **pipes))
+    results = []
+    for proc in procs:
+        try:
+            stdout, stderr = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            for other in procs:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(other.pid, signal.SIGKILL)
+            stdout, stderr = proc.communicate()
+            raise subprocess.TimeoutExpired(proc.args, timeout, output=stdout, stderr=stderr) from None
+        results.append(subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr))
+    return results
 
 
 def run_python(

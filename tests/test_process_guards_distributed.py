@@ -12,6 +12,7 @@ import pytest
 
 from trainguard.checks import crash_loop
 
+from _engines import ENGINE_ENV
 from _rig import TESTS_DIR, run_torchrun, subprocess_env
 
 pytestmark = pytest.mark.distributed
@@ -25,10 +26,11 @@ HOLDER = (
 )
 
 
-@pytest.fixture(scope="module")
-def job(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+@pytest.fixture(scope="module", params=[None, "fsdp2_sharded"], ids=["ddp", "fsdp2"])
+def job(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """One torchrun job: a refused Trainer on a folder locked from outside, then a run stopped by SIGTERM on
-    rank 1 only (see tests/scripts/process_guards_dist.py)."""
+    rank 1 only (see tests/scripts/process_guards_dist.py); on plain DDP, and on FSDP2 (whose save is itself a
+    collective, so a stop that saves on one rank only would hang the other)."""
     root = tmp_path_factory.mktemp("dist")
     locked, run_dir, reports = root / "locked", root / "run", root / "reports"
     reports.mkdir()
@@ -38,8 +40,9 @@ def job(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     try:
         assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
         result = run_torchrun(
-            TESTS_DIR / "scripts" / "process_guards_dist.py", str(locked), str(run_dir), str(reports), timeout=300
-        )
+            TESTS_DIR / "scripts" / "process_guards_dist.py", str(locked), str(run_dir), str(reports), timeout=300,
+            env={ENGINE_ENV: request.param} if request.param else None,
+        )  # fmt: skip
     finally:
         holder.kill()
         holder.wait(timeout=60)
@@ -47,7 +50,8 @@ def job(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
             holder.stdout.close()
     assert result.returncode == 0, result.stderr[-4000:]
     ranks = [json.loads((reports / f"rank{r}.json").read_text()) for r in (0, 1)]
-    return {"ranks": ranks, "run_dir": run_dir, "holder_pid": holder.pid, "stderr": result.stderr}
+    return {"ranks": ranks, "run_dir": run_dir, "holder_pid": holder.pid, "stderr": result.stderr,
+            "engine": request.param}  # fmt: skip
 
 
 def test_a_lock_held_outside_the_job_refuses_every_rank_at_trainer_init(job: dict[str, Any]):
@@ -74,9 +78,9 @@ def test_sigterm_on_one_rank_stops_both_ranks_after_the_same_step_with_one_check
     assert sorted(p.name for p in run_dir.glob("checkpoint-*")) == [f"checkpoint-{step}"]
     checkpoint = run_dir / f"checkpoint-{step}"
     assert json.loads((checkpoint / "trainer_state.json").read_text())["global_step"] == step
-    assert {"rng_state_0.pth", "rng_state_1.pth", "model.safetensors", "optimizer.pt"} <= {
-        p.name for p in checkpoint.iterdir()
-    }
+    sharded = ("pytorch_model_fsdp_0", "optimizer_0")
+    weights = ("model.safetensors", "optimizer.pt") if job["engine"] is None else sharded
+    assert {"rng_state_0.pth", "rng_state_1.pth", *weights} <= {p.name for p in checkpoint.iterdir()}
     try:
         from trainguard.checks.checkpoint import verify_checkpoint
     except ImportError:  # the checkpoint verifier is optional here; the structure was checked above

@@ -14,6 +14,7 @@ live run through ``_trainer_compat`` and acts through the verifier's alerts; the
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -53,6 +54,8 @@ class SaveAuditor:
         self._alert, self._refuse = alert, refuse_together
         self._late_failures = late_failures  # the pre-commit optimizer checks' findings, from the hashing thread
         self._spec: Any = None
+        #: files this rank's folder never receives (one node's copy of a node-local save)
+        self.absent_ok: tuple[str, ...] = ()
         self.audited = 0
         self.hollow = 0
         self.findings: list[attest.Finding] = []
@@ -88,7 +91,7 @@ class SaveAuditor:
         problems = []
         self._spec = None
         if self.audit != "off" and trainer is not None and trainer.args.should_save:
-            self._spec = _trainer_compat.save_spec(trainer)
+            self._spec = dataclasses.replace(_trainer_compat.save_spec(trainer), absent_ok=self.absent_ok)
             problems = audit_checkpoint(folder, self._spec, optimizer=False)
             self.audited += 1
         if not distributed.any_rank(bool(problems)):

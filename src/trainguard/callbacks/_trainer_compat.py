@@ -46,6 +46,8 @@ from typing import Any, Protocol
 
 __all__ = [
     "CheckpointHooks",
+    "engine_layout",
+    "engine_name",
     "find_trainer",
     "install_checkpoint_hooks",
     "install_step_hooks",
@@ -56,6 +58,8 @@ __all__ = [
     "routing",
     "save_spec",
     "set_train_batch_size",
+    "weights_on_rank0_only",
+    "zero_stage",
 ]
 
 _MARK = "_trainguard_checkpoint_hooks"
@@ -375,17 +379,67 @@ def saved_weights(model: Any) -> tuple[dict[str, Any], str, dict[str, str]]:
     return {name: _tensor_spec(t) for name, t in kept.items()}, "model", tied
 
 
+def engine_layout(trainer: Any) -> str:
+    """What ``trainer``'s saves look like: ``plain``, ``fsdp_sharded``, ``fsdp_full`` or ``deepspeed``."""
+    if getattr(trainer, "is_deepspeed_enabled", False):
+        return "deepspeed"
+    if getattr(trainer, "is_fsdp_enabled", False):
+        plugin = getattr(getattr(trainer.accelerator, "state", None), "fsdp_plugin", None)
+        kind = str(getattr(plugin, "state_dict_type", "") or "")
+        return "fsdp_full" if "FULL" in kind.upper() else "fsdp_sharded"
+    return "plain"
+
+
+def engine_name(trainer: Any) -> str:
+    """:func:`engine_layout` with the FSDP version: ``plain``, ``fsdp1_sharded``, ``fsdp2_full``, ``deepspeed``..."""
+    layout = engine_layout(trainer)
+    if layout.startswith("fsdp_"):
+        return f"fsdp{2 if getattr(trainer.accelerator, 'is_fsdp2', False) else 1}_{layout[5:]}"
+    return layout
+
+
+def zero_stage(trainer: Any) -> int | None:
+    """DeepSpeed's ZeRO stage of ``trainer`` (None without DeepSpeed)."""
+    plugin = getattr(getattr(getattr(trainer, "accelerator", None), "state", None), "deepspeed_plugin", None)
+    stage = getattr(plugin, "zero_stage", None)
+    return int(stage) if isinstance(stage, int) else None
+
+
+def weights_on_rank0_only() -> bool:
+    """Whether ``save_pretrained`` writes only on global rank 0 whatever ``is_main_process`` says (transformers 5:
+    ``should_save_on_this_rank``), so a node-local ``save_on_each_node`` copy on another node gets no weights."""
+    try:
+        from transformers import PreTrainedModel
+    except ImportError:
+        return False
+    return hasattr(PreTrainedModel, "should_save_on_this_rank")
+
+
+def _sharded_weights(model: Any) -> dict[str, Any]:
+    """Full shapes of a sharded model's parameters (DTensor global shapes, ZeRO-3's ``ds_shape``), never its
+    state_dict (a collective under FSDP1, placeholders under ZeRO-3). Shared parameters are listed once."""
+    return {name: _tensor_spec(param) for name, param in model.named_parameters()}
+
+
 def save_spec(trainer: Any) -> Any:
     """What a save of ``trainer``'s live run must hold (:class:`~trainguard.checks.checkpoint.audit.SaveSpec`).
 
-    The weights are compared only for the plain layout (one process writes ``save_pretrained`` files); sharded
-    engines (DeepSpeed, FSDP) write their own layouts, whose files the audit does not know yet.
+    Weights are compared for the plain layout, FSDP2 and DeepSpeed (full shapes, not a rank's shard); FSDP1's flat
+    parameters do not name the saved tensors, so its weights are not compared (its files and shards still are).
     """
     from ..checks.checkpoint.audit import SaveSpec
 
     args = trainer.args
-    sharded = bool(getattr(trainer, "is_deepspeed_enabled", False) or getattr(trainer, "is_fsdp_enabled", False))
-    weights, kind, tied = ({}, "model", {}) if sharded else saved_weights(trainer.model)
+    layout = engine_layout(trainer)
+    model = trainer.model
+    peft_config = getattr(model, "peft_config", None)
+    fsdp1 = layout.startswith("fsdp") and not getattr(trainer.accelerator, "is_fsdp2", False)
+    if layout == "plain":
+        weights, kind, tied = saved_weights(model)
+    elif (isinstance(peft_config, dict) and peft_config) or fsdp1:
+        weights, kind, tied = {}, "model", {}  # partitioned adapters and flat parameters: files and shards only
+    else:
+        weights, kind, tied = _sharded_weights(model), "model", {}
     optimizer = getattr(trainer, "optimizer", None)
     inner = getattr(optimizer, "optimizer", optimizer)
     groups = getattr(inner, "param_groups", None)
@@ -393,9 +447,10 @@ def save_spec(trainer: Any) -> Any:
     enabled = getattr(scaler, "is_enabled", None)
     return SaveSpec(
         weights=weights,
+        layout=layout,
         weights_kind=kind,
         tied=tied,
-        model_only=bool(getattr(args, "save_only_model", False)) or sharded,
+        model_only=bool(getattr(args, "save_only_model", False)),
         world_size=int(getattr(args, "world_size", 1) or 1),
         fp16_scaler=bool(enabled()) if callable(enabled) else scaler is not None,
         optimizer_params=sum(len(g.get("params", [])) for g in groups) if groups else None,
@@ -413,6 +468,27 @@ def _optimizer_step(trainer: Any) -> float | None:
     return None
 
 
+def _lora_configs(model: Any) -> dict[str, Any]:
+    """Each adapter's config as JSON (sets sorted, enums by value): LoraConfigGuard compares it on resume where the
+    engine writes no ``adapter_config.json`` (FSDP's sharded state dict)."""
+    configs = getattr(model, "peft_config", None)
+    if not isinstance(configs, dict):
+        return {}
+
+    def plain(value: Any) -> Any:
+        if isinstance(value, (set, frozenset)):
+            return sorted(plain(v) for v in value)
+        if isinstance(value, (list, tuple)):
+            return [plain(v) for v in value]
+        if isinstance(value, dict):
+            return {str(k): plain(v) for k, v in value.items()}
+        if value is None or isinstance(value, (str, int, float, bool)):
+            return value
+        return getattr(value, "value", str(value))
+
+    return {str(name): plain(cfg.to_dict()) for name, cfg in configs.items() if hasattr(cfg, "to_dict")}
+
+
 def resume_facts(trainer: Any, train_dataloader: Any = None) -> dict[str, Any]:
     """The facts a resume must continue: the step, the optimizer's own step count, the learning rate now and after
     the next step (``LambdaLR`` schedules, which ``get_scheduler`` makes), and the settings behind them."""
@@ -423,6 +499,7 @@ def resume_facts(trainer: Any, train_dataloader: Any = None) -> dict[str, Any]:
         "args_max_steps": int(getattr(args, "max_steps", 0) or 0),
         "num_train_epochs": getattr(args, "num_train_epochs", None),
         "optimizer_step": _optimizer_step(trainer),
+        "engine": engine_name(trainer),
     }
     scheduler = getattr(trainer, "lr_scheduler", None)
     last = getattr(scheduler, "get_last_lr", None)
@@ -449,6 +526,9 @@ def resume_facts(trainer: Any, train_dataloader: Any = None) -> dict[str, Any]:
         facts[name] = value if isinstance(value, (int, float, str, bool)) or value is None else str(value)
     facts["lr_scheduler_type"] = str(getattr(args, "lr_scheduler_type", ""))
     facts["lr_scheduler_kwargs"] = str(getattr(args, "lr_scheduler_kwargs", None) or {})
+    lora = _lora_configs(getattr(trainer, "model", None))
+    if lora:
+        facts["lora"] = lora
     dataset = getattr(trainer, "train_dataset", None)
     try:
         facts["train_rows"] = len(dataset) if dataset is not None else None

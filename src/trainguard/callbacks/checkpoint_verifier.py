@@ -16,8 +16,8 @@ from ..checks._layout import JIT_SENTINEL
 from ..checks._resume import on_main_then_share
 from ..checks.checkpoint import start as _start
 from ..checks.checkpoint.commit import Committer
-from ..errors import CheckpointIntegrityError, LineageError
-from . import _trainer_compat
+from ..errors import CheckpointIntegrityError, LineageError, ResumeAttestationError
+from . import _nodes, _trainer_compat
 from ._base import GuardCallback
 from ._save_audit import SaveAuditor
 
@@ -130,6 +130,8 @@ class CheckpointVerifier(GuardCallback):
         self._hooked = False
         self._decision: _start.StartDecision | None = None
         self._began = False
+        self._nodes: _nodes.NodeView | None = None
+        self._node_gaps: list[Any] = []
         self._auditor = SaveAuditor(
             audit=audit,
             attest_resume=attest_resume,
@@ -156,31 +158,92 @@ class CheckpointVerifier(GuardCallback):
         self.wait()
         output_dir = getattr(trainer.args, "output_dir", None)
         fresh = resume_from_checkpoint is None or resume_from_checkpoint is False
-        decide: Any = (
-            functools.partial(_start.decide_fresh_start, output_dir, self.existing_checkpoints)
-            if fresh
-            else functools.partial(
-                _start.decide_resume,
+        node_local = self._survey_nodes(trainer, output_dir)
+
+        def decide(max_step: int | None = None) -> _start.StartDecision:
+            if fresh:
+                return _start.decide_fresh_start(output_dir, self.existing_checkpoints)
+            return _start.decide_resume(
                 output_dir,
                 resume_from_checkpoint,
                 verify=self.verify_resume,
-                set_aside=self.set_aside,
+                # one node's copy may fail where another's does not: leave it in place for the user to gather
+                set_aside=self.set_aside and not node_local,
                 workers=self.workers,
+                max_step=max_step,
             )
-        )
+
         try:
-            decision: _start.StartDecision = on_main_then_share(decide)
+            if node_local and self._nodes is not None:
+                decision: _start.StartDecision = _nodes.decide_on_every_node(
+                    self._nodes,
+                    decide,
+                    resume=resume_from_checkpoint,
+                    bounded=resume_from_checkpoint is True and self.verify_resume,
+                    gaps=self._node_gaps,
+                )
+            else:
+                decision = on_main_then_share(decide)
         except (CheckpointIntegrityError, LineageError) as err:
             if distributed.is_main_process():
                 self.alert("error", f"{'start' if fresh else 'resume'} refused: {err.what}", evidence=err.evidence)
             raise
         self._adopt(decision)
         self._decision = decision
+        if not fresh and decision.path is not None:
+            self._check_engine(trainer, decision.path)
         if fresh or decision.path is None:
             return resume_from_checkpoint  # no checkpoint at all: the Trainer raises its own clear error
         self._resumed_from = decision.path
         get_logger().info("[checkpoint_verifier] resuming from %s (%s)", decision.path, decision.status)
         return decision.path
+
+    def _check_engine(self, trainer: Any, path: str) -> None:
+        """Before anything loads, on every rank together: can this run's engine read the checkpoint at all?"""
+        from ..checks.checkpoint.layouts import checkpoint_layout, loader_mismatch
+
+        problem = None
+        what = loader_mismatch(checkpoint_layout(path), _trainer_compat.engine_layout(trainer))
+        if what is not None:
+            problem = ResumeAttestationError(
+                f"refusing to resume from {Path(path).name}: {what}",
+                where={"file": str(path), "rank": distributed.rank()},
+                next_step=(
+                    "Resume with the engine and state-dict type that wrote it, or start a new run (a new output_dir) "
+                    "from its weights (for FSDP's sharded files, `accelerate merge-weights` makes them loadable)."
+                ),
+            )
+        self.refuse_together(
+            problem,
+            placeholder=lambda: ResumeAttestationError(
+                f"refusing to resume from {Path(path).name}: another rank cannot load it (see that rank's log)",
+                where={"rank": distributed.rank()},
+            ),
+        )
+
+    def _survey_nodes(self, trainer: Any, output_dir: Any) -> bool:
+        """Before step 1, on every rank: the job's nodes and whether they share ``output_dir``; what each node's copy
+        will lack, said now rather than at the resume. True when each node has a folder of its own."""
+        self._nodes = _nodes.survey(str(output_dir) if output_dir else None)
+        self._node_gaps = []
+        self._auditor.absent_ok = ()
+        if self._nodes is None:
+            return False
+        self._node_gaps = _nodes.node_gaps(self._nodes, trainer)
+        if distributed.is_main_process():
+            for level, text in _nodes.storage_notes(self._nodes, trainer, self._node_gaps):
+                self.alert(level, text) if level != "info" else get_logger().info("[checkpoint_verifier] %s", text)
+        node_local = not self._nodes.shared
+        if node_local and getattr(trainer.args, "save_on_each_node", False):
+            self._auditor.absent_ok = tuple(g.path for g in self._node_gaps[self._nodes.node])
+        return node_local
+
+    def _writes(self, args: Any) -> bool:
+        """Whether this rank writes trainguard's files for its folder: the Trainer's writer, once per folder (a
+        folder every node sees gets them from rank 0 only, even with ``save_on_each_node``)."""
+        if self._nodes is not None and self._nodes.shared:
+            return distributed.is_main_process()
+        return bool(getattr(args, "should_save", distributed.is_main_process()))
 
     def _adopt(self, decision: _start.StartDecision) -> None:
         self.lineage, self.run = decision.lineage, decision.run
@@ -188,7 +251,8 @@ class CheckpointVerifier(GuardCallback):
         self._parent = decision.parent
         self._registered = None
         self._set_aside.extend(decision.failed)
-        if distributed.is_main_process():
+        node_writer = self._nodes is not None and not self._nodes.shared and distributed.is_local_main_process()
+        if distributed.is_main_process() or node_writer:
             for level, line in decision.notes:
                 self.alert(level, line)
 
@@ -212,7 +276,7 @@ class CheckpointVerifier(GuardCallback):
                     raise
         if self.lineage is None:
             self._adopt(_start.StartDecision())
-        if distributed.is_main_process() and self._registered != self.run and args.output_dir:
+        if self._writes(args) and self._registered != self.run and args.output_dir:
             # After every guard's before_train passed and the checkpoint loaded: only a run that trains becomes the
             # output_dir's current lineage.
             try:
@@ -269,7 +333,16 @@ class CheckpointVerifier(GuardCallback):
             "world_size": distributed.world_size(),
             "save_on_each_node": bool(getattr(args, "save_on_each_node", False)),
             "parent": self._parent.path.name if self._parent is not None else None,
+            **self._node_copy(args),
         }
+
+    def _node_copy(self, args: Any) -> dict[str, Any]:
+        """For one node's copy of a node-local save: which node, and what it lacks to be resumed alone."""
+        view = self._nodes
+        if view is None or view.shared or not getattr(args, "save_on_each_node", False):
+            return {}
+        lacks = [{"path": g.path, "why": g.why} for g in self._node_gaps[view.node] if not g.harmless]
+        return {"node_copy": {"node": view.node, "nodes": view.count, "lacks": lacks}}
 
     def before_save(self, trainer: Any, run_dir: str) -> bool:
         """Every rank, before the Trainer writes: clear the target folder and put the saving marker in."""
@@ -280,7 +353,7 @@ class CheckpointVerifier(GuardCallback):
         folder = Path(run_dir) / f"checkpoint-{step}"
         jit = (folder / JIT_SENTINEL).is_file()  # JIT checkpointing writes it just before calling the save
         decision, commit = "save", True
-        if trainer.args.should_save:
+        if self._writes(trainer.args):
             try:
                 target = _lineage.prepare_save_target(folder, lineage=self.lineage, run=self.run, step=step)
                 if target.action == "skip":
@@ -325,7 +398,7 @@ class CheckpointVerifier(GuardCallback):
         save["saved_by"] = "jit" if save["jit"] else "direct (no on_save)"
         distributed.barrier()  # every rank's files are written
         save["commit"] = self._auditor.audit_save(trainer, save["folder"], save["step"]) and save["commit"]
-        if trainer.args.should_save:
+        if self._writes(trainer.args):
             self._commit(trainer, save, announce=True)
 
     def rotate(self, run_dir: str, limit: int | None, best: str | None) -> None:
@@ -385,7 +458,7 @@ class CheckpointVerifier(GuardCallback):
         # The audit is a collective (every rank agrees), so it runs before the writing-rank-only part.
         save["commit"] = self._auditor.audit_save(self.trainer, save["folder"], save["step"]) and save["commit"]
         self._auditor.arm_after_save(save["folder"].name, self.run)
-        if not args.should_save:
+        if not self._writes(args):
             self._deferred_rotation = None
             return control
         self._commit(self.trainer, save, announce=False)

@@ -29,12 +29,14 @@ from ..checks.preflight import (
     check_memory,
     check_save_space,
     checkpoint_global_step,
+    engine_fallback,
     estimate_checkpoint_size,
     format_bytes,
     memory_error,
     next_save_size,
     param_stats,
     plan_run_disk,
+    requested_engine,
     resume_folder,
     run_disk_error,
     save_stopped_error,
@@ -47,6 +49,34 @@ if TYPE_CHECKING:
     from transformers import TrainerControl, TrainerState, TrainingArguments
 
 __all__ = ["PreflightGuard"]
+
+
+def _engine_problem(trainer: Any) -> PreflightError | None:
+    import os
+
+    args = trainer.args
+    requested = requested_engine(getattr(args, "fsdp", None), getattr(args, "deepspeed", None), dict(os.environ))
+    active = (
+        "deepspeed"
+        if getattr(trainer, "is_deepspeed_enabled", False)
+        else "fsdp"
+        if getattr(trainer, "is_fsdp_enabled", False) or getattr(trainer, "is_fsdp_xla_enabled", False)
+        else str(getattr(getattr(trainer.accelerator, "state", None), "distributed_type", "plain")).split(".")[-1]
+    )
+    setting = f"fsdp={args.fsdp!r}" if requested == "fsdp" and getattr(args, "fsdp", None) else ""
+    what = engine_fallback(requested, active=active, setting=setting or ("deepspeed=..." if requested else ""))
+    if what is None:
+        return None
+    return PreflightError(
+        what,
+        where={"field": "fsdp" if requested == "fsdp" else "deepspeed", "rank": distributed.rank()},
+        next_step=(
+            "Launch it where the engine is available (accelerate sets FSDP up only on GPUs unless told otherwise), "
+            "or drop the setting to train without it on purpose; PreflightGuard(check_engine=False) lets it run as "
+            "it is."
+        ),
+        evidence={"requested": requested, "active": active},
+    )
 
 
 def _train_rows(trainer: Any) -> int | None:
@@ -70,6 +100,8 @@ class PreflightGuard(GuardCallback):
 
     Args:
         check_disk: Refuse before step 1 when the run's checkpoints will not fit (default True).
+        check_engine: Refuse before step 1 a run that asked for FSDP or DeepSpeed and is training without it
+            (accelerate falls back to plain DDP silently, e.g. on CPU) (default True).
         check_before_save: Before each save, check free space against the last checkpoint's size (default True).
         disk_margin: Extra room as a fraction of the estimate (default 0.10: the estimate misses small files such
             as the README, logs and the events file).
@@ -101,6 +133,7 @@ class PreflightGuard(GuardCallback):
         self,
         *,
         check_disk: bool = True,
+        check_engine: bool = True,
         check_before_save: bool = True,
         disk_margin: float = DEFAULT_MARGIN,
         disk_margin_bytes: int = DEFAULT_MARGIN_BYTES,
@@ -116,6 +149,7 @@ class PreflightGuard(GuardCallback):
         if min_available_memory is not None and not 0.0 <= min_available_memory <= 1.0:
             raise ValueError(f"min_available_memory must be within [0, 1] or None, got {min_available_memory!r}")
         self.check_disk = check_disk
+        self.check_engine = check_engine
         self.check_before_save = check_before_save
         self.disk_margin = float(disk_margin)
         self.disk_margin_bytes = int(disk_margin_bytes)
@@ -162,7 +196,9 @@ class PreflightGuard(GuardCallback):
         output_dir = Path(args.output_dir)
         problem: TrainGuardError | None = None
         try:
-            if self.check_disk:
+            if self.check_engine and trainer is not None:
+                problem = _engine_problem(trainer)
+            if problem is None and self.check_disk:
                 problem = self._check_run_disk(trainer, args, state, model, output_dir, resume)
             if problem is None and self.min_available_memory is not None:
                 status = check_memory(self.min_available_memory, raise_error=False)

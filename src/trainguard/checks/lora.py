@@ -85,7 +85,22 @@ def read_adapter_configs(checkpoint_dir: str | os.PathLike[str]) -> dict[str, tu
             file = sub / ADAPTER_CONFIG
             if file.is_file():
                 found[sub.name] = (file, read_json_object(file))
+    if not found:
+        found = _recorded_configs(folder)
     return found
+
+
+def _recorded_configs(folder: Path) -> dict[str, tuple[Path, dict[str, Any]]]:
+    """The adapter configs CheckpointVerifier recorded in the manifest at the save: sharded engines (FSDP's
+    SHARDED_STATE_DICT) write the adapter into their own shards and no ``adapter_config.json``."""
+    from ._layout import METADATA_NAME
+    from .lineage import checkpoint_origin
+
+    recorded = checkpoint_origin(folder).record.get("resume")
+    configs = recorded.get("lora") if isinstance(recorded, dict) else None
+    if not isinstance(configs, dict):
+        return {}
+    return {str(n): (folder / METADATA_NAME, dict(c)) for n, c in configs.items() if isinstance(c, dict)}
 
 
 def _config_dict(config: Any) -> dict[str, Any]:
@@ -283,6 +298,8 @@ def compare_adapter_weights(model: Any, checkpoint_dir: str | os.PathLike[str]) 
         sub = folder if name == "default" else folder / name
         weights = next((sub / f for f in ADAPTER_WEIGHTS if (sub / f).is_file()), None)
         if weights is None:
+            if any(folder.glob("pytorch_model_fsdp_*")):
+                continue  # FSDP's sharded state dict holds the adapter in its own shards (the save audit's part)
             problems.append(f"adapter '{name}': no adapter weights in {sub}")
             continue
         if weights.suffix == ".safetensors":
@@ -297,9 +314,11 @@ def compare_adapter_weights(model: Any, checkpoint_dir: str | os.PathLike[str]) 
             if current is None:
                 problems.append(f"adapter '{name}': {key} is in the checkpoint but not in the model")
                 continue
+            if hasattr(current, "to_local"):
+                current = current.to_local()  # FSDP2: this rank's shard
             current = current.detach().cpu()
-            if current.numel() == 0 and tensor.numel() > 0:
-                continue  # sharded away (DeepSpeed ZeRO-3): not comparable on this rank
+            if current.numel() < tensor.numel():
+                continue  # sharded (ZeRO-3 placeholder, an FSDP shard): not comparable on this rank alone
             if current.shape != tensor.shape:
                 problems.append(
                     f"adapter '{name}': {key} has shape {tuple(current.shape)}, checkpoint {tuple(tensor.shape)}"

@@ -38,6 +38,14 @@ __all__ = [
 SCHEDULE_FIELDS = ("learning_rate", "lr_scheduler_type", "lr_scheduler_kwargs", "warmup_steps", "max_steps", "optim")
 BATCH_FIELDS = ("per_device_train_batch_size", "gradient_accumulation_steps", "world_size")
 ORDER_FIELDS = ("seed", "data_seed", "group_by_length", "dataloader_drop_last", "train_rows")
+# Engines whose own loader is known to leave the optimizer empty, and what to do about it.
+_ENGINE_HINTS: dict[str, tuple[str, ...]] = {
+    "fsdp1_sharded": (
+        "known gap of accelerate's FSDP1 SHARDED_STATE_DICT resume (seen with accelerate 1.15): it loads the saved "
+        "optimizer into the state dict of a fresh optimizer, which has no entries, so nothing is read; use "
+        "fsdp_version 2 or FULL_STATE_DICT for runs that must resume exactly",
+    ),
+}
 
 
 @dataclass(frozen=True)
@@ -95,6 +103,7 @@ def compare_facts(saved: Mapping[str, Any], live: Mapping[str, Any], *, model_on
                 "error",
                 f"the optimizer state was not restored: its step count is {live.get('optimizer_step')}, "
                 f"{saved.get('optimizer_step')} at the save (the optimizer restarted from scratch)",
+                _ENGINE_HINTS.get(str(live.get("engine")), ()),
             )
         )
     if not model_only and not _close(saved.get("next_lr"), live.get("next_lr")):

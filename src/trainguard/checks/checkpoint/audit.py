@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import struct
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -65,10 +66,15 @@ class SaveSpec:
 
     ``weights`` maps each saved name to its :class:`TensorSpec`; ``weights_kind`` is ``"model"`` or ``"adapter"``;
     ``tied`` maps a name that may be missing to the saved name it shares memory with. ``optimizer_params`` is how many
-    parameters the live optimizer holds (None: unknown), ``optimizer_states`` how many have state.
+    parameters the live optimizer holds (None: unknown), ``optimizer_states`` how many have state. ``layout`` is what
+    the engine writes: ``plain`` (``save_pretrained`` files, ``optimizer.pt``), ``fsdp_sharded`` (DCP folders),
+    ``fsdp_full`` (gathered weights, ``optimizer.bin``) or ``deepspeed`` (``global_stepN/``, ``latest``).
+    ``absent_ok`` names files this folder is known not to receive (one node's copy of a node-local save, see
+    :func:`~trainguard.checks.checkpoint.nodes.node_copy_gaps`; ``global_stepN`` stands for the step's tag).
     """
 
     weights: dict[str, TensorSpec] = field(default_factory=dict)
+    layout: str = "plain"
     weights_kind: str = "model"
     tied: dict[str, str] = field(default_factory=dict)
     model_only: bool = False
@@ -76,11 +82,13 @@ class SaveSpec:
     fp16_scaler: bool = False
     optimizer_params: int | None = None
     optimizer_states: int | None = None
+    absent_ok: tuple[str, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "weights": len(self.weights),
             "weights_kind": self.weights_kind,
+            "layout": self.layout,
             "model_only": self.model_only,
             "world_size": self.world_size,
             "optimizer_params": self.optimizer_params,
@@ -123,20 +131,43 @@ def _weight_files(folder: Path, kind: str) -> list[Path] | str:
     return [single] if single.is_file() else "no model.safetensors (nor an index of shards): the model was not saved"
 
 
+def _saved_dcp(folder: Path, problems: list[Problem]) -> tuple[dict[str, tuple[str, list[int], str]], list[Path]]:
+    """The model tensors of a DCP checkpoint (FSDP sharded), by their ``save_pretrained`` names, full shapes."""
+    from .layouts import read_dcp_metadata
+
+    dcp = folder / "pytorch_model_fsdp_0"
+    index = read_dcp_metadata(dcp)
+    if isinstance(index, str):
+        problems.append(Problem(f"{dcp.name}/.metadata", "hollow", f"the model's shards cannot be read: {index}"))
+        return {}, []
+    saved = {}
+    for name, (shape, dtype) in index.tensors.items():
+        plain = name[len("model.") :] if name.startswith("model.") else name  # DCP keys sit under "model."
+        saved[plain] = (safetensors_dtype(dtype), list(shape), f"{dcp.name}/.metadata")
+    return saved, [dcp / ".metadata"]
+
+
 def _audit_weights(folder: Path, spec: SaveSpec, problems: list[Problem]) -> None:
-    files = _weight_files(folder, spec.weights_kind)
-    if isinstance(files, str):
-        problems.append(Problem("", "hollow", files))
-        return
     saved: dict[str, tuple[str, list[int], str]] = {}
-    for path in files:
-        header = _read_header(path)
-        if isinstance(header, str):
-            problems.append(Problem(path.name, "hollow", header))
-            continue
-        for name, info in header.items():
-            if isinstance(info, dict):
-                saved[name] = (str(info.get("dtype")), [int(d) for d in info.get("shape", [])], path.name)
+    if spec.layout == "fsdp_sharded" and spec.weights_kind == "model":
+        saved, files = _saved_dcp(folder, problems)
+        if not files:
+            return
+    else:
+        found = _weight_files(folder, spec.weights_kind)
+        if isinstance(found, str):
+            if spec.layout != "deepspeed":  # ZeRO-3 without a 16-bit gather keeps the weights in global_stepN/ only
+                problems.append(Problem("", "hollow", found))
+            return
+        files = found
+        for path in files:
+            header = _read_header(path)
+            if isinstance(header, str):
+                problems.append(Problem(path.name, "hollow", header))
+                continue
+            for name, info in header.items():
+                if isinstance(info, dict):
+                    saved[name] = (str(info.get("dtype")), [int(d) for d in info.get("shape", [])], path.name)
     missing = [n for n in spec.weights if n not in saved and spec.tied.get(n) not in saved]
     if missing:
         shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
@@ -180,11 +211,19 @@ def _optimizer_counts(path: Path) -> tuple[int, int] | str:
     return params, len(state) if isinstance(state, Mapping) else 0
 
 
-def _audit_training_state(folder: Path, spec: SaveSpec, problems: list[Problem]) -> None:
+_OPTIMIZER_FILES = {"plain": "optimizer.pt", "fsdp_full": "optimizer.bin", "fsdp_sharded": "optimizer_0/.metadata"}
+
+
+def _generic(relative: str) -> str:
+    return re.sub(r"global_step\d+", "global_stepN", relative)
+
+
+def _audit_training_state(folder: Path, spec: SaveSpec, problems: list[Problem], absent_ok: set[str]) -> None:
     if spec.model_only:
         return
-    for name in ("optimizer.pt", "scheduler.pt"):
-        if not (folder / name).is_file():
+    optimizer = _OPTIMIZER_FILES.get(spec.layout)  # DeepSpeed's optimizer states: check_layouts, per rank
+    for name in (optimizer, "scheduler.pt"):
+        if name is not None and name not in absent_ok and not (folder / name).is_file():
             problems.append(
                 Problem(name, "hollow", "missing: the run saves optimizer and scheduler state, and a resume without "
                         "them restarts the optimizer and the learning-rate schedule from scratch")
@@ -192,6 +231,7 @@ def _audit_training_state(folder: Path, spec: SaveSpec, problems: list[Problem])
     if spec.fp16_scaler and not (folder / "scaler.pt").is_file():
         problems.append(Problem("scaler.pt", "hollow", "missing: the run uses an fp16 loss scaler"))
     rng = ["rng_state.pth"] if spec.world_size <= 1 else [f"rng_state_{r}.pth" for r in range(spec.world_size)]
+    rng = [n for n in rng if n not in absent_ok]
     absent = [n for n in rng if not (folder / n).is_file()]
     if absent:
         problems.append(
@@ -206,7 +246,7 @@ def audit_optimizer(folder: str | os.PathLike[str], spec: SaveSpec) -> list[Prob
     has state. Reads ``optimizer.pt`` through a memory map (milliseconds, not its size); CheckpointVerifier runs it
     on its hashing thread, before the commit marker."""
     optimizer = Path(folder) / "optimizer.pt"
-    if spec.model_only or spec.optimizer_params is None or not optimizer.is_file():
+    if spec.model_only or spec.layout != "plain" or spec.optimizer_params is None or not optimizer.is_file():
         return []
     counts = _optimizer_counts(optimizer)
     if isinstance(counts, str):
@@ -234,11 +274,17 @@ def audit_checkpoint(folder: str | os.PathLike[str], spec: SaveSpec, *, optimize
 
         audit_checkpoint("out/checkpoint-50", spec)     # []
     """
+    from .layouts import check_layouts
+
     path = Path(folder)
     problems: list[Problem] = []
-    if spec.weights:
+    absent_ok = {_generic(p) for p in spec.absent_ok}
+    if spec.weights and not absent_ok & {"model.safetensors", "adapter_model.safetensors"}:
         _audit_weights(path, spec, problems)
-    _audit_training_state(path, spec, problems)
+    _audit_training_state(path, spec, problems, absent_ok)
+    # every rank's shards, the index that names them
+    problems.extend(Problem(p.file, "hollow", p.detail) for p in check_layouts(path, world_size=spec.world_size))
+    problems = [p for p in problems if _generic(p.file) not in absent_ok]
     if optimizer:
         problems.extend(audit_optimizer(path, spec))
     return problems

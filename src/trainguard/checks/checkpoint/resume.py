@@ -13,9 +13,7 @@ from typing import Any
 from ...alerts import get_logger
 from ...errors import CheckpointIntegrityError, LineageError
 from .. import lineage as _lineage
-from .._layout import (
-    QUARANTINE_DIR,
-)
+from .._layout import QUARANTINE_DIR, checkpoint_step
 from .._resume import checkpoint_dirs
 from .report import CheckpointReport, Problem
 from .verify import check_checkpoint, verify_checkpoint
@@ -92,15 +90,19 @@ def choose_checkpoint(
     set_aside: bool = False,
     workers: int | None = None,
     on_failure: Callable[[CheckpointReport, Path | None], None] | None = None,
+    max_step: int | None = None,
 ) -> ResumeChoice:
     """The newest checkpoint of ``output_dir`` in the lineage scope that verifies, with everything learnt on the way.
 
     See :func:`latest_verified_checkpoint` for the arguments. Checkpoints outside the scope are never checked, set
-    aside or chosen; they are listed in ``excluded``.
+    aside or chosen; they are listed in ``excluded``. ``max_step``: only checkpoints at or below that step are
+    considered (the others are left alone: another node could not resume from them).
     """
     origins = [_lineage.checkpoint_origin(d) for d in checkpoint_dirs(output_dir)]
     scope = _scope_for(output_dir, lineage, origins)
     eligible = [o for o in origins if scope.admits(o)]
+    if max_step is not None:
+        eligible = [o for o in eligible if (checkpoint_step(o.path) or 0) <= max_step]
     choice = ResumeChoice(None, scope, excluded=[o for o in origins if not scope.admits(o)], considered=len(eligible))
     if choice.excluded:
         get_logger().info(
@@ -173,10 +175,13 @@ def resume_choice(
     set_aside: bool = True,
     workers: int | None = None,
     on_failure: Callable[[CheckpointReport, Path | None], None] | None = None,
+    max_step: int | None = None,
 ) -> ResumeChoice | None:
     """:func:`resolve_verified_resume` with the details (who wrote the choice, what failed, what was excluded).
 
-    Returns None for ``None``/``False``, or ``True`` with no checkpoint at all.
+    Returns None for ``None``/``False``, or ``True`` with no checkpoint at all (at or below ``max_step``, when set:
+    then a choice without a path when none of them verifies, instead of an error, so that several nodes can look
+    further down together).
     """
     if resume_from_checkpoint is None or resume_from_checkpoint is False:
         return None
@@ -187,8 +192,10 @@ def resume_choice(
         return ResumeChoice(path, _lineage.LineageScope(origin.lineage, True, "given"), origin, report, considered=1)
     if output_dir is None or not checkpoint_dirs(output_dir):
         return None
-    choice = choose_checkpoint(output_dir, set_aside=set_aside, workers=workers, on_failure=on_failure)
-    if choice.path is not None:
+    choice = choose_checkpoint(
+        output_dir, set_aside=set_aside, workers=workers, on_failure=on_failure, max_step=max_step
+    )
+    if choice.path is not None or (max_step is not None and not choice.excluded):
         return choice
     others = _lineage.describe_many(choice.excluded)
     if not choice.failures:

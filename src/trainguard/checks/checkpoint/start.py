@@ -109,10 +109,12 @@ def decide_resume(
     verify: bool = True,
     set_aside: bool = True,
     workers: int | None = None,
+    max_step: int | None = None,
 ) -> StartDecision:
     """A resume: ``True`` → the newest checkpoint of the current lineage that verifies (newer failures of it set
     aside when ``set_aside``); a path → that checkpoint, verified. Without ``verify``: resolved like the Trainer does,
-    unchecked. ``path`` is None when there is no checkpoint at all (the Trainer then raises its own error).
+    unchecked. ``path`` is None when there is no checkpoint at all (the Trainer then raises its own error), or, with
+    ``max_step``, none at or below it verifies (several nodes then agree on a step together).
 
     Raises:
         CheckpointIntegrityError: The explicit path, or every checkpoint of the lineage, fails verification.
@@ -134,7 +136,9 @@ def decide_resume(
         decision.notes.append(("warning", f"{report.path.name} failed verification, {where}: {problems}"))
         decision.failed.append(report.path.name)
 
-    choice = resume_choice(output_dir, resume_from_checkpoint, set_aside=set_aside, workers=workers, on_failure=failed)
+    choice = resume_choice(
+        output_dir, resume_from_checkpoint, set_aside=set_aside, workers=workers, on_failure=failed, max_step=max_step
+    )
     if choice is None or choice.path is None:
         return decision
     report = choice.report

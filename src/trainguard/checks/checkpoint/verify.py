@@ -22,6 +22,7 @@ from .._layout import (
 )
 from .._resume import checkpoint_dirs
 from .formats import check_format, issue_kind, loaded_on_resume, special_extra
+from .layouts import check_layouts
 from .manifest import has_manifest, hash_many, list_files, parse_sha256_file, read_metadata, sha256_file
 from .report import CheckpointReport, Problem
 
@@ -252,9 +253,44 @@ def check_checkpoint(
         state_step = _check_trainer_state(folder, report.problems)
         if report.step is None:
             report.step = state_step
+        # Sharded layouts (DCP, DeepSpeed) checked from their own indexes: every rank's shard, a stale latest.
+        named = {p.file for p in report.problems}
+        record = _lineage.checkpoint_origin(folder).record
+        world = record.get("world_size")
+        report.problems.extend(
+            p
+            for p in check_layouts(folder, world_size=world if isinstance(world, int) else None)
+            if p.file not in named
+        )
+        report.problems.extend(_node_copy_gaps(folder, record.get("node_copy"), {p.file for p in report.problems}))
     report.ok = not report.problems
     report.seconds = time.perf_counter() - start
     return report
+
+
+def _node_copy_gaps(folder: Path, node_copy: Any, named: set[str]) -> list[Problem]:
+    """One node's copy of a node-local save (``save_on_each_node=True``, each node its own disk): the files its
+    commit recorded it would lack, still absent, keep it from being resumed on that node alone."""
+    if not isinstance(node_copy, dict) or not isinstance(node_copy.get("lacks"), list):
+        return []
+    problems = []
+    tags = [p.name for p in folder.glob("global_step*") if p.is_dir()] or ["global_stepN"]
+    where = f"node {node_copy.get('node')} of {node_copy.get('nodes')}"
+    for gap in node_copy["lacks"]:
+        if not isinstance(gap, dict) or not isinstance(gap.get("path"), str):
+            continue
+        candidates = [gap["path"].replace("global_stepN", tag) for tag in tags]
+        relative = candidates[0]
+        if relative in named or any((folder / c).exists() for c in candidates):
+            continue  # named already, or copied in from the other nodes since
+        problems.append(
+            Problem(
+                relative, "missing",
+                f"not in this copy ({where}, saved on its own disk with save_on_each_node=True): {gap.get('why')}; "
+                "this copy cannot be resumed on its own: gather every node's copy into one folder first",
+            )
+        )  # fmt: skip
+    return problems
 
 
 def _older_verified(folder: Path, workers: int | None) -> Path | None:

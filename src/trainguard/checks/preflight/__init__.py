@@ -13,7 +13,9 @@ The modules, each one concern:
   and how many of them are on disk at once, from plain numbers;
 - ``plan``: :class:`RunSettings`, :func:`plan_run_disk`, :func:`run_disk_error` and the per-save check
   (:func:`next_save_size`, :func:`check_save_space`, :func:`save_stopped_error`): the run's disk plan, and the
-  errors PreflightGuard raises.
+  errors PreflightGuard raises;
+- ``engine``: :func:`requested_engine`, :func:`engine_fallback`: a run that asked for FSDP or DeepSpeed and is
+  training without it.
 
 Nothing here imports torch or transformers (:func:`gpu_memory_summary` imports torch when called); a model is only
 iterated (``named_parameters``).
@@ -26,6 +28,7 @@ Example::
 
 from __future__ import annotations
 
+from .engine import engine_fallback, requested_engine
 from .plan import (
     RunDiskPlan,
     RunSettings,
@@ -80,6 +83,7 @@ __all__ = [
     "describe_args",
     "directory_size",
     "disk_space_error",
+    "engine_fallback",
     "estimate_checkpoint_size",
     "format_bytes",
     "gpu_memory_summary",
@@ -89,6 +93,7 @@ __all__ = [
     "param_stats",
     "plan_run_disk",
     "planned_checkpoints",
+    "requested_engine",
     "resume_folder",
     "run_disk_error",
     "save_stopped_error",

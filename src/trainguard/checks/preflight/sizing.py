@@ -76,6 +76,15 @@ def _is_peft_model(model: Any) -> bool:
     return hasattr(model, "peft_config") and callable(getattr(model, "get_base_model", None))
 
 
+def _full_numel(param: Any) -> int:
+    """The whole parameter's element count, on every rank: a ZeRO-3 partitioned parameter is an empty placeholder
+    whose full size is ``ds_numel``; a DTensor (FSDP2) already counts its global shape."""
+    full = getattr(param, "ds_numel", None)
+    if isinstance(full, int) and param.numel() == 0:
+        return full
+    return int(param.numel())
+
+
 def param_stats(model: Any) -> ParamStats:
     """Read :class:`ParamStats` from a model (shared/tied parameters counted once, as ``save_pretrained`` does).
 
@@ -86,11 +95,12 @@ def param_stats(model: Any) -> ParamStats:
     adapter_only = _is_peft_model(model)
     saved_bytes = saved_tensors = trainable_bytes = trainable_tensors = total = trainable = 0
     for name, param in model.named_parameters():  # named_parameters() yields a shared parameter once
-        nbytes = int(param.numel()) * int(param.element_size())
-        total += int(param.numel())
+        numel = _full_numel(param)
+        nbytes = numel * int(param.element_size())
+        total += numel
         is_trainable = bool(param.requires_grad)
         if is_trainable:
-            trainable += int(param.numel())
+            trainable += numel
             trainable_bytes += nbytes
             trainable_tensors += 1
         if not adapter_only or is_trainable or "lora_" in name:

@@ -142,3 +142,10 @@ def test_reader_skips_a_torn_last_line(tmp_path: Path):
 def test_append_line_refuses_text_that_would_span_lines(tmp_path: Path):
     with pytest.raises(ValueError, match="exactly one line"):
         append_line(tmp_path / "e.jsonl", "a\nb")
+
+
+def test_a_write_into_a_missing_folder_names_the_folder_not_a_hidden_temp_file(tmp_path: Path):
+    with pytest.raises(FileNotFoundError) as caught:
+        atomic_write_json(tmp_path / "out" / "state.json", {"step": 50})
+    assert caught.value.filename == str(tmp_path / "out")
+    assert "its folder does not exist" in str(caught.value) and TEMP_MARKER not in str(caught.value)

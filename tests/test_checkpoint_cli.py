@@ -90,6 +90,16 @@ def test_verify_exits_2_on_usage_and_io_errors(tmp_path: Path, capsys: pytest.Ca
     assert info.value.code == 2
 
 
+@pytest.mark.parametrize("command", ["verify", "manifest"])
+@pytest.mark.parametrize("workers", ["0", "-1"])
+def test_workers_under_1_is_a_usage_error_naming_the_option(
+    run: Path, capsys: pytest.CaptureFixture, command: str, workers: str
+):
+    assert main([command, str(run), "--workers", workers]) == 2
+    assert f"--workers must be 1 or more, not {workers}" in capsys.readouterr().err
+    assert not list(run.glob("*/trainguard-manifest.sha256.*"))  # nothing written
+
+
 def test_manifest_adopts_an_existing_run_after_its_structural_checks(run: Path, capsys: pytest.CaptureFixture):
     _strip_manifests(run)
     assert main(["verify", str(run), "--json"]) == 0

@@ -18,7 +18,7 @@ import trainguard
 from trainguard.callbacks import GuardCallback
 from trainguard.checks import crash_loop as cl
 
-from _rig import TESTS_DIR, make_trainer, run_trainer, subprocess_env
+from _rig import TESTS_DIR, make_tiny_llama, make_trainer, run_trainer, subprocess_env
 
 # Touches Trainer internals (the batch-size copy the OOM fix changes): also run on the oldest supported releases.
 pytestmark = pytest.mark.compat
@@ -43,7 +43,8 @@ class _FakeOom(GuardCallback):
 
 @pytest.fixture(scope="module")
 def three_ooms(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """An output_dir after three real runs (child processes) that each died of a CUDA OOM at step 2."""
+    """An output_dir after three real runs (child processes) that each died of a CUDA OOM in step 3 (raised at its
+    on_step_begin, when two steps were done)."""
     output_dir = tmp_path_factory.mktemp("ooms") / "run"
     for _ in range(3):
         result = subprocess.run(
@@ -84,7 +85,7 @@ def test_each_abnormal_end_is_recorded_with_step_type_message_time_host_and_rank
     failures = [r for r in records if r["event"] == "failure"]
     assert len(failures) == 3 and len([r for r in records if r["event"] == "start"]) == 3
     for record in failures:
-        assert record["step"] == 2
+        assert record["step"] == 3  # the step being trained: the OOM came in its on_step_begin
         assert record["exception"] == "torch.OutOfMemoryError"
         assert record["message"].startswith("CUDA out of memory")
         assert record["oom"] is True and record["rank"] == 0
@@ -97,8 +98,8 @@ def test_the_fourth_start_after_three_identical_ooms_is_refused_with_the_batch_a
     with pytest.raises(trainguard.PreflightError) as info:
         trainer.train()
     err = info.value
-    assert "the last 3 runs in a row ended with torch.OutOfMemoryError at step 2" in err.what
-    assert err.where == {"file": str(looped / cl.CRASH_LOG), "step": 2}
+    assert "the last 3 runs in a row ended with torch.OutOfMemoryError at step 3" in err.what
+    assert err.where == {"file": str(looped / cl.CRASH_LOG), "step": 3}
     assert "per_device_train_batch_size=2 and gradient_accumulation_steps=2 (was 4 and 1" in err.next_step
     assert trainer.state.global_step == 0
     # a refused start is not a run: the streak is still three
@@ -272,3 +273,25 @@ def test_oom_errors_are_recognised_without_importing_torch_by_name():
     assert cl.is_oom(RuntimeError("CUDA out of memory. Tried to allocate 20.00 MiB"))
     assert not cl.is_oom(ValueError("out of memory"))
     assert not cl.is_oom(RuntimeError("size mismatch"))
+
+
+def test_a_failure_is_reported_at_the_step_being_trained_the_same_step_nan_guard_names(output_dir: Path):
+    from test_nan_guard import nan_forward
+
+    ga = 4
+    model = make_tiny_llama()
+    nan_forward(model, {2 * ga + 2})  # micro-batch 2 of 4 of step 3
+    guards = [trainguard.NanGuard(alert_sinks=[]), trainguard.CrashLoopGuard()]
+    trainer = make_trainer(output_dir, model=model, callbacks=guards, max_steps=6, gradient_accumulation_steps=ga)
+    with pytest.raises(trainguard.NonFiniteError) as caught:
+        trainer.train()
+    assert caught.value.where["step"] == 3
+    (run,) = cl.load_runs(output_dir)
+    assert run.outcome == "failed" and [f["step"] for f in run.failures] == [3]
+
+
+@pytest.mark.parametrize(("in_step", "expected"), [(True, 5), (False, 4)])
+def test_an_error_without_a_step_of_its_own_is_placed_by_where_the_trainer_was(in_step: bool, expected: int):
+    assert cl.failing_step(RuntimeError("boom"), 4, in_step=in_step) == expected
+    named = trainguard.NonFiniteError("x", where={"step": 7})
+    assert cl.failing_step(named, 4, in_step=in_step) == 7

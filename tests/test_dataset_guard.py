@@ -88,7 +88,7 @@ def test_origin_scenario_plain_trainer_trains_nothing_and_the_guard_refuses_befo
     message = str(info.value)
     assert dataset_fingerprint(make_lm_dataset(ROWS)) in message and f"({ROWS} rows" in message
     assert dataset_fingerprint(new_data) in message and f"({ROWS // 2} rows" in message
-    assert "checkpoint at step 8, new data gives 4 steps per epoch" in message
+    assert "checkpoint at step 8, the new data gives 4 steps per epoch" in message
     assert "it would stop at once, training nothing" in message
     assert "start_fresh" in info.value.next_step and "continue_on_new_data" in info.value.next_step
     assert info.value.where["step"] == 8
@@ -145,6 +145,8 @@ def test_a_changed_global_batch_is_refused(output_dir: Path):
     assert info.value.where["field"] == "global_batch"
     assert "checkpoint 2 (world size 1 × per-device 2 × accumulation 1)" in str(info.value)
     assert "this run 4 (world size 1 × per-device 2 × accumulation 2)" in str(info.value)
+    # the data is the checkpoint's: the message must not call it new
+    assert "new data" not in info.value.what and "this run's data gives" in info.value.what
     assert steps.steps == 0
 
 
@@ -312,6 +314,6 @@ def test_every_rank_refuses_together_in_a_two_rank_run(tmp_path: Path):
     docs = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     for doc in docs:  # both ranks refused (no rank left waiting in a collective), with the same error, no step
         assert doc["refused"] and doc["steps"] == 0 and doc["step"] == 4
-        assert "new data gives 2 steps per epoch" in doc["what"]
+        assert "the new data gives 2 steps per epoch" in doc["what"]
     assert docs[0]["what"] == docs[1]["what"]
     assert sorted(p.name for p in (tmp_path / "run").glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]

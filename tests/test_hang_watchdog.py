@@ -77,7 +77,7 @@ def test_a_step_sleeping_in_python_past_the_budget_is_dumped_to_a_file_and_the_l
     critical = [e for e in _events(output_dir) if e["level"] == "critical"]
     assert critical and critical[0]["guard"] == "hang_watchdog" and critical[0]["step"] == 3
     assert critical[0]["evidence"]["file"] == str(first)
-    assert not list(output_dir.glob(".trainguard-hang-*")), "the empty pending file is ours to remove"
+    assert not list(output_dir.glob("trainguard-hang-*-live.txt")), "the live file without a dump is ours to remove"
 
 
 def test_the_default_action_keeps_the_run_alive_dumps_again_and_reports_when_progress_resumes(
@@ -136,7 +136,7 @@ def test_abort_ends_the_process_with_a_non_zero_code_after_dumping_and_alerting(
     assert len(dumps) == 1 and "in sleep_in_step" in _main_thread_stack(dumps[0].read_text())
     assert any(e["level"] == "critical" for e in _events(output_dir))
     assert "exit status 124" in proc.stderr
-    assert not list(output_dir.glob(".trainguard-hang-*"))
+    assert not list(output_dir.glob("trainguard-hang-*-live.txt"))
 
 
 def test_abort_while_the_gil_is_held_exits_via_the_c_timer_and_the_next_start_reports_its_dump(tmp_path: Path):
@@ -147,8 +147,12 @@ def test_abort_while_the_gil_is_held_exits_via_the_c_timer_and_the_next_start_re
     # faulthandler's exit=True: status 1, long before the 40 s regex could end; Python never ran again
     assert proc.returncode == 1, proc.stderr[-3000:]
     assert find_dumps(output_dir) == []
-    pending = list(output_dir.glob(".trainguard-hang-rank0-pid*.pending"))
-    assert len(pending) == 1 and "regex_in_step" in pending[0].read_text()
+    # Python never ran again, yet the stacks are in a file a user sees and announced on stderr: both written
+    # without this process's GIL (faulthandler's timer into a pipe, a helper process copying to both)
+    live = list(output_dir.glob("trainguard-hang-rank0-pid*-live.txt"))
+    assert len(live) == 1 and "regex_in_step" in live[0].read_text()
+    announced = proc.stderr.split("trainguard hang watchdog: rank 0 (pid", 1)
+    assert len(announced) == 2 and str(live[0]) in announced[1] and "regex_in_step" in announced[1]
     # the restarted run (same output_dir and rank) turns it into a dump file and reports it
     code = (
         "import json, sys\n"
@@ -164,7 +168,7 @@ def test_abort_while_the_gil_is_held_exits_via_the_c_timer_and_the_next_start_re
     assert [r["kind"] for r in found] == ["earlier"]
     dumps = find_dumps(output_dir)
     assert len(dumps) == 1 and "regex_in_step" in dumps[0].read_text() and found[0]["file"] == str(dumps[0])
-    assert not list(output_dir.glob(".trainguard-hang-*"))
+    assert not list(output_dir.glob("trainguard-hang-*-live.txt"))
     assert "regex_in_step" in again.stderr  # now in the log too
 
 
@@ -197,7 +201,7 @@ def test_a_normal_run_with_slow_evaluation_and_slow_saves_is_never_dumped(tmp_pa
     result = _result(proc.stdout)
     assert result["global_step"] == 4
     assert result["reports"] == [], result["reports"]
-    assert find_dumps(output_dir) == [] and not list(output_dir.glob(".trainguard-hang-*"))
+    assert find_dumps(output_dir) == [] and not list(output_dir.glob("trainguard-hang-*-live.txt"))
     assert (output_dir / "checkpoint-2").is_dir() and (output_dir / "checkpoint-4").is_dir()
     state = json.loads((output_dir / "checkpoint-4" / "trainer_state.json").read_text())
     evals = [entry["step"] for entry in state["log_history"] if "eval_probe" in entry]

@@ -156,6 +156,21 @@ def test_a_single_nan_micro_batch_is_caught_at_its_step_before_the_update(output
     assert err.evidence["weights_in_memory"] == "finite"  # ... and the error says so
 
 
+def test_the_checkpoint_to_resume_from_is_in_the_evidence_and_none_before_any_save(output_dir: Path) -> None:
+    def run(out: Path, **args: Any) -> trainguard.NonFiniteError:
+        model = make_tiny_llama()
+        nan_forward(model, {4})
+        trainer = make_trainer(out, model=model, callbacks=[NanGuard(alert_sinks=[])], max_steps=6, **args)
+        with pytest.raises(trainguard.NonFiniteError) as caught:
+            trainer.train()
+        return caught.value
+
+    early = run(output_dir / "no-save")  # the NaN comes before any checkpoint exists
+    assert "resume_from" in early.evidence and early.evidence["resume_from"] is None  # the docs' snippet works
+    late = run(output_dir / "saved", save_strategy="steps", save_steps=2)
+    assert late.evidence["resume_from"] == str(output_dir / "saved" / "checkpoint-2")
+
+
 @pytest.mark.parametrize("device_flags", [False, True], ids=["host-flags", "device-flags"])
 def test_an_infinite_gradient_under_a_finite_loss_is_caught_before_the_update(
     output_dir: Path, device_flags: bool

@@ -16,6 +16,7 @@ Example::
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import secrets
@@ -77,7 +78,8 @@ def _new_file_mode(target: Path) -> int:
 def atomic_writer(path: PathLike, mode: str = "wb", *, encoding: str | None = None) -> Iterator[IO[Any]]:
     """Open a temporary file beside ``path``; on a clean exit it atomically replaces ``path``.
 
-    On an exception the temporary file is removed and ``path`` is untouched.
+    On an exception the temporary file is removed and ``path`` is untouched. The folder must exist
+    (``FileNotFoundError`` naming it otherwise).
 
     Args:
         path: The file to write.
@@ -94,7 +96,13 @@ def atomic_writer(path: PathLike, mode: str = "wb", *, encoding: str | None = No
     target = Path(path)
     folder = target.parent
     tmp = folder / f".{target.name}{TEMP_MARKER}{secrets.token_hex(4)}"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileNotFoundError:
+        # Name what is missing (the folder), not the hidden temporary file the user never asked for.
+        raise FileNotFoundError(
+            errno.ENOENT, f"cannot write {target}: its folder does not exist (create it first)", str(folder)
+        ) from None
     try:
         if mode == "w":
             fh: IO[Any] = os.fdopen(fd, "w", encoding=encoding or "utf-8", newline="")

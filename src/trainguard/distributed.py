@@ -11,9 +11,11 @@ only when a process group can exist, so this module is cheap to import.
 
 Example::
 
+    import math
     from trainguard import distributed
-    if distributed.any_rank(loss_is_nan):   # every rank calls it, every rank gets the same answer
-        control.should_training_stop = True
+    loss = float("nan")                     # this rank's loss
+    if distributed.any_rank(math.isnan(loss)):   # every rank calls it, every rank gets the same answer
+        print("stop on every rank")
 """
 
 from __future__ import annotations
@@ -124,7 +126,9 @@ def any_rank(flag: bool) -> bool:
 
     Example::
 
-        stop = distributed.any_rank(local_problem)
+        from trainguard import distributed
+        local_problem = False                   # what this rank found
+        stop = distributed.any_rank(local_problem)   # True on every rank when any rank passes True
     """
     return _reduce_flag(flag, "MAX")
 

@@ -10,7 +10,11 @@ rendered into its message, so a log line alone is enough to act on:
 Example::
 
     from trainguard.errors import CheckpointIntegrityError
-    raise CheckpointIntegrityError("model.safetensors is truncated", where={"file": path}, next_step="...")
+    raise CheckpointIntegrityError(                     # raises: CheckpointIntegrityError
+        "model.safetensors is truncated",
+        where={"file": "out/checkpoint-50/model.safetensors"},
+        next_step="Resume from an older verified checkpoint.",
+    )
 """
 
 from __future__ import annotations

@@ -31,7 +31,7 @@ Every touch is:
 
 Example::
 
-    missing = install_checkpoint_hooks(trainer, hooks)   # [] on transformers 5.24
+    missing = install_checkpoint_hooks(trainer, trainguard.CheckpointVerifier())   # [] on transformers 5.24
 """
 
 from __future__ import annotations

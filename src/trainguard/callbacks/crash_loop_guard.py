@@ -81,6 +81,7 @@ class CrashLoopGuard(GuardCallback):
         #: ``(before, after)`` batch settings when the OOM fix was applied in this run.
         self.applied_fix: tuple[dict[str, int], dict[str, int]] | None = None
         self._history_note = ""
+        self._in_step = False
 
     # ------------------------------------------------------------------------------------------- decision
     def before_train(self, trainer: Any, resume_from_checkpoint: Any) -> Any:
@@ -159,6 +160,16 @@ class CrashLoopGuard(GuardCallback):
         crash_loop._register_open_run(run_id, str(args.output_dir), self._current_step)
         return control
 
+    def on_step_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> Any:
+        self._in_step = True
+        return control
+
+    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> Any:
+        self._in_step = False
+        return control
+
     def _current_step(self) -> int:
         trainer = self._trainer_for_step() if self._trainer_for_step is not None else None
         return int(trainer.state.global_step) if trainer is not None else -1
@@ -179,7 +190,9 @@ class CrashLoopGuard(GuardCallback):
             return
         crash_loop._unregister_open_run(run_id)
         self._started = False
-        args, step = trainer.args, int(trainer.state.global_step)
+        args = trainer.args
+        step = crash_loop.failing_step(exc, int(trainer.state.global_step), in_step=self._in_step)
+        self._in_step = False
         if isinstance(exc, (KeyboardInterrupt, SystemExit)):
             if args.should_save:
                 crash_loop.record_end(

@@ -40,7 +40,7 @@ class LoraConfigGuard(GuardCallback):
 
     Example::
 
-        trainer = Trainer(model=get_peft_model(base, lora_config), ..., callbacks=[trainguard.LoraConfigGuard()])
+        trainer = Trainer(..., model=get_peft_model(base, lora_config), callbacks=[trainguard.LoraConfigGuard()])
         trainer.train(resume_from_checkpoint=True)      # refused, naming the field, if the config changed
     """
 

@@ -35,7 +35,7 @@ from typing import Any
 from .._util import pid_alive, utc_now
 from ..alerts import get_logger
 from ..atomic import append_line
-from ..errors import PreflightError
+from ..errors import PreflightError, TrainGuardError
 
 __all__ = [
     "CRASH_LOG",
@@ -47,6 +47,7 @@ __all__ = [
     "crash_loop_error",
     "decide_start",
     "describe_exception",
+    "failing_step",
     "find_crash_loop",
     "is_oom",
     "load_runs",
@@ -518,3 +519,13 @@ def crash_loop_error(
         "CrashLoopGuard(max_repeats=None).",
         evidence=evidence,
     )
+
+
+def failing_step(exc: BaseException, global_step: int, *, in_step: bool) -> int:
+    """The step being trained when ``exc`` happened, the meaning of "step" in every guard's messages: the step a
+    trainguard error names; otherwise ``global_step + 1`` inside a step (the Trainer counts a step once it ends), and
+    ``global_step`` between steps (an evaluation or a save after it)."""
+    named = getattr(exc, "where", None)
+    if isinstance(exc, TrainGuardError) and isinstance(named, dict) and isinstance(named.get("step"), int):
+        return int(named["step"])
+    return global_step + 1 if in_step else global_step

@@ -10,7 +10,8 @@ behaviour, another ``r`` fails only after everything is loaded with a ``size mis
 Example::
 
     from trainguard import check_lora_config
-    check_lora_config("out/checkpoint-50", LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]))
+    check_lora_config("out/checkpoint-50", LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"],
+                                                  task_type="CAUSAL_LM"))
 """
 
 from __future__ import annotations

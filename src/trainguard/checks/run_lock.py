@@ -20,7 +20,7 @@ neither: the call fails); FUSE filesystems vary. What can be detected from ``/pr
 Example::
 
     with acquire_run_lock("out") as handle:   # RunLockedError if another live process holds it
-        train()
+        print(handle.lock_file)                # ... train while holding it
 """
 
 from __future__ import annotations

@@ -64,7 +64,9 @@ def register(subparsers: Any) -> None:
         help="also write over a failing manifest and manifest folders that fail the structural checks",
     )
     manifest.add_argument("--json", action="store_true", help="print one JSON document")
-    manifest.add_argument("--workers", type=int, default=None, help="hashing threads (default: CPUs, at most 8)")
+    manifest.add_argument(
+        "--workers", type=int, default=None, help="hashing threads, 1 or more (default: CPUs, at most 8)"
+    )
     manifest.set_defaults(func=run_manifest)
 
 
@@ -301,6 +303,8 @@ def run_manifest(args: argparse.Namespace) -> int:
     from ..cli import EXIT_FAILED, EXIT_OK, emit_json
 
     path = Path(args.path)
+    if args.workers is not None and args.workers < 1:
+        return _usage_error(f"--workers must be 1 or more, not {args.workers}", args.json, "manifest")
     if not path.is_dir():
         return _usage_error(
             f"no such folder: {path}" if not path.exists() else f"not a folder: {path}", args.json, "manifest"

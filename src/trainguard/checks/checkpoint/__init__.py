@@ -31,7 +31,8 @@ Example::
     from trainguard import latest_verified_checkpoint, verify_checkpoint, write_manifest
     write_manifest("out/checkpoint-50")
     verify_checkpoint("out/checkpoint-50")            # raises CheckpointIntegrityError on any damage
-    trainer.train(resume_from_checkpoint=str(latest_verified_checkpoint("out")))
+    ckpt = latest_verified_checkpoint("out")          # None when no checkpoint verifies
+    trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
 """
 
 from __future__ import annotations

@@ -82,7 +82,7 @@ def compare_facts(saved: Mapping[str, Any], live: Mapping[str, Any], *, model_on
 
     Example::
 
-        compare_facts({"optimizer_step": 8, ...}, {"optimizer_step": 0, ...}, model_only=False)
+        compare_facts({"optimizer_step": 8.0}, {"optimizer_step": None}, model_only=False)   # the optimizer restarted
     """
     findings: list[Finding] = []
     schedule = _diffs(saved, live, SCHEDULE_FIELDS)

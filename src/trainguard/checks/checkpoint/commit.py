@@ -5,8 +5,9 @@ thread-safe).
 
 Example::
 
+    from trainguard import write_manifest
     committer = Committer(write=write_manifest, workers=4)
-    committer.submit(Path("out/checkpoint-50"), 50, lineage_record)
+    committer.submit(Path("out/checkpoint-50"), 50, {"lineage": "20261130T010203Z-3fa9c1", "step": 50})
     committer.wait()                       # before the next save, at the end of training
 """
 

@@ -89,7 +89,8 @@ class DataReport:
 
     Example::
 
-        report = validate_data("train.jsonl")
+        from trainguard import validate_data
+    report = validate_data("train.jsonl")
         if not report.ok: print(report)
     """
 

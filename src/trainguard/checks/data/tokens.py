@@ -31,7 +31,7 @@ def load_tokenizer(path: str | os.PathLike[str]) -> Any:
 
     Example::
 
-        tok = load_tokenizer("out/checkpoint-500")
+        tok = load_tokenizer("out/checkpoint-50")
     """
     folder = Path(path)
     if not folder.is_dir():

@@ -52,7 +52,8 @@ def judge_tokenized(
 
     Example::
 
-        verdict = judge_tokenized(check_tokenized_dataset(ds, max_positions=2048))
+        from trainguard.checks.data import check_tokenized_dataset
+    verdict = judge_tokenized(check_tokenized_dataset(ds, max_positions=2048))
         if verdict.refuse: raise SystemExit("; ".join(verdict.findings))
     """
     findings: list[str] = []

@@ -9,9 +9,9 @@ batch changed, or no step would run, naming both sides, what plain Trainer would
 
 Example::
 
-    current = run_identity_record(train_ds, eval_ds, world_size=1, per_device_train_batch_size=8,
-                                  gradient_accumulation_steps=1, steps_per_epoch=25)
-    warnings = check_checkpoint_resume(current, Path("out/checkpoint-50"), max_steps=-1, num_train_epochs=1)
+    current = run_identity_record(train_ds, None, world_size=1, per_device_train_batch_size=2,
+                                  gradient_accumulation_steps=1, steps_per_epoch=16)
+    warnings = check_checkpoint_resume(current, Path("out/checkpoint-50"), max_steps=-1, num_train_epochs=4)
 """
 
 from __future__ import annotations
@@ -251,7 +251,10 @@ def check_run_identity(
 
     Example::
 
-        warnings = check_run_identity(stored, current, checkpoint="out/checkpoint-50", plan=plan)
+        current = run_identity_record(train_ds, None, world_size=1, per_device_train_batch_size=2,
+                                      gradient_accumulation_steps=1, steps_per_epoch=16)
+        plan = plan_resume(50, 16, max_steps=-1, num_train_epochs=4)          # 14 steps still to train
+        check_run_identity(current, current, checkpoint="out/checkpoint-50", plan=plan)   # []: the same run
     """
     ckpt = Path(checkpoint)
     warnings: list[str] = []
@@ -259,7 +262,6 @@ def check_run_identity(
     fields: list[str] = []
     evidence: dict[str, Any] = {
         "checkpoint": str(ckpt),
-        "plain_trainer": plan.describe(),
         "global_step": plan.global_step,
     }
     if stored is None:
@@ -327,6 +329,8 @@ def check_run_identity(
             f"no step would run after this resume: the checkpoint is at step {plan.global_step} and this run's "
             f"max_steps is {plan.max_steps}"
         )
+    plain = plan.describe(data_changed="train fingerprint" in fields)
+    evidence["plain_trainer"] = plain
     if problems:
         next_step = ways_forward(ckpt)
         if fields == ["max_steps"]:
@@ -335,9 +339,7 @@ def check_run_identity(
                 "a finished run. " + next_step
             )
         raise DatasetMismatchError(
-            f"refusing to resume from {ckpt.name}: "
-            + "; ".join(problems)
-            + f". What plain Trainer would do: {plan.describe()}.",
+            f"refusing to resume from {ckpt.name}: " + "; ".join(problems) + f". What plain Trainer would do: {plain}.",
             where={"file": str(ckpt / "trainer_state.json"), "field": ", ".join(fields), "step": plan.global_step},
             next_step=next_step,
             evidence=evidence,

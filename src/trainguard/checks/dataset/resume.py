@@ -33,11 +33,13 @@ class ResumePlan:
     steps_skipped: int
     steps_to_train: int
 
-    def describe(self) -> str:
-        """What plain Trainer would do, in one sentence."""
+    def describe(self, *, data_changed: bool = True) -> str:
+        """What plain Trainer would do, in one sentence (``data_changed``: the resume's data is not the
+        checkpoint's, so it is "the new data"; else "this run's data")."""
+        data = "the new data" if data_changed else "this run's data"
         head = f"checkpoint at step {self.global_step}"
         if self.steps_per_epoch is not None:
-            head += f", new data gives {self.steps_per_epoch} steps per epoch"
+            head += f", {data} gives {self.steps_per_epoch} steps per epoch"
         if self.steps_to_train <= 0:
             return (
                 f"{head} and max_steps is {self.max_steps}: it would stop at once, training nothing, and report success"
@@ -46,7 +48,7 @@ class ResumePlan:
             return f"{head}: it would train {self.steps_to_train} more steps"
         return (
             f"{head}: it would start in epoch {self.epochs_trained + 1} of {self.num_train_epochs}, skip "
-            f"the first {self.steps_skipped} steps' batches of the new data, and train {self.steps_to_train} more steps"
+            f"the first {self.steps_skipped} steps' batches of {data}, and train {self.steps_to_train} more steps"
         )
 
 

@@ -21,7 +21,7 @@ On any failure the staging folder this call created is removed (it is ours, neve
 Example::
 
     from trainguard import safe_merge
-    path = safe_merge("out/checkpoint-500", "models/base", "models/merged")   # -> models/merged/v001
+    path = safe_merge("out/checkpoint-50", "models/base", "models/merged")   # -> models/merged/v001
 """
 
 from __future__ import annotations
@@ -423,7 +423,7 @@ def safe_merge(
 
     Example::
 
-        version = safe_merge("out/checkpoint-500", "models/llama-base", "models/merged", metrics={"eval_loss": 1.2})
+        version = safe_merge("out/checkpoint-50", "models/llama-base", "models/merged", metrics={"eval_loss": 1.2})
         print(version, json.loads((version / "trainguard-version.json").read_text())["source_checkpoint"])
     """
     adapter_dir = Path(adapter_checkpoint)

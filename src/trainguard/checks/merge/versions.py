@@ -35,7 +35,7 @@ def list_versions(versions_dir: PathLike) -> list[Path]:
 
     Example::
 
-        latest = list_versions("models/merged")[-1]
+        versions = list_versions("models/merged")   # [] before the first merge; v001, v002, ... after
     """
     folder = Path(versions_dir)
     if not folder.is_dir():

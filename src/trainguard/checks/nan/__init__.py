@@ -18,6 +18,7 @@ Modules, one concern each:
 Example::
 
     from trainguard.checks.nan import LossHealth, is_finite
+    losses = [2.31, 2.05, 1.98, 0.0, 0.0]           # e.g. read from trainer.state.log_history
     health = LossHealth(spike_factor=10.0, zero_loss_steps=5)
     for step, loss in enumerate(losses, 1):
         if not is_finite(loss):

@@ -20,13 +20,15 @@ Plain inputs only: whether to keep flags on the device, the device, world size, 
 
 Example::
 
+    # not run here: a sketch of your own CUDA training loop (step, micro_batches, model and global_step are yours)
     world_size, rank, group = process_topology()
     flags = StepFlagCollector(device=torch.device("cuda"), world_size=world_size, rank=rank, group=group)
     for batch in micro_batches:
         loss = step(batch); flags.observe_loss(loss)
     flags.observe_grad_norm(clip_grad_norm_(model.parameters(), 1.0))
     verdict = flags.read(flags.take(step=global_step + 1))
-    if verdict.bad: ...
+    if verdict.bad:
+        raise SystemExit(verdict)
 """
 
 from __future__ import annotations

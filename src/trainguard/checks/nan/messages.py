@@ -6,9 +6,10 @@ one takes part, the value, and what to do next (the newest checkpoint written be
 
 Example::
 
-    finding = finding_from_verdict(verdict, "loss")
-    print(finding_headline(finding))   # "loss is NaN at step 8 on rank 1 (micro-batch 3 of 4)"
+    finding = finding_from_parameters(8, ["model.norm.weight"], rank=1)
+    print(finding_headline(finding))   # "parameters are non-finite at step 8 on rank 1 (model.norm.weight)"
     raise nonfinite_error(finding, action="raise", output_dir="out", detected_at=None, weights_in_memory="finite")
+    # raises: NonFiniteError
 """
 
 from __future__ import annotations
@@ -109,7 +110,8 @@ def _rank_text(finding: NonFiniteFinding) -> str:
 
 
 def finding_evidence(finding: NonFiniteFinding, **extra: Any) -> dict[str, Any]:
-    """The alert's / error's evidence: field, step, value, rank, detail, then ``extra`` (None values left out)."""
+    """The alert's / error's evidence: field, step, value, rank, detail, then ``extra`` (None values left out, except
+    ``resume_from``, always there: None when no earlier checkpoint exists)."""
     evidence: dict[str, Any] = {"field": finding.field, "step": finding.step}
     if finding.value is not None:
         evidence["value"] = describe_value(finding.value)
@@ -117,7 +119,7 @@ def finding_evidence(finding: NonFiniteFinding, **extra: Any) -> dict[str, Any]:
         evidence["rank"] = finding.rank
     if finding.detail:
         evidence["detail"] = finding.detail
-    evidence.update({k: v for k, v in extra.items() if v is not None})
+    evidence.update({k: v for k, v in extra.items() if v is not None or k == "resume_from"})
     return evidence
 
 

@@ -14,6 +14,7 @@ Two kinds of helper live here:
 Example::
 
     from trainguard.checks.nan import LossHealth, is_finite
+    losses = [2.31, 2.05, 1.98, 0.0, 0.0]           # e.g. read from trainer.state.log_history
     health = LossHealth(spike_factor=10.0, zero_loss_steps=5)
     for step, loss in enumerate(losses, 1):
         if not is_finite(loss):
@@ -141,9 +142,11 @@ def nonfinite_flag(value: Any) -> Any:
 
     Example::
 
+        loss, grad_norm = torch.tensor(2.3), torch.tensor(float("inf"))   # on the GPU, in a real step
         bad = nonfinite_flag(loss)            # no sync
         bad = bad | nonfinite_flag(grad_norm) # still no sync
-        if bool(bad): ...                     # one sync, where it is cheap
+        if bool(bad):                         # one sync, where it is cheap
+            print("skip this update")
     """
     import torch
 
@@ -304,8 +307,9 @@ class LossHealth:
     Example::
 
         health = LossHealth(spike_factor=10.0, spike_window=100, spike_warmup=20, zero_loss_steps=5)
-        for event in health.update(loss, step=step):
-            logger.warning(event.message)
+        for step, loss in enumerate([2.3] * 30 + [40.0], 1):
+            for event in health.update(loss, step=step):
+                print(event.message)          # a spike at step 31
     """
 
     def __init__(

@@ -14,6 +14,7 @@ Nothing here imports torch or transformers.
 
 Example::
 
+    from trainguard.checks.preflight import check_disk_space, param_stats
     plan = plan_run_disk(RunSettings.from_args(args), param_stats(model), output_dir=args.output_dir)
     space = check_disk_space(args.output_dir, plan.required_bytes, purpose=plan.purpose, raise_error=False)
     if not space.ok: raise run_disk_error(plan, space, RunSettings.from_args(args))
@@ -230,6 +231,7 @@ def plan_run_disk(
 
     Example::
 
+        from trainguard.checks.preflight import param_stats
         plan = plan_run_disk(RunSettings(save_total_limit=2, max_steps=1000), param_stats(model), output_dir="out")
     """
     max_steps, num_epochs, epochs_done = training_schedule(settings, train_rows, start_step)

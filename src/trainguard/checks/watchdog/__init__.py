@@ -13,9 +13,11 @@ progress (one ``time.monotonic()`` stored in an attribute, nothing else). Two de
    thread cannot run while the main thread sits in C code that holds the GIL (a catastrophic regex, a C extension
    that never releases it), so the monitor arms this timer as a backup, ``grace`` seconds after the Python
    deadline, and re-arms it with the remaining budget whenever it saw progress (at most once per monitor tick,
-   about once a second: re-arming costs tens of microseconds, too much for every event). It writes all stacks to a
-   pre-opened hidden file ``output_dir/.trainguard-hang-rank{r}-pid{pid}.pending``. When Python runs again, the
-   monitor turns that into ``trainguard-hang-rank{r}-{utc}.txt``, logs it and reports it. With ``action="abort"``
+   about once a second: re-arming costs tens of microseconds, too much for every event). It writes all stacks into a
+   pipe; a small helper process copies them into the visible live file
+   ``output_dir/trainguard-hang-rank{r}-pid{pid}-live.txt`` and onto stderr with a banner, neither needing this
+   process's GIL, so both show the hang while it lasts. When Python runs again, the monitor turns that into
+   ``trainguard-hang-rank{r}-{utc}.txt``, logs it and reports it. With ``action="abort"``
    the timer exits the process itself (faulthandler's ``exit=True``: exit status 1) right after writing; the next
    start of a watchdog on that ``output_dir`` and rank turns the leftover into a dump file and reports it.
 
@@ -29,11 +31,13 @@ Modules, one concern each:
   the C-level timer, the spacing of repeated dumps;
 - :mod:`.report`: :class:`HangReport`, dump file names, :func:`find_dumps`, the dump text, writing and logging it;
 - :mod:`.stacks`: Python stacks of every thread, native stacks from py-spy;
-- :mod:`.pending`: the pending file of faulthandler's timer, and the leftovers of earlier processes;
+- :mod:`.pending`: the live file of faulthandler's timer (and its stderr copy), and the leftovers of earlier
+  processes;
 - :mod:`.monitor`: :class:`Watchdog` itself: hot path, monitor thread, arming the timer, delivery and abort.
 
 Example::
 
+    loader, train_step = range(3), print     # your data loader and your step
     with Watchdog(timeout=600, output_dir="out") as wd:
         for batch in loader: wd.beat(); train_step(batch)
 """

@@ -69,6 +69,7 @@ class Watchdog:
 
     Example::
 
+        loader, train_step = range(3), print     # your data loader and your step
         with Watchdog(timeout=600, output_dir="out", action="abort") as wd:
             for batch in loader: wd.beat(); train_step(batch)
     """
@@ -316,7 +317,7 @@ class Watchdog:
         if not self._owns_timer():
             return
         timeout = max(0.05, timeout)
-        fd = self._pending.fd
+        fd = self._pending.timer_fd
         faulthandler.dump_traceback_later(
             timeout,
             repeat=self.settings.action == "dump",

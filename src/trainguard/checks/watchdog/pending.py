@@ -1,9 +1,12 @@
-"""The pending file of faulthandler's C-level timer, and the dumps earlier processes left in theirs.
+"""The live file of faulthandler's C-level timer, and the dumps earlier processes left in theirs.
 
-faulthandler writes to a file descriptor and cannot create files, so the watchdog opens a hidden file beforehand:
-``output_dir/.trainguard-hang-rank{r}-pid{pid}.pending`` (:class:`PendingFile`), a header and then whatever the
-timer writes. When Python runs again the watchdog takes that output and turns it into a dump file. With
-``action="abort"`` the timer ends the process right after writing, so the next start of a watchdog on that
+faulthandler writes to a file descriptor and cannot create files, so the watchdog creates one beforehand, under a
+name a user listing the folder sees: ``output_dir/trainguard-hang-rank{r}-pid{pid}-live.txt``
+(:class:`PendingFile`), a header saying what it is and then whatever the timer writes. The timer writes into a pipe
+read by a small helper process that appends to that file **and** announces the dump on stderr: neither needs this
+process's GIL, so the stacks are on disk and in the job's log while the hang lasts (where the helper cannot start,
+the timer writes into the file directly). When Python runs again the watchdog turns the output into a dump file.
+With ``action="abort"`` the timer ends the process right after writing, so the next start of a watchdog on that
 ``output_dir`` and rank claims the leftover (:func:`claim_earlier_dumps`).
 """
 
@@ -13,6 +16,8 @@ import contextlib
 import os
 import re
 import socket
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -25,6 +30,26 @@ from .report import _utc_iso, dump_file_name
 __all__ = ["EarlierDump", "PendingFile", "claim_earlier_dumps"]
 
 _PENDING_MARK = "----- faulthandler output (most recent call first) -----\n"
+LIVE_SUFFIX = "-live.txt"
+_LIVE_RE = re.compile(r"^trainguard-hang-rank(\d+)-pid(\d+)-live\.txt$")
+
+# The helper: copies what faulthandler's timer writes (stdin) into the live file and onto stderr, with a banner
+# before each dump. Plain Python, nothing imported beyond the standard library, started once per watchdog start.
+_TEE = r"""
+import os, sys
+path, banner = sys.argv[1], sys.argv[2].encode()
+out = os.open(path, os.O_WRONLY | os.O_APPEND)
+err = sys.stderr.buffer
+while True:
+    chunk = os.read(0, 65536)
+    if not chunk:
+        break
+    os.write(out, chunk)
+    if b"Timeout (" in chunk:
+        err.write(banner)
+    err.write(chunk)
+    err.flush()
+"""
 
 
 class PendingFile:
@@ -34,14 +59,18 @@ class PendingFile:
         self.fd: int | None = None
         self.path: Path | None = None
         self.header_len = 0
+        #: where faulthandler's timer writes: the helper's pipe, else the file itself
+        self.timer_fd: int | None = None
+        self._helper: subprocess.Popen[bytes] | None = None
 
     def open(self, output_dir: Path, rank: int, world: int, started_wall: float) -> None:
-        """Create the file with its header. When it cannot be opened, ``fd`` stays None (the caller's timer then
-        writes to stderr) and a warning is logged."""
-        path = output_dir / f".trainguard-hang-rank{rank}-pid{os.getpid()}.pending"
+        """Create the file with its header and start the helper. When the file cannot be opened, ``fd`` stays None
+        (the caller's timer then writes to stderr) and a warning is logged."""
+        path = output_dir / f"trainguard-hang-rank{rank}-pid{os.getpid()}{LIVE_SUFFIX}"
         main = threading.main_thread()
         header = (
-            "trainguard hang watchdog: stacks written by faulthandler's C-level timer\n"
+            "trainguard hang watchdog: the live file of this process, removed when training ends. Stacks below\n"
+            "are written by faulthandler's C-level timer while a step is stuck (they appear on stderr too)\n"
             f"rank {rank} of {world}, pid {os.getpid()}, host {socket.gethostname()}, "
             f"started {_utc_iso(started_wall)}\n"
             f"main thread (runs the training loop): Thread 0x{main.ident or 0:016x}\n"
@@ -58,11 +87,41 @@ class PendingFile:
         data = header.encode()
         os.write(fd, data)
         self.fd, self.path, self.header_len = fd, path, len(data)
+        self.timer_fd = self._start_helper(path, rank) or fd
+
+    def _start_helper(self, path: Path, rank: int) -> int | None:
+        banner = (
+            f"\ntrainguard hang watchdog: rank {rank} (pid {os.getpid()}) made no progress and holds the GIL; "
+            f"its stacks follow, also in {path}\n"
+        )
+        try:
+            read, write = os.pipe()
+            try:
+                self._helper = subprocess.Popen(
+                    [sys.executable, "-c", _TEE, str(path), banner],
+                    stdin=read, stdout=subprocess.DEVNULL, stderr=None, close_fds=True,
+                    start_new_session=True,  # a Ctrl-C to the job must not end it before the dump is copied
+                )  # fmt: skip
+            finally:
+                os.close(read)
+        except (OSError, ValueError, AttributeError) as exc:
+            with contextlib.suppress(NameError, OSError):
+                os.close(write)
+            get_logger().info("trainguard hang watchdog: no stderr copy of C-level dumps (%s)", exc)
+            return None
+        return write
 
     def close(self) -> None:
         """Close and remove the file (take any dump first: it holds none after :meth:`take`)."""
         fd, path = self.fd, self.path
         self.fd, self.path = None, None
+        timer_fd, helper = self.timer_fd, self._helper
+        self.timer_fd, self._helper = None, None
+        if timer_fd is not None and timer_fd != fd:
+            os.close(timer_fd)  # the helper reads to the end, then exits
+        if helper is not None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                helper.wait(timeout=5)
         if fd is not None:
             os.close(fd)
         if path is not None:
@@ -98,14 +157,13 @@ def claim_earlier_dumps(output_dir: Path, rank: int) -> Iterator[EarlierDump]:
     """Turn the pending files of earlier processes of ``rank`` (ended by faulthandler's exit, or killed while stuck)
     into dump files named after the time they were written, one at a time; remove their empty pending files.
     Files of this process and of processes still alive are left alone."""
-    pattern = f".trainguard-hang-rank{rank}-pid*.pending"
     try:
-        leftovers = sorted(output_dir.glob(pattern))
+        leftovers = sorted(p for p in output_dir.iterdir() if (m := _LIVE_RE.match(p.name)) and int(m.group(1)) == rank)
     except OSError:
         return
     for path in leftovers:
-        match = re.search(r"-pid(\d+)\.pending$", path.name)
-        pid = int(match.group(1)) if match else -1
+        match = _LIVE_RE.match(path.name)
+        pid = int(match.group(2)) if match else -1
         if pid == os.getpid() or (pid > 0 and pid_alive(pid)):
             continue
         try:

@@ -9,6 +9,7 @@ and a NaN put into rank 1's local shard of a weight just before a save.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -85,6 +86,17 @@ def test_every_guard_trains_saves_and_resumes_on_the_engine_itself(job: dict[str
     assert "2 save(s) audited" in job["ranks"][0]["train"]["summaries"]["checkpoint_verifier"]
     assert [rec["first_step"] for rec in both(job, "resume")] == [4, 4]
     assert [rec["global_step"] for rec in both(job, "resume")] == [6, 6]
+
+
+def test_every_rank_hashes_its_share_of_each_manifest_and_of_the_resume_verification(job: dict[str, Any]):
+    rank1 = job["ranks"][1]
+    for scenario in ("train", "resume"):  # two saves; then the verification of checkpoint-4 and one save
+        said = rank1[scenario]["summaries"]["checkpoint_verifier"]
+        match = re.search(r"hashed (\d+) file\(s\) as this rank's share", said)
+        assert match and int(match.group(1)) > 0, said
+    assert not list(job["out"].glob("checkpoint-*/.trainguard-hashes-*"))  # merged and removed by the writer
+    for step in (2, 4, 6):
+        assert trainguard.verify_checkpoint(job["out"] / f"checkpoint-{step}").ok
 
 
 def test_the_manifest_is_written_once_after_every_rank_and_covers_every_ranks_files(job: dict[str, Any]):

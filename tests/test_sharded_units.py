@@ -97,3 +97,40 @@ def test_a_zero3_partitioned_parameter_counts_its_full_size_in_the_checkpoint_es
 
     stats = param_stats(Partitioned())
     assert stats.total_params == 1000 and stats.saved_bytes == 4000
+
+
+def test_shares_are_balanced_by_bytes_and_the_same_for_the_same_listing():
+    from trainguard.checks.checkpoint.split import partition
+
+    sizes = {f"shard-{i}": size for i, size in enumerate([900, 500, 400, 300, 200, 100, 100])}
+    shares = partition(sizes, 2)
+    loads = [sum(sizes[n] for n in share) for share in shares]
+    assert sorted(n for share in shares for n in share) == sorted(sizes)
+    assert abs(loads[0] - loads[1]) <= 100
+    assert partition(dict(reversed(list(sizes.items()))), 2) == shares
+
+
+def test_the_writer_merges_the_other_ranks_shares_and_hashes_what_is_missing_or_changed(tmp_path: Path):
+    import time
+
+    from trainguard.checks.checkpoint import split
+    from trainguard.checks.checkpoint.manifest import hash_many, known_digests, list_files
+
+    folder = tmp_path / "checkpoint-4"
+    folder.mkdir()
+    for name in ("a.bin", "b.bin", "c.bin"):
+        (folder / name).write_bytes(name.encode() * 1000)
+    sizes = list_files(folder)
+    split.write_partial(folder, 1, split.hash_share(folder, ["a.bin", "b.bin"], workers=1, fsync=False))
+    merged = split.collect_partials(folder, [1, 2], timeout=0.2)  # rank 2 never delivers: not waited for forever
+    assert sorted(Path(k).name for k in merged) == ["a.bin", "b.bin"]
+    assert not list(folder.glob(".trainguard-hashes-*")) and ".trainguard-hashes-rank1.json" not in sizes
+    time.sleep(0.01)
+    (folder / "b.bin").write_bytes(b"changed after its share was hashed" * 100)  # another size and mtime
+    with known_digests(merged):
+        digests = hash_many(folder, sizes, list_files(folder), 1)
+    assert digests == hash_many(folder, sizes, list_files(folder), 1)  # b.bin and c.bin hashed here, correctly
+    # a share still valid for its file is taken as it is: the file is not read a second time
+    key = str((folder / "a.bin").resolve())
+    with known_digests({key: (*merged[key][:2], "f" * 64)}):
+        assert hash_many(folder, ["a.bin"], list_files(folder), 1) == {"a.bin": "f" * 64}

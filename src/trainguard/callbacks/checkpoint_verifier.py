@@ -16,10 +16,12 @@ from ..checks._layout import JIT_SENTINEL
 from ..checks._resume import on_main_then_share
 from ..checks.checkpoint import start as _start
 from ..checks.checkpoint.commit import Committer
+from ..checks.checkpoint.manifest import known_digests
 from ..errors import CheckpointIntegrityError, LineageError, ResumeAttestationError
 from . import _nodes, _trainer_compat
 from ._base import GuardCallback
 from ._save_audit import SaveAuditor
+from ._split_hashing import SplitHasher
 
 if TYPE_CHECKING:
     from transformers import TrainerControl, TrainerState, TrainingArguments
@@ -116,6 +118,7 @@ class CheckpointVerifier(GuardCallback):
         self._committer = Committer(
             write=lambda *a, **k: _ckpt.write_manifest(*a, **k), workers=self.workers, background=self.background
         )
+        self._split = SplitHasher(workers=self.workers)
         self._deferred_rotation: tuple[str, int | None, str | None] | None = None
         self._save: dict[str, Any] | None = None  # the save in progress, from before_save to its commit
         self._resume_checked = False
@@ -173,6 +176,8 @@ class CheckpointVerifier(GuardCallback):
                 max_step=max_step,
             )
 
+        # Every rank hashes its share of the checkpoint the resume verifies first (one folder for all of them).
+        known = self._split.share_verify(output_dir, resume_from_checkpoint) if self._splits() and not fresh else None
         try:
             if node_local and self._nodes is not None:
                 decision: _start.StartDecision = _nodes.decide_on_every_node(
@@ -183,7 +188,8 @@ class CheckpointVerifier(GuardCallback):
                     gaps=self._node_gaps,
                 )
             else:
-                decision = on_main_then_share(decide)
+                with known_digests(known):
+                    decision = on_main_then_share(decide)
         except (CheckpointIntegrityError, LineageError) as err:
             if distributed.is_main_process():
                 self.alert("error", f"{'start' if fresh else 'resume'} refused: {err.what}", evidence=err.evidence)
@@ -237,6 +243,10 @@ class CheckpointVerifier(GuardCallback):
         if node_local and getattr(trainer.args, "save_on_each_node", False):
             self._auditor.absent_ok = tuple(g.path for g in self._node_gaps[self._nodes.node])
         return node_local
+
+    def _splits(self) -> bool:
+        """Whether hashing is split over the ranks: several of them, writing into one folder."""
+        return distributed.is_distributed() and (self._nodes is None or self._nodes.shared)
 
     def _writes(self, args: Any) -> bool:
         """Whether this rank writes trainguard's files for its folder: the Trainer's writer, once per folder (a
@@ -458,6 +468,8 @@ class CheckpointVerifier(GuardCallback):
         # The audit is a collective (every rank agrees), so it runs before the writing-rank-only part.
         save["commit"] = self._auditor.audit_save(self.trainer, save["folder"], save["step"]) and save["commit"]
         self._auditor.arm_after_save(save["folder"].name, self.run)
+        if save["commit"] and self._splits():
+            save["known"] = self._split.share_save(save["folder"], writer=self._writes(args))
         if not self._writes(args):
             self._deferred_rotation = None
             return control
@@ -491,6 +503,7 @@ class CheckpointVerifier(GuardCallback):
             after=after,
             announce=note if announce else None,
             check=self._auditor.pre_commit_check(),
+            known=save.get("known"),
         )
 
     def _late_audit_failures(self) -> list[Any]:
@@ -516,7 +529,9 @@ class CheckpointVerifier(GuardCallback):
             self.alert(level, text, step=step)
 
     def wait(self) -> None:
-        """Block until every manifest submitted so far is written (and its deferred rotation done)."""
+        """Block until every manifest submitted so far is written (and its deferred rotation done), and this rank's
+        shares of split manifests are on disk."""
+        self._split.wait()
         self._committer.wait()
 
     # ------------------------------------------------------------------------------------------------ end
@@ -551,5 +566,7 @@ class CheckpointVerifier(GuardCallback):
             parts.append(f"{self._skipped_saves} repeated save(s) skipped")
         if self._set_aside:
             parts.append(f"set aside {', '.join(self._set_aside)}")
+        if self._split.hashed_files:
+            parts.append(f"hashed {self._split.hashed_files} file(s) as this rank's share")
         audit = self._auditor.summary()
         return ", ".join([*parts, audit] if audit else parts)

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from ...alerts import get_logger
+from .manifest import known_digests
 
 __all__ = ["Committer"]
 
@@ -59,12 +60,14 @@ class Committer:
         after: Callable[[Path], None] | None = None,
         announce: str | None = None,
         check: Callable[[Path], list[Any]] | None = None,
+        known: Callable[[], Mapping[str, tuple[int, int, str]]] | None = None,
     ) -> None:
         """Commit ``folder``; then call ``after(folder)`` (only when the manifest was written); report ``announce``
         (info) once committed. ``check(folder)`` runs first: problems it returns mean no commit (they are kept in
-        :attr:`check_failures`); :meth:`wait_checked` waits for it alone, not for the hashing."""
+        :attr:`check_failures`); :meth:`wait_checked` waits for it alone, not for the hashing. ``known()``, on the
+        hashing thread, gives digests other ranks computed (:mod:`.split`); the rest is hashed here."""
         self._checked.clear()
-        job = self._job(folder, step, dict(record), after, announce, check)
+        job = self._job(folder, step, dict(record), after, announce, check, known)
         if not self.background:
             job()
             return
@@ -81,6 +84,7 @@ class Committer:
         after: Callable[[Path], None] | None,
         announce: str | None,
         check: Callable[[Path], list[Any]] | None,
+        known: Callable[[], Mapping[str, tuple[int, int, str]]] | None = None,
     ) -> Callable[[], None]:
         def run() -> None:
             try:
@@ -94,7 +98,9 @@ class Committer:
                     self.check_failures.append((folder, step, problems))
                 return
             try:
-                marker = self.write(folder, step=step, workers=self.workers, lineage=record)
+                digests = known() if known is not None else None
+                with known_digests(digests):
+                    marker = self.write(folder, step=step, workers=self.workers, lineage=record)
             except FileNotFoundError:
                 # Removed before it was hashed (a user's script): nothing to vouch for. What follows (rotation) is
                 # skipped: the newest verified checkpoint stays.

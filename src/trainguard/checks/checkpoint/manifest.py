@@ -14,8 +14,9 @@ import os
 import platform
 import re
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +41,7 @@ __all__ = [
     "format_sha256_lines",
     "has_manifest",
     "hash_many",
+    "known_digests",
     "list_files",
     "mark_run_uses_manifests",
     "parse_sha256_file",
@@ -49,7 +51,11 @@ __all__ = [
     "write_manifest",
 ]
 
+#: A rank's share of a split manifest (``.trainguard-hashes-rank{r}.json``), merged and removed by the writer.
+PARTIAL_PREFIX = ".trainguard-hashes-rank"
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
+#: Digests other processes computed: ``{absolute path: (size, mtime_ns, sha256)}`` (see :func:`known_digests`).
+_KNOWN: ContextVar[Mapping[str, tuple[int, int, str]] | None] = ContextVar("trainguard_known_digests", default=None)
 _CHUNK = 4 << 20  # 4 MiB reads: large enough that hashlib releases the GIL and syscalls are negligible
 
 
@@ -138,6 +144,35 @@ def sha256_file(path: str | os.PathLike[str], *, chunk_size: int = _CHUNK, fsync
     return digest.hexdigest()
 
 
+@contextlib.contextmanager
+def known_digests(digests: Mapping[str, tuple[int, int, str]] | None) -> Iterator[None]:
+    """Within the block, :func:`hash_many` takes a file's sha256 from ``digests`` (``{absolute path: (size,
+    mtime_ns, sha256)}``, computed by another rank) instead of reading it, when the file's size and mtime still
+    match; any other file is hashed as usual. Verification and manifests split over ranks use it."""
+    token = _KNOWN.set(digests)
+    try:
+        yield
+    finally:
+        _KNOWN.reset(token)
+
+
+def _take_known(folder: Path, names: list[str], results: dict[str, str | BaseException]) -> list[str]:
+    known = _KNOWN.get()
+    if not known:
+        return names
+    rest = []
+    for name in names:
+        entry = known.get(os.path.abspath(folder / name))
+        if entry is not None:
+            with contextlib.suppress(OSError):
+                st = os.stat(folder / name)
+                if (st.st_size, st.st_mtime_ns) == tuple(entry[:2]):
+                    results[name] = entry[2]
+                    continue
+        rest.append(name)
+    return rest
+
+
 def hash_many(
     folder: Path,
     names: Iterable[str],
@@ -152,8 +187,8 @@ def hash_many(
 
     With ``stop_early`` and ``expected``, pending files are cancelled at the first mismatch or error.
     """
-    order = sorted(names, key=lambda n: -sizes.get(n, 0))
     results: dict[str, str | BaseException] = {}
+    order = _take_known(folder, sorted(names, key=lambda n: -sizes.get(n, 0)), results)
     if not order:
         return results
     n_workers = max(1, min(workers or default_workers(8), len(order)))
@@ -187,7 +222,7 @@ def hash_many(
 
 # -------------------------------------------------------------------------------------------- file listing
 def _is_own_file(name: str) -> bool:
-    return name in (MANIFEST_NAME, SAVING_MARKER) or is_temp_name(name)
+    return name in (MANIFEST_NAME, SAVING_MARKER) or is_temp_name(name) or name.startswith(PARTIAL_PREFIX)
 
 
 def list_files(folder: Path) -> dict[str, int]:

@@ -25,6 +25,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
+from .errors import MalformedFileError
+from .safe_fs import open_append, open_read, parse_json
+
 __all__ = [
     "TEMP_MARKER",
     "append_line",
@@ -67,7 +70,10 @@ def fsync_dir(path: PathLike) -> None:
 def _new_file_mode(target: Path) -> int:
     # mkstemp creates 0600; keep the target's mode when replacing it, else honour the umask like open() does.
     try:
-        return stat.S_IMODE(target.stat().st_mode)
+        st = target.lstat()  # a link's target's mode is not ours to copy
+        if stat.S_ISREG(st.st_mode):
+            return stat.S_IMODE(st.st_mode)
+        raise FileNotFoundError
     except FileNotFoundError:
         umask = os.umask(0)
         os.umask(umask)
@@ -145,15 +151,18 @@ def atomic_write_json(path: PathLike, obj: Any, *, indent: int | None = 2, sort_
     atomic_write_text(path, text + "\n")
 
 
-def append_line(path: PathLike, line: str, *, fsync: bool = True) -> None:
+def append_line(path: PathLike, line: str, *, fsync: bool = True, mode: int = 0o666) -> None:
     """Append one line to ``path`` with a single ``write(2)`` on an ``O_APPEND`` descriptor.
 
     Lines from several processes never interleave on a local filesystem; a crash can tear only the last line.
+    ``path`` must be a regular file or missing (created with ``mode``, less the umask): a link or a special file
+    there is an :class:`~trainguard.errors.UnsafeFileError`.
     """
     if "\n" in line:
         raise ValueError("append_line writes exactly one line; the text must not contain a newline")
     data = (line + "\n").encode("utf-8")
-    fd = os.open(os.fspath(path), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o666)
+    # Never through a link, never into a FIFO or device someone left at this name (safe_fs refuses both).
+    fd = open_append(path, mode=mode)
     try:
         written = os.write(fd, data)
         while written < len(data):  # short writes are rare (signals, full disks); finish the line
@@ -164,18 +173,27 @@ def append_line(path: PathLike, line: str, *, fsync: bool = True) -> None:
         os.close(fd)
 
 
-def read_jsonl(path: PathLike) -> list[dict[str, Any]]:
-    """Read a JSONL event file written with :func:`append_line`, skipping a torn or malformed line."""
+def read_jsonl(path: PathLike, *, limit: int = 64 << 20) -> list[dict[str, Any]]:
+    """Read a JSONL event file written with :func:`append_line`, skipping a torn or malformed line.
+
+    Only a regular file is read (a FIFO there never blocks: :class:`~trainguard.errors.UnsafeFileError`), and only
+    its last ``limit`` bytes: these files are append-only logs whose recent lines matter."""
+    fd = open_read(path)
+    with os.fdopen(fd, "rb") as fh:
+        size = os.fstat(fh.fileno()).st_size
+        if size > limit:
+            fh.seek(size - limit)
+            fh.readline()  # the first line is cut: drop it
+        data = fh.read(limit)
     records: list[dict[str, Any]] = []
-    with open(path, encoding="utf-8", errors="replace") as fh:
-        for raw in fh:
-            raw = raw.strip()
-            if not raw:
-                continue
-            try:
-                value = json.loads(raw)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(value, dict):
-                records.append(value)
+    for raw in data.decode("utf-8", errors="replace").splitlines():
+        raw = raw.strip()
+        if not raw:
+            continue
+        try:
+            value = parse_json(raw, source=path, max_depth=32)
+        except MalformedFileError:
+            continue
+        if isinstance(value, dict):
+            records.append(value)
     return records

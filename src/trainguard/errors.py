@@ -29,12 +29,14 @@ __all__ = [
     "HangError",
     "LineageError",
     "LoraConfigMismatchError",
+    "MalformedFileError",
     "NonFiniteError",
     "PreflightError",
     "ResumeAttestationError",
     "RunLockedError",
     "SaveAuditError",
     "TrainGuardError",
+    "UnsafeFileError",
 ]
 
 # Keys rendered first and in this order; any other key follows in insertion order.
@@ -211,3 +213,23 @@ class DataValidationError(TrainGuardError):
     """The training data failed validation (unreadable, malformed, or over a threshold)."""
 
     default_next_step = "Fix the records named above, or relax the threshold if the data is as intended."
+
+
+class UnsafeFileError(TrainGuardError):
+    """A path trainguard reads or writes is not a regular file it may use: a FIFO, a device, a socket, or a link
+    where trainguard never follows one (someone else's file on shared storage, or a planted one)."""
+
+    default_next_step = (
+        "Remove or rename the path named above (trainguard did not create it), or point output_dir elsewhere; "
+        "see docs/security.md."
+    )
+
+
+class MalformedFileError(TrainGuardError):
+    """A file trainguard reads cannot be parsed within its bounds: not UTF-8, not JSON, too large, too deeply
+    nested, or holding numbers that are not finite. The file is left as it is."""
+
+    default_next_step = (
+        "The file is corrupted or was not written by the tool that owns its name; restore it from a copy or move it "
+        "aside, then run again."
+    )

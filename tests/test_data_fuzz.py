@@ -130,14 +130,16 @@ def test_an_unreadable_file_is_an_error_in_the_report(tmp_path: Path, monkeypatc
     if os.geteuid() == 0:
         # Root reads files whatever their mode (and CI runs as root): make opening this one file fail as it does
         # for anyone else, so the report's handling of it is tested everywhere.
-        real_open = Path.open
+        import trainguard.checks.data.parts as parts
 
-        def refuse(self: Path, *args: Any, **kwargs: Any) -> Any:
-            if self == path:
-                raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(self))
-            return real_open(self, *args, **kwargs)
+        real_open = parts.open_read
 
-        monkeypatch.setattr(Path, "open", refuse)
+        def refuse(target: Any, *args: Any, **kwargs: Any) -> Any:
+            if Path(target) == path:
+                raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(target))
+            return real_open(target, *args, **kwargs)
+
+        monkeypatch.setattr(parts, "open_read", refuse)
     first = validate_data(path).errors[0]
     assert first.code == "unreadable_file" and first.file == str(path)
     assert first.message == f"cannot open the file: {os.strerror(errno.EACCES)}"

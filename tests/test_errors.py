@@ -19,6 +19,9 @@ SUBCLASSES = [
     "NonFiniteError",
     "HangError",
     "DataValidationError",
+    "UnsafeFileError",
+    "MalformedFileError",
+    "WebhookConfigError",
 ]
 
 

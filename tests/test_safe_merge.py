@@ -241,6 +241,16 @@ def test_bad_adapter_folders_are_refused_naming_the_file(trained: dict[str, Path
     with pytest.raises(CheckpointIntegrityError, match="unreadable") as info:
         safe_merge(broken, trained["base"], versions)
     assert info.value.where["line"] == 4
+    for crafted in ("[" * 5000 + "]" * 5000, '{"r": 4, "lora_alpha": 1e999}', "\ufeff\x00"):
+        (broken / "adapter_config.json").write_text(crafted)
+        with pytest.raises(CheckpointIntegrityError, match="unreadable") as info:
+            safe_merge(broken, trained["base"], versions)
+        assert info.value.where["file"] == str(broken / "adapter_config.json")
+    fifo = tmp_path / "fifo"
+    fifo.mkdir()
+    os.mkfifo(fifo / "adapter_config.json")
+    with pytest.raises(CheckpointIntegrityError, match="FIFO"):  # refused without blocking
+        safe_merge(fifo, trained["base"], versions)
     no_weights = tmp_path / "no-weights"
     no_weights.mkdir()
     shutil.copy(trained["checkpoint"] / "adapter_config.json", no_weights)

@@ -30,6 +30,7 @@ from .errors import (
     SaveAuditError,
     TrainGuardError,
     UnsafeFileError,
+    WebhookConfigError,
 )
 
 # Public name -> module that defines it. Resolved on first access (PEP 562), then cached in globals().
@@ -86,6 +87,7 @@ __all__ = [  # noqa: RUF022 - grouped: errors, then lazily loaded names
     "SaveAuditError",
     "TrainGuardError",
     "UnsafeFileError",
+    "WebhookConfigError",
     "__version__",
     "Alert",
     "Alerter",

@@ -30,18 +30,21 @@ import logging
 import os
 import queue
 import threading
+import urllib.error
 import urllib.request
 import weakref
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import IO, Any, Protocol, runtime_checkable
+from urllib.parse import urlsplit
 
 from . import distributed
 from ._util import utc_now
 from .atomic import append_line
-from .errors import _jsonable
+from .errors import UnsafeFileError, WebhookConfigError, _jsonable
+from .redact import redact_text, redact_url
 
 __all__ = [
     "EVENTS_FILE",
@@ -53,7 +56,10 @@ __all__ = [
     "JsonlSink",
     "LoggerSink",
     "TrainerLogSink",
+    "WebhookConfigError",
+    "WebhookRedirectError",
     "WebhookSink",
+    "check_webhook_url",
     "get_logger",
 ]
 
@@ -149,15 +155,31 @@ class LoggerSink:
 class JsonlSink:
     """Appends each alert as one JSON line to ``path`` (created with its folder when missing).
 
-    Each line is one ``O_APPEND`` write, so several ranks can share the file on a local filesystem.
+    Each line is one ``O_APPEND`` write, so several ranks can share the file on a local filesystem. A FIFO, device,
+    socket or symbolic link at ``path`` is never written to or through (it would block the training thread, or
+    write outside ``output_dir``): the sink warns once on the ``trainguard`` logger, naming the path and what it
+    is, and skips itself for the rest of the run (:attr:`skipped` says why); the other sinks go on.
     """
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
+        #: Why this sink stopped writing (the path is not a regular file), or None while it writes.
+        self.skipped: str | None = None
 
     def send(self, alert: Alert) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        append_line(self.path, json.dumps(alert.to_dict(), ensure_ascii=False, allow_nan=False))
+        if self.skipped is not None:
+            return
+        line = json.dumps(alert.to_dict(), ensure_ascii=False, allow_nan=False)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            append_line(self.path, line)
+        except UnsafeFileError as exc:
+            self.skipped = exc.what
+            get_logger().warning(
+                "trainguard events file skipped: %s. Alerts still go to the other sinks; %s",
+                exc.what,
+                exc.next_step,
+            )
 
 
 class TrainerLogSink:
@@ -224,6 +246,51 @@ class TrainerLogSink:
                 new_control.should_log = saved
 
 
+def check_webhook_url(url: str, *, source: str = "webhook_url") -> str:
+    """``url`` when it is an ``http://`` or ``https://`` URL with a host; else :class:`WebhookConfigError` naming
+    ``source`` and showing the URL redacted."""
+    try:
+        parts = urlsplit(url) if isinstance(url, str) else None
+        ok = parts is not None and parts.scheme.lower() in ("http", "https") and bool(parts.hostname)
+    except ValueError:
+        ok = False
+    if not ok:
+        shown = redact_url(url) if isinstance(url, str) else type(url).__name__
+        raise WebhookConfigError(
+            f"{source} is not an http:// or https:// URL with a host: {shown!r}",
+            where={"field": source},
+        )
+    return url
+
+
+def _origin(url: str) -> tuple[str, str, int | None]:
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    return scheme, (parts.hostname or "").lower(), parts.port or {"http": 80, "https": 443}.get(scheme)
+
+
+class WebhookRedirectError(urllib.error.URLError):
+    """A webhook answered with a redirect to another origin (scheme, host or port): not followed, so the request's
+    headers (an ``Authorization`` token) never reach a host the user did not name."""
+
+
+class _SameOriginRedirects(urllib.request.HTTPRedirectHandler):
+    def redirect_request(
+        self, req: urllib.request.Request, fp: IO[bytes], code: int, msg: str, headers: Any, newurl: str
+    ) -> urllib.request.Request | None:
+        try:
+            same = _origin(newurl) == _origin(req.full_url)
+        except ValueError:
+            same = False
+        if not same:
+            fp.close()
+            raise WebhookRedirectError(
+                f"HTTP {code} redirect to another host ({redact_url(newurl)}) not followed; "
+                "the webhook's headers were not sent there"
+            )
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
 class WebhookSink:
     """POSTs each alert at or above ``min_level`` as JSON to ``url`` from a background thread.
 
@@ -231,11 +298,18 @@ class WebhookSink:
     show it as is. A failed POST is logged once on the ``trainguard`` logger; training never waits for the network
     except in :meth:`close`, which waits at most ``timeout`` seconds for queued alerts.
 
+    The URL and headers are credentials: logs show the URL redacted (:func:`trainguard.redact.redact_url`), and a
+    redirect to another origin (scheme, host or port) is not followed, so the headers never reach a host the user
+    did not name (it counts as a failed POST and is logged).
+
     Args:
         url: An ``http://`` or ``https://`` endpoint.
         min_level: The lowest level sent (default ``"warning"``: info alerts stay local).
         timeout: Seconds per request.
         headers: Extra HTTP headers (an auth token, for example).
+
+    Raises:
+        WebhookConfigError: ``url`` is not an ``http://`` or ``https://`` URL with a host.
     """
 
     def __init__(
@@ -246,8 +320,7 @@ class WebhookSink:
         timeout: float = 5.0,
         headers: Mapping[str, str] | None = None,
     ) -> None:
-        if not url.startswith(("http://", "https://")):
-            raise ValueError(f"webhook url must start with http:// or https://, got {url!r}")
+        check_webhook_url(url)
         if min_level not in LEVELS:
             raise ValueError(f"min_level must be one of {LEVELS}, not {min_level!r}")
         self.url = url
@@ -258,6 +331,7 @@ class WebhookSink:
         self._thread: threading.Thread | None = None
         self._start_lock = threading.Lock()
         self._warned = False
+        self._opener = urllib.request.build_opener(_SameOriginRedirects())
         self.sent = 0
         self.failed = 0
 
@@ -289,7 +363,7 @@ class WebhookSink:
             self.url, data=json.dumps(body).encode("utf-8"), headers=self.headers, method="POST"
         )
         try:
-            with urllib.request.urlopen(request, timeout=self.timeout) as response:
+            with self._opener.open(request, timeout=self.timeout) as response:
                 response.read()
             self.sent += 1
         except Exception as exc:
@@ -298,10 +372,13 @@ class WebhookSink:
                 self._warned = True
                 get_logger().warning(
                     "trainguard webhook %s failed (%s: %s); alerts still go to the other sinks",
-                    self.url,
+                    redact_url(self.url),
                     type(exc).__name__,
-                    exc,
+                    redact_text(str(exc)),
                 )
+
+    def __repr__(self) -> str:
+        return f"WebhookSink({redact_url(self.url)!r}, min_level={self.min_level!r})"
 
     def close(self, timeout: float = 10.0) -> None:
         """Wait up to ``timeout`` seconds for queued alerts to be sent."""
@@ -341,7 +418,7 @@ class Alerter:
                         "trainguard alert sink %s failed (%s: %s); training continues, other sinks still get alerts",
                         type(sink).__name__,
                         type(exc).__name__,
-                        exc,
+                        redact_text(str(exc)),
                     )
         return alert
 
@@ -353,7 +430,9 @@ class Alerter:
                 try:
                     flush()
                 except Exception as exc:
-                    get_logger().warning("trainguard alert sink %s failed to flush: %s", type(sink).__name__, exc)
+                    get_logger().warning(
+                        "trainguard alert sink %s failed to flush: %s", type(sink).__name__, redact_text(str(exc))
+                    )
 
     def close(self, timeout: float = 10.0) -> None:
         """Flush, then let sinks with background work finish (bounded by ``timeout`` per sink)."""
@@ -364,7 +443,9 @@ class Alerter:
                 try:
                     close(timeout)
                 except Exception as exc:
-                    get_logger().warning("trainguard alert sink %s failed to close: %s", type(sink).__name__, exc)
+                    get_logger().warning(
+                        "trainguard alert sink %s failed to close: %s", type(sink).__name__, redact_text(str(exc))
+                    )
 
 
 def default_sinks(
@@ -374,11 +455,16 @@ def default_sinks(
     webhook_url: str | None = None,
 ) -> list[AlertSink]:
     """The sinks a guard attached to a Trainer uses: logger, Trainer log, JSONL in ``output_dir``, and a webhook
-    when ``webhook_url`` or ``TRAINGUARD_WEBHOOK_URL`` is set."""
+    when ``webhook_url`` or ``TRAINGUARD_WEBHOOK_URL`` is set.
+
+    Raises:
+        WebhookConfigError: The webhook URL (naming where it came from) is not an http:// or https:// URL.
+    """
     sinks: list[AlertSink] = [LoggerSink(), TrainerLogSink(trainer)]
     if output_dir is not None:
         sinks.append(JsonlSink(Path(output_dir) / EVENTS_FILE))
     url = webhook_url or os.environ.get(WEBHOOK_ENV)
     if url:
+        check_webhook_url(url, source="webhook_url" if webhook_url else WEBHOOK_ENV)
         sinks.append(WebhookSink(url))
     return sinks

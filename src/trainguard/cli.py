@@ -1,25 +1,72 @@
 """The ``trainguard`` command: a thin adapter from argv to trainguard's checks.
 
-Exit status: 0 all good, 1 a check failed, 2 usage or I/O error. ``--json`` prints one JSON document on stdout.
-The command never imports torch unless a subcommand needs it, so it answers in well under a second.
+Exit status, the same for every subcommand (scripts rely on it; ``trainguard --help`` shows it too):
+
+==== ==========================================================================================================
+0    all good (warnings allowed)
+1    a check failed: a damaged or refused checkpoint, data with errors, any other ``TrainGuardError`` finding --
+     including a :class:`~trainguard.errors.MalformedFileError` (a file the command examined is corrupted)
+2    usage error (a bad subcommand or option, a missing argument), I/O error (a missing, unreadable or unwritable
+     path: any ``OSError``; a FIFO, device or link trainguard refused to use: an
+     :class:`~trainguard.errors.UnsafeFileError`), or an internal error in trainguard (any other exception: a bug,
+     reported on one line with where to report it; ``--debug`` shows the traceback)
+130  interrupted (Ctrl-C)
+==== ==========================================================================================================
+
+An internal error is never exit 1, so "the check failed" always means the check ran and found something.
+
+``--json`` (before or after the subcommand) prints exactly one JSON document on stdout on every path: the result,
+a usage error, an I/O error, an internal error, even ``--help``. Errors are ``{"ok": false, "error": <name>,
+"what": ..., ...}``. ``--debug`` (before or after the subcommand) prints the full traceback of an error on stderr.
+Text that is not valid UTF-8 (a file name with undecodable bytes, a lone surrogate in data) is printed escaped
+(``\\xff``, ``\\ud800``), never crashing the output. The command never imports torch unless a subcommand needs
+it, so it answers in well under a second.
+
+Example::
+
+    trainguard verify out --json; echo $?      # 0 ok, 1 a check failed, 2 usage / I/O / internal error
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import importlib
+import io
 import json
+import os
 import sys
+import traceback
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import IO, Any, TextIO
 
 from ._version import __version__
-from .errors import TrainGuardError
+from .atomic import TEMP_MARKER
+from .errors import TrainGuardError, UnsafeFileError
+from .redact import redact_text
+from .safe_fs import display_json, display_text
 
-__all__ = ["EXIT_FAILED", "EXIT_OK", "EXIT_USAGE", "main"]
+__all__ = ["EXIT_ERROR", "EXIT_FAILED", "EXIT_INTERRUPTED", "EXIT_OK", "EXIT_USAGE", "ISSUES_URL", "main"]
 
 EXIT_OK = 0
 EXIT_FAILED = 1
-EXIT_USAGE = 2
+#: Usage, I/O or internal error.
+EXIT_ERROR = 2
+EXIT_USAGE = EXIT_ERROR
+EXIT_INTERRUPTED = 130
+
+#: Where an internal error asks to be reported (``[project.urls] Issues`` in pyproject.toml).
+ISSUES_URL = "https://github.com/trainguard/trainguard/issues"
+
+EXIT_STATUS_HELP = """\
+exit status:
+  0    all good (warnings allowed)
+  1    a check failed (damaged or refused checkpoint, data with errors, a corrupted file)
+  2    usage error, I/O error (missing or unreadable path, a FIFO/device/link trainguard
+       refused), or an internal error in trainguard (a bug: please report it)
+  130  interrupted
+
+--json and --debug may come before or after COMMAND."""
 
 # Each subcommand module exposes ``register(subparsers)``, which adds its parser and sets ``func``: a callable
 # taking the parsed namespace and returning an exit status.
@@ -29,69 +76,258 @@ _SUBCOMMANDS: tuple[str, ...] = (
     "trainguard.commands.verify",
 )
 
+_MAX_MESSAGE = 1000
+
+
+class _Formatter(argparse.HelpFormatter):
+    # Keep text that has its own line breaks (the exit-status table) as written; wrap the rest as usual.
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        if "\n" in text:
+            return "\n".join(indent + line for line in text.splitlines())
+        return super()._fill_text(text, width, indent)
+
 
 class _Parser(argparse.ArgumentParser):
-    #: Set by :func:`main` when ``--json`` is on the command line: usage errors are then JSON too.
-    json_errors: bool = False
+    #: Set by :func:`build_parser`: usage errors and ``--help`` are then JSON on stdout too.
+    json_output: bool = False
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", _Formatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> Any:  # argparse's own exit code for usage errors is already 2
-        if _Parser.json_errors:
+        if self.json_output:
             emit_json({"ok": False, "error": "UsageError", "what": f"{self.prog}: {message}"})
             self.exit(EXIT_USAGE)
         self.print_usage(sys.stderr)
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
 
+    def _print_message(self, message: str, file: Any = None) -> None:
+        # --help and --version print to stdout; with --json that stdout must still be one JSON document.
+        if self.json_output and message and (file is None or file is sys.stdout):
+            emit_json({"ok": True, "text": message})
+            return
+        super()._print_message(message, file)
 
-def build_parser() -> argparse.ArgumentParser:
+
+def build_parser(*, json_output: bool = False) -> argparse.ArgumentParser:
+    """The ``trainguard`` argument parser; with ``json_output`` its usage errors and help are JSON."""
     parser = _Parser(
         prog="trainguard",
         description=(
-            "Safeguards for Hugging Face Trainer runs. Exit status: 0 all good, 1 a check failed, 2 usage or I/O error."
+            "Safeguards for Hugging Face Trainer runs. Exit status: 0 all good, 1 a check failed, 2 usage or I/O "
+            "error, or an internal error in trainguard (the table below)."
         ),
+        epilog=EXIT_STATUS_HELP,
     )
     parser.add_argument("--version", action="version", version=f"trainguard {__version__}")
+    # Also accepted before the subcommand: ``main`` finds both in argv before parsing (a usage error needs them).
+    parser.add_argument("--json", action="store_true", dest="json_first", help="print one JSON document")
+    parser.add_argument("--debug", action="store_true", dest="debug_first", help="show the full traceback of an error")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
-    import importlib
-
     for module_name in _SUBCOMMANDS:
         importlib.import_module(module_name).register(sub)
+    parsers: list[argparse.ArgumentParser] = [parser, *sub.choices.values()]
+    for each in parsers:
+        if isinstance(each, _Parser):
+            each.json_output = json_output
+        if each is parser:
+            continue
+        # Central, so that every subcommand (whoever writes it) takes the same --debug and shows the same table.
+        if "--debug" not in each._option_string_actions:
+            each.add_argument("--debug", action="store_true", help="show the full traceback of an error")
+        if each.epilog is None:
+            each.epilog = EXIT_STATUS_HELP
     return parser
 
 
 def emit_json(document: Any) -> None:
-    """Print ``document`` as JSON on stdout (the ``--json`` output of every subcommand)."""
-    sys.stdout.write(json.dumps(document, indent=2, ensure_ascii=False, default=str) + "\n")
+    """Print ``document`` as JSON on stdout (the ``--json`` output of every subcommand).
+
+    Every string in it is made printable first (:func:`~trainguard.safe_fs.display_json`): a file name that is not
+    UTF-8 or a lone surrogate from a data file is shown escaped instead of failing the whole document."""
+    sys.stdout.write(_dumps(document) + "\n")
 
 
-def _report_error(err: BaseException, as_json: bool, status: int) -> int:
-    if as_json:
-        if isinstance(err, TrainGuardError):
-            emit_json({"ok": False, **err.to_dict()})
-        else:
-            emit_json({"ok": False, "error": type(err).__name__, "what": str(err)})
-    else:
-        sys.stderr.write(f"trainguard: {err}\n")
-    return status
+def _dumps(document: Any) -> str:
+    return json.dumps(display_json(document), indent=2, ensure_ascii=False, default=lambda o: display_text(str(o)))
+
+
+class _EscapingWriter(io.TextIOBase):
+    """stdout for text output: text the stream cannot encode is written escaped, never raising mid-report."""
+
+    def __init__(self, stream: IO[str]) -> None:
+        super().__init__()
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        _write_escaped(self._stream, text)
+        return len(text)
+
+    def flush(self) -> None:
+        self._stream.flush()
+
+    def isatty(self) -> bool:  # validate-data draws a rich table on a terminal
+        return bool(getattr(self._stream, "isatty", lambda: False)())
+
+    def fileno(self) -> int:
+        return self._stream.fileno()
+
+    @property
+    def encoding(self) -> str:  # type: ignore[override]
+        return getattr(self._stream, "encoding", None) or "utf-8"
+
+
+def _write_escaped(stream: IO[str], text: str) -> None:
+    text = display_text(text)
+    try:
+        stream.write(text)
+    except UnicodeEncodeError:  # a stream that is not UTF-8 (PYTHONIOENCODING=ascii, a latin-1 locale)
+        encoding = getattr(stream, "encoding", None) or "ascii"
+        stream.write(text.encode(encoding, "backslashreplace").decode(encoding))
+
+
+def _write_json_text(stream: IO[str], text: str) -> None:
+    try:
+        stream.write(text)
+    except UnicodeEncodeError:
+        # Characters outside ASCII occur only inside JSON strings, where \\uXXXX is the same character.
+        stream.write("".join(ch if ord(ch) < 128 else json.dumps(ch)[1:-1] for ch in text))
+
+
+# ------------------------------------------------------------------------------------------------------ main
+def _flag_given(tokens: Sequence[str], flag: str) -> bool:
+    # argparse accepts unique prefixes (--js for --json); a usage error must already know the output form.
+    for token in tokens:
+        if token == "--":
+            return False
+        if len(token) >= 3 and flag.startswith(token):
+            return True
+    return False
+
+
+def _command_of(tokens: Sequence[str]) -> str | None:
+    return next((t for t in tokens if not t.startswith("-")), None)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the ``trainguard`` command and return its exit status."""
-    parser = build_parser()
-    _Parser.json_errors = "--json" in (sys.argv[1:] if argv is None else list(argv))
-    args = parser.parse_args(argv)
-    func: Callable[[argparse.Namespace], int] | None = getattr(args, "func", None)
-    if func is None:
-        parser.print_help(sys.stderr)
-        return EXIT_USAGE
-    as_json = bool(getattr(args, "json", False))
+    """Run the ``trainguard`` command and return its exit status; see the module docstring for the codes.
+
+    As argparse does, ``--help``, ``--version`` and a usage error in the arguments raise ``SystemExit`` (0, 0, 2)
+    once their output is printed; every other outcome, an internal error included, is returned. With ``--json``
+    stdout receives exactly one JSON document, whatever happens."""
+    tokens = [str(t) for t in (sys.argv[1:] if argv is None else argv)]
+    as_json = _flag_given(tokens, "--json")
+    debug = _flag_given(tokens, "--debug")
+    stdout = sys.stdout
+    # JSON output is held until the command ends, so an error after partial output still leaves one document.
+    buffer = io.StringIO()
+    target: TextIO = buffer if as_json else _EscapingWriter(stdout)  # type: ignore[assignment]
+    with contextlib.redirect_stdout(target):
+        status, error, parse_exit = _dispatch(tokens, as_json)
+    if error is not None:
+        return _report_error(error, as_json=as_json, debug=debug, command=_command_of(tokens), stdout=stdout)
+    if as_json:
+        text = buffer.getvalue() or _dumps({"ok": status == EXIT_OK}) + "\n"
+        with contextlib.suppress(OSError):  # stdout closed by the reader (`| head`): nothing left to tell it
+            _write_json_text(stdout, text)
+    if parse_exit:
+        raise SystemExit(status)
+    return status
+
+
+def _dispatch(tokens: list[str], as_json: bool) -> tuple[int, BaseException | None, bool]:
+    """Parse and run; returns ``(status, the error that ended it or None, whether argparse exited)``."""
     try:
-        return func(args)
-    except TrainGuardError as err:
-        return _report_error(err, as_json, EXIT_FAILED)
-    except OSError as err:
-        return _report_error(err, as_json, EXIT_USAGE)
-    except KeyboardInterrupt:
-        return 130
+        parser = build_parser(json_output=as_json)
+        try:
+            args = parser.parse_args(tokens)
+        except SystemExit as stop:  # --help, --version, or a usage error argparse has already printed
+            return _exit_status(stop), None, True
+        func: Callable[[argparse.Namespace], int] | None = getattr(args, "func", None)
+        if func is None:
+            if as_json:
+                emit_json({"ok": False, "error": "UsageError", "what": "trainguard: no COMMAND given"})
+            else:
+                parser.print_help(sys.stderr)
+            return EXIT_USAGE, None, False
+        if getattr(args, "json_first", False):
+            args.json = True
+        try:
+            return int(func(args)), None, False
+        except SystemExit as stop:
+            return _exit_status(stop), None, False
+    except (Exception, KeyboardInterrupt) as err:
+        return EXIT_ERROR, err, False
+
+
+def _exit_status(stop: SystemExit) -> int:
+    if stop.code is None:
+        return EXIT_OK
+    return stop.code if isinstance(stop.code, int) else EXIT_ERROR
+
+
+def _one_line(text: str) -> str:
+    line = " | ".join(part.strip() for part in text.splitlines() if part.strip())
+    return line if len(line) <= _MAX_MESSAGE else line[: _MAX_MESSAGE - 3] + "..."
+
+
+def _file_of(err: OSError) -> str | None:
+    if err.filename is None:
+        return None
+    name = os.fsdecode(err.filename) if isinstance(err.filename, (str, bytes, os.PathLike)) else str(err.filename)
+    # A failed atomic write names its temporary file; the user knows the file it was to become.
+    return display_text(name.split(TEMP_MARKER, 1)[0])
+
+
+def _report_error(err: BaseException, *, as_json: bool, debug: bool, command: str | None, stdout: IO[str]) -> int:
+    """Tell the user about ``err`` (one JSON document on stdout, or text on stderr) and return the exit status."""
+    prefix = f"trainguard {command}" if command else "trainguard"
+    document: dict[str, Any]
+    if isinstance(err, KeyboardInterrupt):
+        status, document = EXIT_INTERRUPTED, {"ok": False, "error": "Interrupted", "what": "interrupted"}
+        text = f"{prefix}: interrupted"
+    elif isinstance(err, TrainGuardError):
+        # A planted FIFO or link the command refused is an I/O problem; any other finding is a failed check.
+        status = EXIT_ERROR if isinstance(err, UnsafeFileError) else EXIT_FAILED
+        document = {"ok": False, **err.to_dict()}
+        text = f"{prefix}: {err}"
+    elif isinstance(err, OSError):
+        status = EXIT_ERROR
+        what = display_text(err.strerror or str(err) or type(err).__name__)
+        file = _file_of(err)
+        if file is not None:
+            what = f"{what}: {file}"
+        next_step = (
+            "Check that the path exists, is what the command expects, and that you may read it "
+            "(and, for `trainguard manifest`, write in it)."
+        )
+        document = {"ok": False, "error": type(err).__name__, "what": what, "next_step": next_step}
+        if file is not None:
+            document["where"] = {"file": file}
+        text = f"{prefix}: {what}"
+    else:
+        status = EXIT_ERROR
+        detail = _one_line(redact_text(f"{type(err).__name__}: {err}"))
+        what = f"internal error in trainguard (a bug, not a problem with your files): {detail}"
+        next_step = f"Please report it at {ISSUES_URL} with the output of the same command run with --debug."
+        document = {
+            "ok": False,
+            "error": "InternalError",
+            "exception": type(err).__name__,
+            "what": what,
+            "next_step": next_step,
+        }
+        text = f"{prefix}: {what}. {next_step}"
+    if debug:
+        trace = "".join(traceback.format_exception(type(err), err, err.__traceback__))
+        _write_escaped(sys.stderr, redact_text(trace))
+    with contextlib.suppress(OSError):
+        if as_json:
+            _write_json_text(stdout, _dumps(document) + "\n")
+        else:
+            _write_escaped(sys.stderr, text + "\n")
+    return status
 
 
 if __name__ == "__main__":  # pragma: no cover

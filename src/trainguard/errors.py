@@ -37,6 +37,7 @@ __all__ = [
     "SaveAuditError",
     "TrainGuardError",
     "UnsafeFileError",
+    "WebhookConfigError",
 ]
 
 # Keys rendered first and in this order; any other key follows in insertion order.
@@ -232,4 +233,14 @@ class MalformedFileError(TrainGuardError):
     default_next_step = (
         "The file is corrupted or was not written by the tool that owns its name; restore it from a copy or move it "
         "aside, then run again."
+    )
+
+
+class WebhookConfigError(TrainGuardError, ValueError):
+    """A webhook URL trainguard cannot POST to (no ``http://`` or ``https://`` scheme, no host). The message shows
+    the URL with its credentials redacted. Also a ``ValueError``, which this used to be."""
+
+    default_next_step = (
+        "Give a full http:// or https:// URL (webhook_url= or the TRAINGUARD_WEBHOOK_URL environment variable), "
+        "or unset it to alert without a webhook."
     )

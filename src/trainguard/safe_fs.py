@@ -18,7 +18,8 @@ planted by someone else, or a crafted file. This module is the only way the rest
 Example::
 
     from trainguard.safe_fs import load_json
-    state = load_json("out/checkpoint-50/trainer_state.json")   # raises: FileNotFoundError
+    state = load_json("out/checkpoint-50/trainer_state.json")
+    state["global_step"]   # 50
 """
 
 from __future__ import annotations
@@ -38,7 +39,9 @@ __all__ = [
     "MAX_JSON_BYTES",
     "MAX_JSON_DEPTH",
     "describe_kind",
+    "display_json",
     "display_name",
+    "display_text",
     "ensure_dir",
     "load_json",
     "open_append",
@@ -81,12 +84,7 @@ def describe_kind(mode: int) -> str:
 def display_name(name: str | os.PathLike[str]) -> str:
     """A path as text that is always printable and JSON-safe: bytes that are not UTF-8 (kept by Python as lone
     surrogates) are shown as ``\\xNN``."""
-    text = os.fspath(name)
-    try:
-        text.encode("utf-8")
-        return text
-    except UnicodeEncodeError:
-        return os.fsencode(text).decode("utf-8", "backslashreplace")
+    return display_text(os.fspath(name))
 
 
 def _unsafe(path: PathLike, what: str, *, action: str) -> UnsafeFileError:
@@ -243,3 +241,46 @@ def ensure_dir(path: PathLike, *, inside: PathLike | None = None) -> Path:
                 where={"file": display_name(folder)},
             )
     return folder
+
+
+def display_text(text: str) -> str:
+    """Any text as printable, JSON-safe UTF-8: what Python holds as lone surrogates is shown escaped.
+
+    Undecodable bytes that Python keeps as U+DC80..U+DCFF (a file name, a command-line argument) are shown as
+    ``\\xNN``, as :func:`display_name` shows them; any other lone surrogate (a ``"\\ud800"`` escape in a JSON data
+    file, which ``json.loads`` accepts) as ``\\uXXXX``. Text that is valid UTF-8 is returned unchanged.
+
+    Example::
+
+        from trainguard.safe_fs import display_text
+        display_text("a\\ud800b")   # 'a\\\\ud800b'
+    """
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        pass
+    out = []
+    for ch in text:
+        code = ord(ch)
+        if 0xDC80 <= code <= 0xDCFF:
+            out.append(f"\\x{code - 0xDC00:02x}")
+        elif 0xD800 <= code <= 0xDFFF:
+            out.append(f"\\u{code:04x}")
+        else:
+            out.append(ch)
+    return "".join(out)
+
+
+def display_json(value: Any) -> Any:
+    """A JSON-ready value with every string and path in it (keys too) passed through :func:`display_text`, so
+    ``json.dumps(..., ensure_ascii=False)`` of it always encodes as UTF-8. Other values are left as they are."""
+    if isinstance(value, str):
+        return display_text(value)
+    if isinstance(value, os.PathLike):
+        return display_text(os.fsdecode(value))
+    if isinstance(value, dict):
+        return {display_text(k) if isinstance(k, str) else k: display_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [display_json(v) for v in value]
+    return value

@@ -82,14 +82,14 @@ def main() -> None:
     elif opts.mode == "manifest":
         from trainguard.checks.checkpoint import manifest as manifest_module
 
-        real_write = manifest_module.atomic_write_text
+        real_write = manifest_module.atomic_write_bytes
 
-        def write_text(path: Any, text: str, **kwargs: Any) -> None:
+        def write_bytes(path: Any, data: bytes) -> None:
             if Path(path).resolve() == target / ckpt.MANIFEST_NAME:
                 _kill()
-            real_write(path, text, **kwargs)
+            real_write(path, data)
 
-        manifest_module.atomic_write_text = write_text  # type: ignore[assignment]
+        manifest_module.atomic_write_bytes = write_bytes  # type: ignore[assignment]
     else:
         extra.append(_Timer(opts.kill_step, opts.delay))
 

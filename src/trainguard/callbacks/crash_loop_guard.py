@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import uuid
 import weakref
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from .. import distributed
-from ..alerts import AlertSink
+from ..alerts import AlertSink, get_logger
 from ..checks import crash_loop
-from ..errors import PreflightError
+from ..errors import PreflightError, UnsafeFileError
 from . import _trainer_compat
 from ._base import GuardCallback
 
@@ -39,6 +40,12 @@ class CrashLoopGuard(GuardCallback):
 
     The decision is taken on global rank 0 and broadcast, so every rank refuses (or applies the OOM fix) together.
 
+    A link, FIFO, device or socket at the log's name (planted, or left by another tool) is never followed and never
+    blocks: before training it refuses the start with :class:`~trainguard.UnsafeFileError` naming it (the guard
+    cannot decide without the history, and the user should see that, not a run that silently lost its guard);
+    once training runs, a record that cannot be written is skipped with a warning, because losing the record is
+    better than losing the run.
+
     Args:
         max_repeats: Refuse after this many runs in a row ended with the same failure at the same step (default 3:
             one failure can be bad luck, two a coincidence, three a pattern that a restart loop would repeat
@@ -52,6 +59,7 @@ class CrashLoopGuard(GuardCallback):
     Raises:
         PreflightError: From ``trainer.train()`` when the loop is found; says what repeats, where, how often,
             and for OOM the batch settings that keep the global batch.
+        UnsafeFileError: From ``trainer.train()`` when a link or special file is at the log's name.
 
     Example::
 
@@ -156,7 +164,9 @@ class CrashLoopGuard(GuardCallback):
         self._trainer_for_step = weakref.ref(trainer) if trainer is not None else None
         run_id = self.run_id or uuid.uuid4().hex
         if args.should_save:
-            crash_loop.record_start(str(args.output_dir), run_id=run_id, step=state.global_step, batch=_batch(args))
+            self._record(
+                crash_loop.record_start, str(args.output_dir), run_id=run_id, step=state.global_step, batch=_batch(args)
+            )
         crash_loop._register_open_run(run_id, str(args.output_dir), self._current_step)
         return control
 
@@ -177,7 +187,7 @@ class CrashLoopGuard(GuardCallback):
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> Any:
         if self._started and self.run_id is not None:
             if args.should_save:
-                crash_loop.record_end(str(args.output_dir), run_id=self.run_id, step=state.global_step, status="clean")
+                self._record(crash_loop.record_end, str(args.output_dir), run_id=self.run_id, step=state.global_step)
             crash_loop._unregister_open_run(self.run_id)
         self._started = False
         self._prepared = False
@@ -195,11 +205,18 @@ class CrashLoopGuard(GuardCallback):
         self._in_step = False
         if isinstance(exc, (KeyboardInterrupt, SystemExit)):
             if args.should_save:
-                crash_loop.record_end(
-                    args.output_dir, run_id=run_id, step=step, status="interrupted", reason=type(exc).__name__
+                self._record(
+                    crash_loop.record_end,
+                    args.output_dir,
+                    run_id=run_id,
+                    step=step,
+                    status="interrupted",
+                    reason=type(exc).__name__,
                 )
             return
-        crash_loop.record_failure(args.output_dir, run_id=run_id, step=step, exc=exc, rank=distributed.rank())
+        self._record(
+            crash_loop.record_failure, args.output_dir, run_id=run_id, step=step, exc=exc, rank=distributed.rank()
+        )
         name, head = crash_loop.describe_exception(exc)
         self.alert(
             "error",
@@ -207,6 +224,14 @@ class CrashLoopGuard(GuardCallback):
             step=step,
             evidence={"oom": crash_loop.is_oom(exc), "log": str(crash_loop.crash_log_path(args.output_dir))},
         )
+
+    def _record(self, write: Callable[..., None], output_dir: Any, **fields: Any) -> None:
+        """Append one record; a link or special file at the log's name skips it with a warning (mid-run, losing
+        the record is better than losing the run)."""
+        try:
+            write(output_dir, **fields)
+        except UnsafeFileError as err:
+            get_logger().warning("trainguard crash-loop record not written: %s %s", err.what, err.next_step)
 
     def summary(self) -> str:
         if self.applied_fix is not None:

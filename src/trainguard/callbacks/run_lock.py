@@ -42,6 +42,10 @@ class RunLock(GuardCallback):
     Raises:
         RunLockedError: At ``Trainer(...)``, when another live process holds the lock; names its PID, host, UTC
             start time and command.
+        UnsafeFileError: At ``Trainer(...)``, when a link, FIFO, device or socket is at the lock's name or its
+            holder record's (never followed, never blocked on: the start is refused instead of writing beside a
+            link's target). The holder record never holds a secret: the command line is redacted and the file is
+            ``0600``.
 
     Example::
 

@@ -11,7 +11,6 @@ Example::
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -19,6 +18,7 @@ from typing import Any
 
 from .. import distributed
 from ..errors import CheckpointIntegrityError, TrainGuardError
+from ..safe_fs import display_name, load_json
 from ._layout import CHECKPOINT_RE, TRAINER_STATE, checkpoint_step
 
 __all__ = [
@@ -29,6 +29,7 @@ __all__ = [
     "read_json_object",
     "read_trainer_state",
     "resolve_resume_checkpoint",
+    "trainer_state_problem",
 ]
 
 
@@ -67,48 +68,91 @@ def resolve_resume_checkpoint(output_dir: str | os.PathLike[str] | None, resume_
 
 
 def read_json_object(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Read a JSON file that must hold an object.
+    """Read a JSON file that must hold an object (a regular file, bounded, finite numbers, shallow nesting).
 
     Raises:
-        CheckpointIntegrityError: The file is unreadable, is not valid JSON (the line is named), or is not an object.
+        CheckpointIntegrityError: The file is unreadable, not a regular file, is not valid JSON (the line is named),
+            is crafted (too deep, numbers out of range), or is not an object.
     """
     file = Path(path)
     try:
-        text = file.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as err:
-        raise CheckpointIntegrityError(f"cannot read {file.name}: {err}", where={"file": str(file)}) from err
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as err:
+        value = load_json(file)
+    except OSError as err:
         raise CheckpointIntegrityError(
-            f"{file.name} is not valid JSON ({err.msg})",
-            where={"file": str(file), "line": err.lineno},
+            f"cannot read {display_name(file.name)}: {err}", where={"file": display_name(file)}
         ) from err
+    except TrainGuardError as err:  # MalformedFileError, UnsafeFileError: the same refusal, as a checkpoint's
+        raise CheckpointIntegrityError(
+            err.what, where={**err.where, "file": display_name(file)}, evidence={"cause": type(err).__name__}
+        ) from None
     if not isinstance(value, dict):
         raise CheckpointIntegrityError(
-            f"{file.name} holds a JSON {type(value).__name__}, not an object", where={"file": str(file)}
+            f"{display_name(file.name)} holds a JSON {type(value).__name__}, not an object",
+            where={"file": display_name(file)},
         )
     return value
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def trainer_state_problem(state: dict[str, Any]) -> tuple[str, str] | None:
+    """``(field, why)`` for the first field of a parsed ``trainer_state.json`` whose type the Trainer (and
+    trainguard's guards) cannot use, or None. Only fields the Trainer writes are checked, and only their types."""
+    step = state.get("global_step")
+    if step is not None and not (_is_int(step) and step >= 0):
+        return "global_step", f"global_step is {str(step)[:40]!r}, not a non-negative integer"
+    max_steps = state.get("max_steps")
+    if max_steps is not None and not _is_int(max_steps):
+        return "max_steps", f"max_steps is {str(max_steps)[:40]!r}, not an integer"
+    epoch = state.get("epoch")
+    if epoch is not None and (isinstance(epoch, bool) or not isinstance(epoch, (int, float))):
+        return "epoch", f"epoch is {str(epoch)[:40]!r}, not a number"
+    history = state.get("log_history")
+    if history is not None and not (isinstance(history, list) and all(isinstance(e, dict) for e in history)):
+        return "log_history", "log_history is not a list of objects"
+    callbacks = state.get("stateful_callbacks")
+    if callbacks is not None:
+        if not isinstance(callbacks, dict):
+            return "stateful_callbacks", f"stateful_callbacks is a JSON {type(callbacks).__name__}, not an object"
+        for name, entry in callbacks.items():
+            entries = entry if isinstance(entry, list) else [entry]
+            if not all(isinstance(e, dict) for e in entries):
+                return f"stateful_callbacks.{name}", f"stateful_callbacks[{name!r}] is not an object (or list of them)"
+    return None
+
+
 def read_trainer_state(checkpoint: str | os.PathLike[str]) -> dict[str, Any]:
-    """The parsed ``trainer_state.json`` of a checkpoint folder.
+    """The parsed ``trainer_state.json`` of a checkpoint folder, its fields of the types the Trainer writes.
 
     Raises:
-        CheckpointIntegrityError: The folder or the file is missing, or the file is not a JSON object.
+        CheckpointIntegrityError: The folder or the file is missing, the file is not a JSON object, or a field
+            has another type (``where["field"]`` names it).
     """
     folder = Path(checkpoint)
     file = folder / TRAINER_STATE
     if not folder.is_dir():
         raise CheckpointIntegrityError(
-            f"the checkpoint to resume from does not exist: {folder}", where={"file": str(folder)}
+            f"the checkpoint to resume from does not exist: {display_name(folder)}",
+            where={"file": display_name(folder)},
         )
     if not file.is_file():
         raise CheckpointIntegrityError(
-            f"{folder.name} has no {TRAINER_STATE}: it is incomplete (killed mid-save?) or not a Trainer checkpoint",
-            where={"file": str(file)},
+            f"{display_name(folder.name)} has no {TRAINER_STATE}: it is incomplete (killed mid-save?) or not a Trainer "
+            "checkpoint",
+            where={"file": display_name(file)},
         )
-    return read_json_object(file)
+    state = read_json_object(file)
+    problem = trainer_state_problem(state)
+    if problem is not None:
+        field, why = problem
+        raise CheckpointIntegrityError(
+            f"{display_name(folder.name)}/{TRAINER_STATE} is malformed: {why} "
+            "(corrupted, or not written by the Trainer)",
+            where={"file": display_name(file), "field": field},
+        )
+    return state
 
 
 def on_main_then_share(fn: Callable[..., Any], *args: Any) -> Any:

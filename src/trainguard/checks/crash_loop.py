@@ -16,6 +16,13 @@ before a run starts: go on, apply that fix, or refuse.
 
 Every line is one ``append_line`` write, so ranks of one job can record their own failures in the same file.
 
+The log is written ``0600`` and holds no secret: the exception message (the only free text in it) is redacted
+(:func:`trainguard.redact.redact_text`) before it is written, and again when read (older logs). It is never written
+or read through a symbolic link and never blocks on a FIFO: a link or special file at its name is an
+:class:`~trainguard.errors.UnsafeFileError` naming it (:func:`load_runs` raises it; CrashLoopGuard refuses the
+start with it rather than decide without the history). A line that is not JSON, nests too deep, holds a number
+JSON cannot (``1e999``) or a field of the wrong type is skipped and counted, never a traceback.
+
 Example::
 
     loop = find_crash_loop("out", max_repeats=3)
@@ -35,7 +42,9 @@ from typing import Any
 from .._util import pid_alive, utc_now
 from ..alerts import get_logger
 from ..atomic import append_line
-from ..errors import PreflightError, TrainGuardError
+from ..errors import MalformedFileError, PreflightError, TrainGuardError
+from ..redact import redact_json, redact_text
+from ..safe_fs import display_name, open_read, parse_json
 
 __all__ = [
     "CRASH_LOG",
@@ -50,6 +59,7 @@ __all__ = [
     "failing_step",
     "find_crash_loop",
     "is_oom",
+    "load_run_history",
     "load_runs",
     "oom_fix",
     "record_end",
@@ -61,6 +71,9 @@ __all__ = [
 CRASH_LOG = "trainguard-crashes.jsonl"
 UNKNOWN = "unknown (died without a record: SIGKILL, OOM killer or node failure)"
 _MESSAGE_HEAD = 300
+# Only the tail of a (huge, append-only) log is read: the recent runs are the ones that decide.
+_READ_LIMIT = 64 << 20
+_MAX_RECORD_DEPTH = 16
 
 PathLike = str | os.PathLike[str]
 
@@ -72,7 +85,8 @@ def crash_log_path(output_dir: PathLike) -> Path:
 
 def _append(output_dir: PathLike, record: dict[str, Any]) -> None:
     Path(output_dir).mkdir(parents=True, exist_ok=True)
-    append_line(crash_log_path(output_dir), json.dumps(record, ensure_ascii=False, default=str))
+    # 0600: records carry host names, PIDs and exception text; never through a link, never into a FIFO.
+    append_line(crash_log_path(output_dir), json.dumps(record, ensure_ascii=False, default=str), mode=0o600)
 
 
 def is_oom(exc: BaseException) -> bool:
@@ -87,12 +101,13 @@ def is_oom(exc: BaseException) -> bool:
 
 
 def describe_exception(exc: BaseException) -> tuple[str, str]:
-    """``(qualified type name, first line of the message, at most 300 characters)``."""
+    """``(qualified type name, first line of the message with secrets redacted, at most 300 characters)``."""
     cls = type(exc)
     module = cls.__module__
     name = cls.__qualname__ if module in ("builtins", "__main__") else f"{module}.{cls.__qualname__}"
     text = str(exc).strip().splitlines()
-    head = text[0] if text else ""
+    # Redact before cutting (a cut token is no longer recognised), and only a bounded head of a huge message.
+    head = redact_text(text[0][: _MESSAGE_HEAD * 4]) if text else ""
     return name, head[:_MESSAGE_HEAD]
 
 
@@ -116,7 +131,7 @@ def record_start(
             "utc": utc_now(),
             "host": socket.gethostname(),
             "pid": os.getpid(),
-            **(extra or {}),
+            **redact_json(extra or {}),
         },
     )
 
@@ -147,7 +162,7 @@ def record_end(output_dir: PathLike, *, run_id: str, step: int, status: str = "c
         raise ValueError(f"status must be 'clean' or 'interrupted', not {status!r}")
     record: dict[str, Any] = {"event": "end", "run_id": run_id, "step": int(step), "status": status}
     if reason:
-        record["reason"] = reason
+        record["reason"] = redact_text(reason)
     record.update({"utc": utc_now(), "host": socket.gethostname(), "pid": os.getpid()})
     _append(output_dir, record)
 
@@ -227,24 +242,61 @@ def _still_running(run: RunRecord, host: str) -> bool:
     return run.start.get("host") == host and pid_alive(pid)
 
 
+# The type each field must have where present (bool is not an int here); a line breaking one is skipped.
+_FIELD_TYPES: dict[str, tuple[type, ...]] = {
+    "step": (int,),
+    "pid": (int,),
+    "rank": (int,),
+    "host": (str,),
+    "utc": (str,),
+    "exception": (str,),
+    "message": (str,),
+    "oom": (bool,),
+    "status": (str,),
+    "reason": (str,),
+    "batch": (dict,),
+}
+_EVENTS = ("start", "failure", "end")
+
+
+def _valid(value: Any) -> bool:
+    if not isinstance(value, dict) or value.get("event") not in _EVENTS or not isinstance(value.get("run_id"), str):
+        return False
+    for key, types in _FIELD_TYPES.items():
+        if key in value:
+            item = value[key]
+            if not isinstance(item, types) or (bool not in types and isinstance(item, bool)):
+                return False
+    return True
+
+
 def _read_records(path: Path) -> tuple[list[dict[str, Any]], list[int]]:
-    """The records of the log and the line numbers of malformed lines (a torn last line is expected)."""
+    """The records of the log and the line numbers of malformed lines (a torn last line is expected).
+
+    Raises:
+        UnsafeFileError: A link, FIFO, device or socket is at ``path`` (never followed, never blocks).
+    """
     records: list[dict[str, Any]] = []
     bad: list[int] = []
     try:
-        with open(path, encoding="utf-8", errors="replace") as fh:
-            lines = fh.read().split("\n")
+        fd = open_read(path, follow=False)
     except FileNotFoundError:
         return records, bad
-    for number, raw in enumerate(lines, start=1):
+    with os.fdopen(fd, "rb") as fh:
+        size = os.fstat(fh.fileno()).st_size
+        if size > _READ_LIMIT:
+            fh.seek(size - _READ_LIMIT)
+            fh.readline()  # cut mid-line: the first line read is partial
+        data = fh.read(_READ_LIMIT)
+    for number, raw in enumerate(data.decode("utf-8", errors="replace").split("\n"), start=1):
         if not raw.strip():
             continue
         try:
-            value = json.loads(raw)
-        except json.JSONDecodeError:
+            value = parse_json(raw, source=path, max_depth=_MAX_RECORD_DEPTH)
+        except MalformedFileError:
             value = None
-        if isinstance(value, dict) and isinstance(value.get("event"), str) and isinstance(value.get("run_id"), str):
-            records.append(value)
+        if _valid(value):
+            records.append(redact_json(value))
         else:
             bad.append(number)
     return records, bad
@@ -253,23 +305,37 @@ def _read_records(path: Path) -> tuple[list[dict[str, Any]], list[int]]:
 def load_runs(output_dir: PathLike, *, warn: bool = True) -> list[RunRecord]:
     """Every run recorded in ``output_dir/trainguard-crashes.jsonl``, oldest first, with its outcome.
 
-    Malformed lines are skipped (the log must never stop a run); with ``warn`` each is named, with its file and
-    line, on the ``trainguard`` logger. A run whose start has no end and no failure is ``unknown`` unless its
-    process is alive on this host (then ``running``).
+    Malformed lines (not JSON, too deep, a number JSON cannot hold, a field of the wrong type) are skipped (the log
+    must never stop a run); with ``warn`` they are counted and named, with the file and line, on the ``trainguard``
+    logger. A run whose start has no end and no failure is ``unknown`` unless its process is alive on this host
+    (then ``running``).
+
+    Raises:
+        UnsafeFileError: A link, FIFO, device or socket is at the log's name (never followed, never blocks).
 
     Example::
 
         [r.outcome for r in load_runs("out")]
     """
-    path = crash_log_path(output_dir)
-    records, bad = _read_records(path)
+    runs, bad = load_run_history(output_dir)
     if bad and warn:
         get_logger().warning(
             "%s: skipped %d malformed line(s) (line %s); the crash history may be incomplete",
-            path,
+            display_name(crash_log_path(output_dir)),
             len(bad),
             ", ".join(map(str, bad[:10])),
         )
+    return runs
+
+
+def load_run_history(output_dir: PathLike) -> tuple[list[RunRecord], list[int]]:
+    """:func:`load_runs` without the warning: the runs, and the numbers of the lines that were skipped as
+    malformed (for a report such as ``trainguard inspect``).
+
+    Raises:
+        UnsafeFileError: A link, FIFO, device or socket is at the log's name.
+    """
+    records, bad = _read_records(crash_log_path(output_dir))
     runs: dict[str, RunRecord] = {}
     for record in records:
         run = runs.setdefault(record["run_id"], RunRecord(record["run_id"]))
@@ -290,7 +356,7 @@ def load_runs(output_dir: PathLike, *, warn: bool = True) -> list[RunRecord]:
             run.outcome = "clean"
         else:
             run.outcome = "running" if _still_running(run, host) else "unknown"
-    return list(runs.values())
+    return list(runs.values()), bad
 
 
 @dataclass

@@ -26,6 +26,7 @@ from typing import Any
 
 from .._util import utc_stamp
 from ..errors import TrainGuardError
+from ..safe_fs import ensure_dir
 from ._layout import ARCHIVE_DIR
 from ._resume import TRAINER_STATE, checkpoint_dirs, on_main_then_share, read_json_object
 
@@ -55,12 +56,16 @@ def _stored_fingerprint(checkpoint: Path) -> str:
         state = read_json_object(checkpoint / TRAINER_STATE)
     except TrainGuardError:
         return "unknown"
-    entry = (state.get("stateful_callbacks") or {}).get("DatasetGuard")
+    # every level checked for its type: a damaged state names no fingerprint, it never stops the archiving
+    callbacks = state.get("stateful_callbacks")
+    entry = callbacks.get("DatasetGuard") if isinstance(callbacks, dict) else None
     if isinstance(entry, list) and entry:
         entry = entry[-1]
-    record = ((entry or {}).get("attributes") or {}).get("run_identity") if isinstance(entry, dict) else None
-    fingerprint = ((record or {}).get("train") or {}).get("fingerprint") if isinstance(record, dict) else None
-    return str(fingerprint)[:12] if fingerprint else "unknown"
+    attributes = entry.get("attributes") if isinstance(entry, dict) else None
+    record = attributes.get("run_identity") if isinstance(attributes, dict) else None
+    train = record.get("train") if isinstance(record, dict) else None
+    fingerprint = train.get("fingerprint") if isinstance(train, dict) else None
+    return str(fingerprint)[:12] if isinstance(fingerprint, str) and fingerprint else "unknown"
 
 
 def archive_checkpoints(output_dir: Path) -> Path | None:
@@ -76,7 +81,8 @@ def archive_checkpoints(output_dir: Path) -> Path | None:
 
         recorded = checkpoint_origin(checkpoints[-1]).lineage
         label = f"lineage-{recorded.rsplit('-', 1)[-1]}" if recorded else label
-    base = output_dir / ARCHIVE_DIR / f"{stamp}-{label}"
+    # a real folder inside output_dir (UnsafeFileError otherwise): a planted link would carry the checkpoints away
+    base = ensure_dir(output_dir / ARCHIVE_DIR, inside=output_dir) / f"{stamp}-{label}"
     target, n = base, 1
     while target.exists():
         n += 1
@@ -109,6 +115,8 @@ def start_fresh(output_dir_or_trainer: Any) -> Path | None:
 
     Raises:
         OSError: A checkpoint could not be moved (those already moved stay in the archive, named in the log).
+        UnsafeFileError: ``trainguard-archive`` in ``output_dir`` is a link or a file, or leads outside it;
+            nothing is moved.
 
     Example::
 

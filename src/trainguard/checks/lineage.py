@@ -28,7 +28,6 @@ Example::
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import platform
 import secrets
@@ -42,7 +41,8 @@ from typing import Any
 from .._util import utc_now, utc_stamp
 from ..alerts import get_logger
 from ..atomic import atomic_write_json, fsync_dir
-from ..errors import LineageError
+from ..errors import LineageError, TrainGuardError
+from ..safe_fs import ensure_dir, load_json
 from ._layout import (
     ARCHIVE_DIR,
     JIT_SENTINEL,
@@ -92,10 +92,9 @@ def new_id() -> str:
 def _read_object(path: Path) -> dict[str, Any] | None:
     """A small JSON object from ``path``, or None when it is missing, not a regular file, too big or not an object."""
     try:
-        if not path.is_file() or path.stat().st_size > _MAX_RECORD_BYTES:
-            return None
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError, RecursionError):
+        # regular files only (a FIFO here never blocks), bounded, finite numbers, shallow nesting
+        value = load_json(path, limit=_MAX_RECORD_BYTES)
+    except (OSError, TrainGuardError):
         return None
     return value if isinstance(value, dict) else None
 
@@ -358,10 +357,14 @@ def move_aside(folder: str | os.PathLike[str], reason: str, *, into: str = QUARA
 
     Returns:
         The folder's new path.
+
+    Raises:
+        UnsafeFileError: ``<parent>/<into>`` is a link, a file, or leads outside the parent (planted so that the
+            move would carry the checkpoint elsewhere); nothing is moved.
     """
     path = Path(folder)
-    target_dir = path.parent / into
-    target_dir.mkdir(exist_ok=True)
+    # a real folder inside output_dir: a planted link here would carry the checkpoint out of output_dir
+    target_dir = ensure_dir(path.parent / into, inside=path.parent)
     stamp = utc_stamp()
     target = target_dir / f"{path.name}.{stamp}"
     while os.path.lexists(target):

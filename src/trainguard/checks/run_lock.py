@@ -5,7 +5,16 @@ last descriptor of its open file is closed, which happens when the holder exits 
 OOM killer included: a lock can never go stale, so there is no PID-file cleanup and no "is that PID still alive"
 guess. The lock file itself is never written, renamed or deleted (an atomic rename would give the path a new inode
 and silently split the lock in two); who holds it is recorded beside it in ``.trainguard.lock.json`` (PID, host,
-UTC start time, command), written atomically after the lock is taken.
+UTC start time, command), written after the lock is taken.
+
+The holder record may be read by anyone who can see the folder, so it never holds a secret: the command line is
+redacted (:func:`trainguard.redact.redact_argv`: ``--hub_token``, ``--api-key=``, ``HF_TOKEN=``, token-like
+words) before it is written, the file is created ``0600``, and a record read back (an older one may predate the
+redaction) is redacted again before it is shown. Neither the lock file nor the record is opened through a symbolic
+link, and neither blocks on a FIFO: a link or special file planted at either name is an
+:class:`~trainguard.errors.UnsafeFileError` naming it (the start is refused rather than writing beside a link's
+target). A record that cannot be parsed or holds fields of the wrong type is "unreadable" (:func:`load_holder`),
+never a traceback.
 
 One process may take the same lock several times (two Trainers on one ``output_dir`` in a notebook): the handle is
 shared and counted, and released when the last user releases it. Children created with ``fork`` (DataLoader
@@ -44,8 +53,9 @@ from typing import Any
 
 from .._util import utc_now
 from ..alerts import get_logger
-from ..atomic import atomic_write_json
-from ..errors import PreflightError, RunLockedError
+from ..errors import MalformedFileError, PreflightError, RunLockedError, TrainGuardError, UnsafeFileError
+from ..redact import redact_argv, redact_command, redact_json
+from ..safe_fs import display_name, open_read, open_write, parse_json, read_bytes
 
 __all__ = [
     "INFO_NAME",
@@ -54,6 +64,7 @@ __all__ = [
     "RunLockHandle",
     "acquire_run_lock",
     "filesystem_info",
+    "load_holder",
     "lock_filesystem_note",
     "lock_status",
     "read_holder",
@@ -72,7 +83,8 @@ _BUSY_ERRNOS = {errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES}
 def _command() -> str:
     argv = list(sys.argv) or [sys.executable]
     # `python -m pkg` shows as the module's file in argv[0]; keep what the user typed recognisable and short.
-    text = shlex.join([sys.executable.rsplit("/", 1)[-1], *argv])
+    # The record is readable by whoever can see the folder: a --hub_token must not reach it.
+    text = shlex.join([sys.executable.rsplit("/", 1)[-1], *redact_argv(argv)])
     return text if len(text) <= 2000 else text[:1997] + "..."
 
 
@@ -173,6 +185,7 @@ class RunLockHandle:
     reach: str = "ok"
     _fd: int | None = field(default=None, repr=False)
     _users: int = field(default=1, repr=False)
+    _recorded: bool = field(default=False, repr=False)
 
     @property
     def held(self) -> bool:
@@ -200,12 +213,16 @@ class RunLockHandle:
                 os.close(fd)
 
     def _record_release(self) -> None:
+        if not self._recorded:  # the record could not be written (a link or FIFO there): nothing to update
+            return
         try:
             record = dict(self.holder)
             record["released_utc"] = utc_now()
-            atomic_write_json(self.info_file, record)
-        except OSError as exc:  # the lock is released by the kernel anyway; the record is a courtesy
-            get_logger().debug("could not update %s on release: %s", self.info_file, exc)
+            _write_holder(self.info_file, record)
+        except OSError as exc:  # the kernel releases the lock anyway; the record is a courtesy
+            get_logger().debug("could not update %s on release: %s", display_name(self.info_file), exc)
+        except TrainGuardError as exc:  # a link or FIFO planted there while the run held the lock
+            get_logger().warning("could not update %s on release: %s", display_name(self.info_file), exc.what)
 
     def __enter__(self) -> RunLockHandle:
         return self
@@ -239,14 +256,74 @@ if hasattr(os, "register_at_fork"):
 atexit.register(_release_all_at_exit)
 
 
-def read_holder(info_file: PathLike) -> dict[str, Any] | None:
-    """The holder record in ``info_file``, or None when it is missing or unreadable (never raises)."""
+# Fields of a holder record and the types they must have; a record breaking them is unreadable, not shown.
+_HOLDER_FIELDS: dict[str, tuple[type, ...]] = {
+    "pid": (int,),
+    "host": (str,),
+    "started_utc": (str,),
+    "released_utc": (str,),
+    "command": (str,),
+    "cwd": (str,),
+    "lock_id": (str,),
+    "job_id": (str, type(None)),
+    "rank": (int,),
+    "world_size": (int,),
+}
+# A holder record is a few hundred bytes; a huge one is not ours.
+_HOLDER_LIMIT = 1 << 20
+
+
+def _write_holder(info_file: Path, record: dict[str, Any]) -> None:
+    """Write the record in place: ``0600``, never through a link, never into a FIFO (UnsafeFileError)."""
+    data = (json.dumps(redact_json(record), indent=2, ensure_ascii=False, default=str) + "\n").encode("utf-8")
+    # In place, not by rename: the record is only written by the lock's holder, and a reader that finds it empty
+    # for an instant treats it as "not written yet" (which it handles); a rename would copy an older record's mode.
+    fd = open_write(info_file, mode=0o600)
     try:
-        with open(info_file, encoding="utf-8") as fh:
-            value = json.load(fh)
-    except (OSError, ValueError):
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def load_holder(info_file: PathLike) -> dict[str, Any]:
+    """The holder record in ``info_file``, checked and redacted.
+
+    Raises:
+        FileNotFoundError: There is no record, or it is empty (its holder is writing it this instant).
+        UnsafeFileError: A link, FIFO, device or socket is at that name (never followed, never blocks).
+        MalformedFileError: It is not a JSON object with fields of the right types (too deep, ``1e999``, a list,
+            a PID that is not a number, ...).
+    """
+    # Never through a link: the record is written with O_NOFOLLOW, so a link there was planted.
+    data = read_bytes(info_file, limit=_HOLDER_LIMIT, follow=False)
+    if not data.strip():  # written in place: between its truncate and its write, a reader finds it empty
+        raise FileNotFoundError(errno.ENOENT, "the holder record is empty (being written)", os.fspath(info_file))
+    value = parse_json(data, source=info_file)
+    name = display_name(info_file)
+    if not isinstance(value, dict):
+        raise MalformedFileError(f"{name} is not a JSON object", where={"file": name})
+    for key, types in _HOLDER_FIELDS.items():
+        if key in value and (not isinstance(value[key], types) or isinstance(value[key], bool)):
+            raise MalformedFileError(
+                f"{name}: field {key!r} is {type(value[key]).__name__}, not {' or '.join(t.__name__ for t in types)}",
+                where={"file": name, "field": key},
+            )
+    record: dict[str, Any] = redact_json(value)
+    if "command" in record:
+        record["command"] = redact_command(record["command"])
+    return record
+
+
+def read_holder(info_file: PathLike) -> dict[str, Any] | None:
+    """The holder record in ``info_file`` (checked and redacted, :func:`load_holder`), or None when it is missing,
+    unreadable or unsafe to open. Never raises, never blocks."""
+    try:
+        return load_holder(info_file)
+    except (OSError, TrainGuardError):
         return None
-    return value if isinstance(value, dict) else None
 
 
 def _proc_lock_pids(lock_file: Path) -> list[int]:
@@ -276,12 +353,13 @@ def _proc_lock_pids(lock_file: Path) -> list[int]:
 
 
 def _probe_held(lock_file: Path) -> bool | None:
-    """True if some process holds the lock, False if free, None if the filesystem cannot tell."""
+    """True if some process holds the lock, False if free, None if the filesystem cannot tell (or the lock file is
+    a link or special file: never followed, never blocks on)."""
     try:
-        fd = os.open(lock_file, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        fd = open_read(lock_file, follow=False)
     except FileNotFoundError:
         return False
-    except OSError:
+    except (OSError, UnsafeFileError):
         return None
     try:
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
@@ -297,10 +375,12 @@ def _probe_held(lock_file: Path) -> bool | None:
 def lock_status(output_dir: PathLike) -> dict[str, Any]:
     """Whether ``output_dir``'s run lock is held and by whom, without taking it (for ``trainguard inspect``).
 
-    Returns ``{"lock_file", "exists", "held" (True/False/None if unknown), "holder" (the record, or None),
-    "holder_pids" (from /proc/locks, this machine only), "held_by_this_process", "filesystem", "reach", "note"}``.
-    Never creates anything. ``/proc/locks`` is read first; only when it shows no holder is the lock probed with a
-    shared, non-blocking ``flock`` that is dropped at once.
+    Returns ``{"lock_file", "exists", "held" (True/False/None if unknown), "holder" (the record, redacted, or
+    None), "holder_error" (why a record that exists cannot be shown: unreadable, or a link or FIFO; else None),
+    "problem" (the lock file is a link or special file; else None), "holder_pids" (from /proc/locks, this machine
+    only), "held_by_this_process", "filesystem", "reach", "note"}``.
+    Never creates anything, never blocks on a FIFO. ``/proc/locks`` is read first; only when it shows no holder is
+    the lock probed with a shared, non-blocking ``flock`` that is dropped at once.
 
     Example::
 
@@ -310,12 +390,22 @@ def lock_status(output_dir: PathLike) -> dict[str, Any]:
     lock_file = folder / LOCK_NAME
     info = filesystem_info(folder)
     reach, note = lock_filesystem_note(info)
-    ours = str(lock_file.resolve()) in _REGISTRY
+    ours = str(folder.resolve() / LOCK_NAME) in _REGISTRY
+    holder, holder_error = _holder_or_error(folder / INFO_NAME)
+    problem: str | None = None
+    try:
+        os.close(open_read(lock_file, follow=False))
+    except UnsafeFileError as err:
+        problem = err.what
+    except OSError:
+        pass  # missing (exists is False) or not ours to open (the flock probe says what it can)
     status: dict[str, Any] = {
         "lock_file": str(lock_file),
-        "exists": lock_file.exists(),
+        "exists": os.path.lexists(lock_file),
         "held": False,
-        "holder": read_holder(folder / INFO_NAME),
+        "holder": holder,
+        "holder_error": holder_error,
+        "problem": problem,
         "holder_pids": [],
         "held_by_this_process": ours,
         "filesystem": info.fstype,
@@ -324,14 +414,30 @@ def lock_status(output_dir: PathLike) -> dict[str, Any]:
     }
     if not status["exists"]:
         return status
+    if problem is not None:
+        status["held"] = None
+        return status
     pids = _proc_lock_pids(lock_file)
     status["holder_pids"] = pids
     status["held"] = True if (pids or ours) else _probe_held(lock_file)
     return status
 
 
+def _holder_or_error(info_file: Path) -> tuple[dict[str, Any] | None, str | None]:
+    """The holder record (redacted) and None, or None and why a record that is there cannot be shown."""
+    try:
+        return load_holder(info_file), None
+    except FileNotFoundError:
+        return None, None
+    except TrainGuardError as err:
+        return None, f"unreadable: {err.what}"
+    except OSError as err:
+        return None, f"unreadable: {display_name(info_file)}: {err.strerror or err}"
+
+
 def _locked_error(output_dir: Path, lock_file: Path, info_file: Path) -> RunLockedError:
-    holder = read_holder(info_file) or {}
+    found, holder_error = _holder_or_error(info_file)
+    holder = found or {}
     pids = [p for p in _proc_lock_pids(lock_file) if p > 0]  # 0: a holder in another PID namespace
     same_host = holder.get("host") in (None, socket.gethostname())
     # The record is written just after the lock is taken, so for an instant it can still be the previous
@@ -341,7 +447,7 @@ def _locked_error(output_dir: Path, lock_file: Path, info_file: Path) -> RunLock
         holder = {
             "pid": pids[0] if pids else "unknown",
             "host": socket.gethostname() if pids else "unknown",
-            "note": "the holder had not written its record yet",
+            "note": f"its record is {holder_error}" if holder_error else "the holder had not written its record yet",
         }
     pid = holder.get("pid", "unknown")
     host = holder.get("host", "unknown")
@@ -393,8 +499,13 @@ def acquire_run_lock(
     if on_unsupported not in ("warn", "error"):
         raise ValueError(f"on_unsupported must be 'warn' or 'error', not {on_unsupported!r}")
     folder = Path(output_dir)
-    folder.mkdir(parents=True, exist_ok=True)
-    lock_file = (folder / LOCK_NAME).resolve()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise _not_writable(folder, folder, exc) from None
+    # Resolve the folder, never the lock file: a link planted at the lock's name is refused, not followed (its
+    # target's folder would get the holder record).
+    lock_file = folder.resolve() / LOCK_NAME
     with _REGISTRY_LOCK:  # one acquisition at a time in this process; two threads must share, not refuse
         existing = _REGISTRY.get(str(lock_file))
         if existing is not None and existing.held:
@@ -404,6 +515,17 @@ def acquire_run_lock(
         if handle.held:
             _REGISTRY[str(lock_file)] = handle
         return handle
+
+
+def _not_writable(folder: Path, path: Path, exc: OSError) -> PreflightError:
+    return PreflightError(
+        f"output_dir {folder} is not writable: {exc.strerror or exc} ({path}); every checkpoint of this run would "
+        "fail to save",
+        where={"file": str(path)},
+        next_step="Point output_dir at a folder this user can write (a read-write mount, your own folder), or fix "
+        "its permissions, then start again.",
+        evidence={"errno": exc.errno},
+    )
 
 
 def _acquire(
@@ -421,7 +543,12 @@ def _acquire(
         "job_id": job_id,
         **extra,
     }
-    fd = os.open(lock_file, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
+    # O_NOFOLLOW, O_NONBLOCK, regular files only: a link or FIFO at the lock's name is an UnsafeFileError.
+    try:
+        fd = open_write(lock_file, mode=0o644, truncate=False)
+    except OSError as exc:
+        # A read-only mount, or another user's lock file on shared storage: every save of this run would fail too.
+        raise _not_writable(folder, lock_file, exc) from None
     deadline = time.monotonic() + max(0.0, wait_s)
     while True:
         try:
@@ -454,8 +581,9 @@ def _acquire(
             raise
     handle = RunLockHandle(folder, lock_file, info_file, holder, True, note, reach, fd)
     try:
-        atomic_write_json(info_file, holder)
+        _write_holder(info_file, holder)
     except BaseException:
         handle.release()
         raise
+    handle._recorded = True
     return handle

@@ -6,6 +6,11 @@ module is installed), merged versions (``v001``, ``v002``, … with their ``trai
 identity the guards recorded (``stateful_callbacks`` of the newest checkpoint's ``trainer_state.json``) and which
 run lineage wrote each checkpoint. Reads only; never imports torch. Exit status 0, or 2 when PATH is not a folder.
 
+Hostile or broken records never hang or crash it: a FIFO, device or link at the lock, its holder record or the
+crash log is reported (never opened through, never blocked on), a holder record that cannot be parsed or has
+fields of the wrong type is shown as unreadable, malformed crash-log lines are skipped and counted, and the
+command line and exception text it shows are redacted (``--hub_token ***``).
+
 Example::
 
     trainguard inspect out
@@ -16,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import json
 import re
 import sys
 from pathlib import Path
@@ -28,6 +32,8 @@ from ..checks._layout import ARCHIVE_DIR, QUARANTINE_DIR
 from ..checks._resume import checkpoint_dirs, checkpoint_step
 from ..checks.preflight import format_bytes
 from ..checks.run_lock import lock_status
+from ..errors import TrainGuardError
+from ..safe_fs import load_json
 
 __all__ = ["inspect_output_dir", "register"]
 
@@ -51,9 +57,10 @@ def register(subparsers: Any) -> None:
 
 def _read_json(path: Path) -> Any:
     try:
-        with open(path, encoding="utf-8") as fh:
-            return json.load(fh)
-    except (OSError, ValueError) as exc:
+        return load_json(path)
+    except TrainGuardError as exc:  # not JSON, too deep, 1e999, a FIFO: say so, never raise
+        return {"unreadable": f"{type(exc).__name__}: {exc.what}"}
+    except OSError as exc:
         return {"unreadable": f"{type(exc).__name__}: {exc}"}
 
 
@@ -198,7 +205,11 @@ def inspect_output_dir(path: str | Path, *, verify: bool = True) -> dict[str, An
     folder = Path(path)
     if not folder.is_dir():
         raise FileNotFoundError(f"not a folder: {folder}")
-    runs = crash_loop.load_runs(folder, warn=False)
+    crash_log: dict[str, Any] = {"path": str(crash_loop.crash_log_path(folder)), "problem": None, "skipped_lines": []}
+    try:
+        runs, crash_log["skipped_lines"] = crash_loop.load_run_history(folder)
+    except TrainGuardError as err:  # a FIFO or link at the log's name: report it, read nothing through it
+        runs, crash_log["problem"] = [], err.what
     loop = crash_loop.find_crash_loop(folder, max_repeats=3, runs=runs)
     checkpoints = _checkpoints(folder, verify)
     return {
@@ -206,6 +217,7 @@ def inspect_output_dir(path: str | Path, *, verify: bool = True) -> dict[str, An
         "path": str(folder),
         "lock": lock_status(folder),
         "runs": [r.to_dict() for r in runs],
+        "crash_log": crash_log,
         "crash_loop": loop.to_dict() if loop is not None else None,
         "checkpoints": checkpoints,
         "lineage": _lineages(folder, checkpoints),
@@ -221,13 +233,20 @@ def _print(report: dict[str, Any]) -> None:
     w(f"{report['path']}\n")
     lock = report["lock"]
     holder = lock.get("holder") or {}
-    who = (
-        f"PID {holder.get('pid')} on {holder.get('host')}, started {holder.get('started_utc')} UTC, "
-        f"command: {holder.get('command')}"
-        if holder
-        else "an unknown holder (no readable .trainguard.lock.json)"
-    )
-    if lock["held"] is True:
+    if holder:
+        who = (
+            f"PID {holder.get('pid')} on {holder.get('host')}, started {holder.get('started_utc')} UTC, "
+            f"command: {holder.get('command')}"
+        )
+    elif lock.get("holder_error"):
+        who = f"an unknown holder (no readable .trainguard.lock.json: {lock['holder_error']})"
+    else:
+        who = "an unknown holder (no readable .trainguard.lock.json)"
+    if lock.get("problem"):
+        w(f"lock:        unknown: {lock['problem']}\n")
+        if holder or lock.get("holder_error"):
+            w(f"             last record: {who}\n")
+    elif lock["held"] is True:
         pids = lock.get("holder_pids") or []
         extra = f" (kernel: PID {', '.join(map(str, pids))})" if pids and holder.get("pid") not in pids else ""
         w(f"lock:        HELD by {who}{extra}\n")
@@ -245,7 +264,14 @@ def _print(report: dict[str, Any]) -> None:
     for run in runs:
         counts[run["outcome"]] = counts.get(run["outcome"], 0) + 1
     summary = ", ".join(f"{v} {k}" for k, v in sorted(counts.items())) or "none recorded"
+    crash_log = report["crash_log"]
+    if crash_log["problem"]:
+        summary = f"unknown: {crash_log['problem']}"
     w(f"runs:        {summary}\n")
+    skipped = crash_log["skipped_lines"]
+    if skipped:
+        shown = ", ".join(map(str, skipped[:10])) + (", ..." if len(skipped) > 10 else "")
+        w(f"             skipped {len(skipped)} malformed line(s) of {crash_loop.CRASH_LOG} (line {shown})\n")
     for run in runs:
         if run["outcome"] in ("failed", "unknown"):
             start = run["start"]

@@ -1,8 +1,9 @@
 """``trainguard validate-data PATH``: validate a dataset file or folder, every problem with its file and line.
 
 Exit status: 0 no error (warnings allowed), 1 the data has errors, 2 usage or I/O error (PATH or the tokenizer
-folder missing or unusable). Bad *content* is never a traceback: it is a report with errors. Without
-``--tokenizer`` the command imports neither torch nor transformers.
+folder missing or unusable; PATH a FIFO, device or socket, refused without blocking) or an internal error. Bad
+*content* is never a traceback: it is a report with errors. Without ``--tokenizer`` the command imports neither torch
+nor transformers.
 
 Example::
 
@@ -13,10 +14,14 @@ Example::
 from __future__ import annotations
 
 import argparse
+import os
+import stat
 import sys
 from typing import Any
 
 from ..checks.data import FORMATS, load_tokenizer, validate_data
+from ..errors import UnsafeFileError
+from ..safe_fs import describe_kind, display_name, display_text, open_read
 
 __all__ = ["register", "run"]
 
@@ -72,15 +77,37 @@ def _usage_error(message: str, as_json: bool) -> int:
     if as_json:
         from ..cli import emit_json
 
-        emit_json({"ok": False, "error": "usage", "what": message})
+        emit_json({"ok": False, "error": "UsageError", "what": display_text(message)})
     else:
-        sys.stderr.write(f"trainguard validate-data: {message}\n")
+        sys.stderr.write(f"trainguard validate-data: {display_text(message)}\n")
     return 2
+
+
+def _check_readable(path: str | None) -> None:
+    """Refuse PATH before any read when it is a FIFO, device or socket (opening a FIFO to read blocks until a writer
+    comes, which may be never), and raise PermissionError for a folder or file the user may not read (a folder's
+    walk would otherwise skip it silently and report no data)."""
+    if path is None or not os.path.exists(path):
+        return  # validate_data names a missing path
+    mode = os.stat(path).st_mode
+    if stat.S_ISDIR(mode):
+        with os.scandir(path):
+            return
+    if not stat.S_ISREG(mode):
+        name = display_name(path)
+        raise UnsafeFileError(
+            f"{name} is {describe_kind(mode)}, not a data file: trainguard reads regular files only",
+            where={"file": name},
+            next_step="Give a data file or a folder of them; to validate a stream, save it to a file first.",
+        )
+    os.close(open_read(path))
 
 
 def run(args: argparse.Namespace) -> int:
     if args.max_length is not None and args.max_length <= 0:
         return _usage_error(f"--max-length must be positive, not {args.max_length}", args.json)
+    _check_readable(args.path)
+    _check_readable(args.eval_path)
     tokenizer = None
     if args.tokenizer:
         try:

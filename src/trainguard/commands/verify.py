@@ -25,6 +25,7 @@ from ..checks import lineage as _lineage
 from ..checks._layout import ARCHIVE_DIR, TRAINER_STATE, checkpoint_step
 from ..checks._resume import checkpoint_dirs
 from ..checks.preflight import format_bytes
+from ..safe_fs import describe_kind, display_name
 
 __all__ = ["adopt", "register"]
 
@@ -79,6 +80,17 @@ def _usage_error(message: str, as_json: bool, command: str) -> int:
     else:
         sys.stderr.write(f"trainguard {command}: {message}\n")
     return EXIT_USAGE
+
+
+def _not_a_folder(path: Path) -> str:
+    # lexists: a dangling link is "not a folder", not "no such folder"; a FIFO is never opened here.
+    if not os.path.lexists(path):
+        return f"no such folder: {display_name(path)}"
+    try:
+        kind = describe_kind(os.stat(path).st_mode)
+    except OSError as err:
+        kind = err.strerror or "unreadable"
+    return f"not a folder: {display_name(path)} ({kind})"
 
 
 # Names that make a folder a checkpoint (or a saved model) rather than a folder that holds them.
@@ -151,8 +163,8 @@ def _print_table(rows: list[dict[str, Any]]) -> None:
         step = "" if r.step is None else str(r.step)
         lineage = _short(origin.lineage) + ("*" if row.get("current") else "")
         w(
-            f"{r.path.name:<22} {step:>7} {r.files:>5} {format_bytes(r.bytes):>10} {r.seconds:>7.2f}s  {lineage:<8} "
-            f"{r.status}\n"
+            f"{display_name(r.path.name):<22} {step:>7} {r.files:>5} {format_bytes(r.bytes):>10} {r.seconds:>7.2f}s  "
+            f"{lineage:<8} {r.status}\n"
         )
         for p in r.problems:
             w(f"    {p.format()}\n")
@@ -186,7 +198,7 @@ def _verify_output_dir(output_dir: Path, folders: list[Path], workers: int | Non
 
 def _row_json(row: dict[str, Any], output_dir: Path | None) -> dict[str, Any]:
     entry = row["report"].to_dict()
-    entry["output_dir"] = str(output_dir) if output_dir is not None else None
+    entry["output_dir"] = display_name(output_dir) if output_dir is not None else None
     entry["origin"] = row["origin"].to_dict()
     entry["current_lineage"] = bool(row.get("current"))
     return entry
@@ -200,12 +212,10 @@ def run_verify(args: argparse.Namespace) -> int:
     if args.workers is not None and args.workers < 1:
         return _usage_error(f"--workers must be 1 or more, not {args.workers}", args.json, "verify")
     if not path.is_dir():
-        return _usage_error(
-            f"no such folder: {path}" if not path.exists() else f"not a folder: {path}", args.json, "verify"
-        )
+        return _usage_error(_not_a_folder(path), args.json, "verify")
     found = _targets(path)
     if found is None:
-        return _usage_error(f"no checkpoint in or below {path}", args.json, "verify")
+        return _usage_error(f"no checkpoint in or below {display_name(path)}", args.json, "verify")
     kind, entries = found
     groups: list[dict[str, Any]] = []
     for output_dir in dict.fromkeys(o for o, _ in entries if o is not None):
@@ -218,19 +228,20 @@ def run_verify(args: argparse.Namespace) -> int:
     if args.json:
         document: dict[str, Any] = {
             "ok": ok,
-            "path": str(path),
+            "path": display_name(path),
             "kind": kind,
             "checkpoints": [_row_json(row, g["output_dir"]) for g in groups for row in g["rows"]],
         }
         if kind == "output_dir":
-            document["resume_from"] = str(groups[0]["resume"]) if groups[0]["resume"] is not None else None
+            resume = groups[0]["resume"]
+            document["resume_from"] = display_name(resume) if resume is not None else None
             document["lineage"] = groups[0]["scope"].lineage
         elif kind == "tree":
             document["output_dirs"] = [
                 {
-                    "path": str(g["output_dir"]),
+                    "path": display_name(g["output_dir"]),
                     "lineage": g["scope"].lineage,
-                    "resume_from": str(g["resume"]) if g["resume"] is not None else None,
+                    "resume_from": display_name(g["resume"]) if g["resume"] is not None else None,
                     "ok": all(row["report"].ok for row in g["rows"]),
                 }
                 for g in groups
@@ -240,20 +251,20 @@ def run_verify(args: argparse.Namespace) -> int:
         return EXIT_OK if ok else EXIT_FAILED
     for g in groups:
         if kind == "tree":
-            sys.stdout.write(f"\n{g['output_dir'] if g['output_dir'] is not None else 'checkpoints'}:\n")
+            name = display_name(g["output_dir"]) if g["output_dir"] is not None else "checkpoints"
+            sys.stdout.write(f"\n{name}:\n")
         _print_table(g["rows"])
         if g["output_dir"] is not None:
             scope = g["scope"]
             if scope.lineage is not None:
                 sys.stdout.write(f"current lineage: {scope.lineage} (marked *)\n")
             resume = g["resume"]
-            sys.stdout.write(
-                f"resume from: {resume.name if resume is not None else 'none (no checkpoint of it verifies)'}\n"
-            )
+            name = display_name(resume.name) if resume is not None else "none (no checkpoint of it verifies)"
+            sys.stdout.write(f"resume from: {name}\n")
     if kind == "tree":
         failed = sum(1 for g in groups for row in g["rows"] if not row["report"].ok)
         total = sum(len(g["rows"]) for g in groups)
-        sys.stdout.write(f"\n{total} checkpoint(s) under {path}: {total - failed} ok, {failed} FAILED\n")
+        sys.stdout.write(f"\n{total} checkpoint(s) under {display_name(path)}: {total - failed} ok, {failed} FAILED\n")
     return EXIT_OK if ok else EXIT_FAILED
 
 
@@ -306,12 +317,10 @@ def run_manifest(args: argparse.Namespace) -> int:
     if args.workers is not None and args.workers < 1:
         return _usage_error(f"--workers must be 1 or more, not {args.workers}", args.json, "manifest")
     if not path.is_dir():
-        return _usage_error(
-            f"no such folder: {path}" if not path.exists() else f"not a folder: {path}", args.json, "manifest"
-        )
+        return _usage_error(_not_a_folder(path), args.json, "manifest")
     found = _targets(path)
     if found is None:
-        return _usage_error(f"no checkpoint in or below {path}", args.json, "manifest")
+        return _usage_error(f"no checkpoint in or below {display_name(path)}", args.json, "manifest")
     _kind, entries = found
     for output_dir in dict.fromkeys(o for o, _ in entries if o is not None):
         ckpt.mark_run_uses_manifests(output_dir)
@@ -323,16 +332,21 @@ def run_manifest(args: argparse.Namespace) -> int:
         emit_json(
             {
                 "ok": ok,
-                "path": str(path),
+                "path": display_name(path),
                 "checkpoints": [
-                    {"path": str(folder), "action": r["action"], "why": r.get("why"), "before": r["report"].to_dict()}
+                    {
+                        "path": display_name(folder),
+                        "action": r["action"],
+                        "why": r.get("why"),
+                        "before": r["report"].to_dict(),
+                    }
                     for folder, r in results
                 ],
             }
         )
     else:
         for folder, r in results:
-            line = f"{folder.name:<22} {r['action']}"
+            line = f"{display_name(folder.name):<22} {r['action']}"
             if r["action"] == "refused":
                 line += f": {r['why']}"
             sys.stdout.write(line + "\n")

@@ -20,7 +20,6 @@ Example::
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
@@ -30,6 +29,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ...errors import TrainGuardError
+from ...safe_fs import load_json, open_read, parse_json
 from .report import Problem
 
 __all__ = ["SaveSpec", "TensorSpec", "audit_checkpoint", "audit_optimizer", "safetensors_dtype"]
@@ -100,16 +101,18 @@ def _read_header(path: Path) -> dict[str, Any] | str:
     """A safetensors file's header (names -> dtype, shape), or why it cannot be read."""
     try:
         size = path.stat().st_size
-        with open(path, "rb") as fh:
+        with os.fdopen(open_read(path), "rb") as fh:
             raw = fh.read(8)
             if len(raw) < 8:
                 return f"{size} bytes: shorter than a safetensors header"
             (length,) = struct.unpack("<Q", raw)
             if length > min(_MAX_HEADER, size - 8):
                 return f"header length {length} does not fit a {size}-byte file"
-            header = json.loads(fh.read(length).decode("utf-8"))
-    except (OSError, ValueError, UnicodeDecodeError, RecursionError) as err:
+            header = parse_json(fh.read(length), source=path)
+    except (OSError, ValueError) as err:
         return f"unreadable ({type(err).__name__}: {err})"
+    except TrainGuardError as err:  # crafted JSON (too deep, numbers out of range), or not a regular file
+        return f"unreadable ({err.what})"
     if not isinstance(header, dict):
         return "the header is not a JSON object"
     header.pop("__metadata__", None)
@@ -123,9 +126,13 @@ def _weight_files(folder: Path, kind: str) -> list[Path] | str:
     index = folder / _WEIGHT_INDEX[0]
     if index.is_file():
         try:
-            weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map", {})
+            weight_map = load_json(index).get("weight_map", {})
+            if not isinstance(weight_map, dict):
+                raise ValueError("weight_map is not an object")
         except (OSError, ValueError, AttributeError) as err:
             return f"{index.name} is unreadable ({err})"
+        except TrainGuardError as err:
+            return f"{index.name} is unreadable ({err.what})"
         return [folder / name for name in sorted(set(map(str, weight_map.values())))]
     single = folder / "model.safetensors"
     return [single] if single.is_file() else "no model.safetensors (nor an index of shards): the model was not saved"
@@ -166,8 +173,9 @@ def _audit_weights(folder: Path, spec: SaveSpec, problems: list[Problem]) -> Non
                 problems.append(Problem(path.name, "hollow", header))
                 continue
             for name, info in header.items():
-                if isinstance(info, dict):
-                    saved[name] = (str(info.get("dtype")), [int(d) for d in info.get("shape", [])], path.name)
+                shape = info.get("shape") if isinstance(info, dict) else None
+                if isinstance(shape, list) and all(isinstance(d, int) for d in shape):
+                    saved[name] = (str(info.get("dtype")), list(shape), path.name)
     missing = [n for n in spec.weights if n not in saved and spec.tied.get(n) not in saved]
     if missing:
         shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")

@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ...errors import TrainGuardError
+from ...safe_fs import read_bytes, read_text
 from .._layout import checkpoint_step
 from .report import Problem
 
@@ -77,26 +79,30 @@ def read_dcp_metadata(folder: str | os.PathLike[str]) -> DcpIndex | str:
     """Read a DCP folder's ``.metadata`` (restricted unpickling); a string says why it could not be read."""
     path = Path(folder) / DCP_METADATA
     try:
-        size = path.stat().st_size
-        if size > _MAX_METADATA:
-            return f"{size} bytes: not a plausible checkpoint index"
-        metadata = _MetadataUnpickler(io.BytesIO(path.read_bytes())).load()
+        # a regular file only (a FIFO at .metadata never blocks), and bounded
+        data = read_bytes(path, limit=_MAX_METADATA)
     except FileNotFoundError:
         return "missing"
-    except Exception as err:  # damaged bytes, foreign classes, a truncated pickle
+    except TrainGuardError as err:
+        return err.what
+    except OSError as err:
         return f"unreadable ({type(err).__name__}: {str(err)[:200]})"
-    index = DcpIndex()
-    for name, meta in (getattr(metadata, "state_dict_metadata", None) or {}).items():
-        size_attr = getattr(meta, "size", None)
-        properties = getattr(meta, "properties", None)
-        if size_attr is not None:
-            index.tensors[str(name)] = (tuple(int(d) for d in size_attr), str(getattr(properties, "dtype", "")))
-    for info in (getattr(metadata, "storage_data", None) or {}).values():
-        relative = getattr(info, "relative_path", None)
-        if relative is None:
-            continue
-        end = int(getattr(info, "offset", 0)) + int(getattr(info, "length", 0))
-        index.files[str(relative)] = max(index.files.get(str(relative), 0), end)
+    try:
+        metadata = _MetadataUnpickler(io.BytesIO(data)).load()
+        index = DcpIndex()
+        for name, meta in (getattr(metadata, "state_dict_metadata", None) or {}).items():
+            size_attr = getattr(meta, "size", None)
+            properties = getattr(meta, "properties", None)
+            if size_attr is not None:
+                index.tensors[str(name)] = (tuple(int(d) for d in size_attr), str(getattr(properties, "dtype", "")))
+        for info in (getattr(metadata, "storage_data", None) or {}).values():
+            relative = getattr(info, "relative_path", None)
+            if relative is None:
+                continue
+            end = int(getattr(info, "offset", 0)) + int(getattr(info, "length", 0))
+            index.files[str(relative)] = max(index.files.get(str(relative), 0), end)
+    except Exception as err:  # damaged bytes, foreign classes, a truncated pickle, fields of the wrong type
+        return f"unreadable ({type(err).__name__}: {str(err)[:200]})"
     return index
 
 
@@ -141,9 +147,12 @@ def _check_deepspeed(folder: Path, world_size: int | None, problems: list[Proble
         problems.append(Problem("latest", "missing", "missing: DeepSpeed cannot find which global_step folder to load"))
         return
     try:
-        tag = latest.read_text(encoding="utf-8").strip()
-    except (OSError, UnicodeDecodeError) as err:
-        problems.append(Problem("latest", "unreadable", f"unreadable ({err})"))
+        tag = read_text(latest, limit=4096).strip()
+    except (OSError, TrainGuardError) as err:
+        problems.append(Problem("latest", "unreadable", f"unreadable ({getattr(err, 'what', err)})"))
+        return
+    if not tag or "/" in tag or tag in (".", ".."):
+        problems.append(Problem("latest", "malformed", f"names {tag[:80]!r}, not a global_step folder of this one"))
         return
     step = checkpoint_step(folder)
     if step is not None and tag != f"global_step{step}":
@@ -176,7 +185,8 @@ def _check_deepspeed(folder: Path, world_size: int | None, problems: list[Proble
 def _deepspeed_world(tagged: Path, names: list[str]) -> int | None:
     """The data-parallel world size DeepSpeed recorded in a model-states file (``dp_world_size``): without a
     manifest, the only record of how many ranks' files belong here. Read through a memory map, tensors untouched."""
-    candidates = sorted(n for n in names if n.endswith("_model_states.pt"))
+    # regular files only: torch.load opens with open(), which blocks on a FIFO
+    candidates = sorted(n for n in names if n.endswith("_model_states.pt") and (tagged / n).is_file())
     if not candidates:
         return None
     try:

@@ -9,21 +9,24 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
-import json
 import os
 import platform
 import re
+import stat
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from contextvars import ContextVar
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..._util import default_workers, utc_now
 from ..._version import __version__
 from ...alerts import get_logger
-from ...atomic import atomic_write_json, atomic_write_text, fsync_dir, is_temp_name
+from ...atomic import atomic_write_bytes, atomic_write_json, fsync_dir, is_temp_name
+from ...errors import TrainGuardError, UnsafeFileError
+from ...safe_fs import describe_kind, display_name, load_json, open_read, read_bytes
 from .. import lineage as _lineage
 from .._layout import (
     JIT_SENTINEL,
@@ -38,6 +41,7 @@ from .._resume import checkpoint_dirs
 from .formats import special_extra
 
 __all__ = [
+    "FolderListing",
     "format_sha256_lines",
     "has_manifest",
     "hash_many",
@@ -47,6 +51,7 @@ __all__ = [
     "parse_sha256_file",
     "read_metadata",
     "run_uses_manifests",
+    "scan_folder",
     "sha256_file",
     "write_manifest",
 ]
@@ -57,6 +62,8 @@ _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 #: Digests other processes computed: ``{absolute path: (size, mtime_ns, sha256)}`` (see :func:`known_digests`).
 _KNOWN: ContextVar[Mapping[str, tuple[int, int, str]] | None] = ContextVar("trainguard_known_digests", default=None)
 _CHUNK = 4 << 20  # 4 MiB reads: large enough that hashlib releases the GIL and syscalls are negligible
+#: A manifest line is ~70 bytes plus the name: this allows millions of files and stops a crafted giant.
+_MAX_MANIFEST_BYTES = 256 << 20
 
 
 # ------------------------------------------------------------------------------------------ sha256sum format
@@ -101,25 +108,30 @@ def parse_sha256_file(path: str | os.PathLike[str]) -> dict[str, str]:
         OSError: The file cannot be read.
     """
     digests: dict[str, str] = {}
-    with open(path, encoding="utf-8", newline="\n") as fh:
-        for number, raw in enumerate(fh, 1):
-            line = raw.rstrip("\n")
-            if not line or line.startswith("#"):
-                continue
-            escaped = line.startswith("\\")
-            if escaped:
-                line = line[1:]
-            digest, sep, name = line[:64], line[64:66], line[66:]
-            if not _HEX64.match(digest.lower()) or sep not in ("  ", " *") or not name:
-                raise ValueError(f"line {number} is not a sha256sum line: {raw[:120]!r}")
-            if escaped:
-                name = _unescape_name(name)
-            parts = Path(name).parts
-            if Path(name).is_absolute() or ".." in parts:
-                raise ValueError(f"line {number} names a path outside the folder: {name!r}")
-            if name in digests:
-                raise ValueError(f"line {number} repeats {name!r}")
-            digests[name] = digest.lower()
+    try:
+        # a regular file only (a FIFO planted at the marker never blocks), bounded
+        data = read_bytes(path, limit=_MAX_MANIFEST_BYTES)
+    except TrainGuardError as err:
+        raise ValueError(err.what) from None
+    # Names are bytes to sha256sum; one that is not UTF-8 comes back as the str os.listdir gives for it.
+    for number, line in enumerate(data.decode("utf-8", "surrogateescape").split("\n"), 1):
+        raw = line
+        if not line or line.startswith("#"):
+            continue
+        escaped = line.startswith("\\")
+        if escaped:
+            line = line[1:]
+        digest, sep, name = line[:64], line[64:66], line[66:]
+        if not _HEX64.match(digest.lower()) or sep not in ("  ", " *") or not name:
+            raise ValueError(f"line {number} is not a sha256sum line: {raw[:120]!r}")
+        if escaped:
+            name = _unescape_name(name)
+        parts = Path(name).parts
+        if Path(name).is_absolute() or ".." in parts:
+            raise ValueError(f"line {number} names a path outside the folder: {name!r}")
+        if name in digests:
+            raise ValueError(f"line {number} repeats {name!r}")
+        digests[name] = digest.lower()
     return digests
 
 
@@ -132,7 +144,8 @@ def sha256_file(path: str | os.PathLike[str], *, chunk_size: int = _CHUNK, fsync
     digest = hashlib.sha256()
     buffer = bytearray(chunk_size)
     view = memoryview(buffer)
-    with open(path, "rb", buffering=0) as fh:
+    # open_read: O_NONBLOCK + fstat, so a FIFO or device is refused (UnsafeFileError), never read and blocked on
+    with os.fdopen(open_read(path), "rb", buffering=0) as fh:
         while True:
             n = fh.readinto(buffer)
             if not n:
@@ -196,7 +209,7 @@ def hash_many(
         for name in order:
             try:
                 results[name] = sha256_file(folder / name, fsync=fsync)
-            except OSError as err:
+            except (OSError, UnsafeFileError) as err:
                 results[name] = err
         return results
     with ThreadPoolExecutor(max_workers=n_workers, thread_name_prefix="trainguard-sha256") as pool:
@@ -208,7 +221,7 @@ def hash_many(
                 name = pending.pop(future)
                 try:
                     results[name] = future.result()
-                except OSError as err:
+                except (OSError, UnsafeFileError) as err:
                     results[name] = err
                 value = results[name]
                 if isinstance(value, BaseException) or (expected is not None and expected.get(name) != value):
@@ -222,28 +235,83 @@ def hash_many(
 
 # -------------------------------------------------------------------------------------------- file listing
 def _is_own_file(name: str) -> bool:
-    return name in (MANIFEST_NAME, SAVING_MARKER) or is_temp_name(name) or name.startswith(PARTIAL_PREFIX)
+    return name in (MANIFEST_NAME, SAVING_MARKER) or name.startswith(PARTIAL_PREFIX)
+
+
+@dataclass
+class FolderListing:
+    """Everything under a checkpoint folder, sorted by what it is.
+
+    ``files``: ``{relative posix path: size}`` of the regular files (and links to regular files) a manifest covers;
+    ``links_out``: ``{name: target}`` for those of them that are links leading outside the folder; ``special``:
+    ``{name: what it is}`` for entries that are not regular files (a FIFO, socket, device, a link to a folder, a
+    broken link), never opened; ``temps``: leftovers of an interrupted trainguard write (``atomic.is_temp_name``);
+    ``nested_manifests``: commit markers found in subfolders (a checkpoint copied into another?).
+    """
+
+    files: dict[str, int] = field(default_factory=dict)
+    links_out: dict[str, str] = field(default_factory=dict)
+    special: dict[str, str] = field(default_factory=dict)
+    temps: list[str] = field(default_factory=list)
+    nested_manifests: list[str] = field(default_factory=list)
+
+
+def scan_folder(folder: Path) -> FolderListing:
+    """List ``folder`` recursively without opening anything: one ``lstat`` a file (two for a link), links to folders
+    never followed. trainguard's own files at the top (the commit marker, the saving marker, a rank's partial hashes)
+    are left out."""
+    listing = FolderListing()
+    root_real: str | None = None
+    todo = [(folder, "")]
+    while todo:
+        base, prefix = todo.pop()
+        try:
+            entries = sorted(os.scandir(base), key=lambda e: e.name)
+        except (FileNotFoundError, NotADirectoryError):
+            continue  # removed while we listed
+        for entry in entries:
+            name = entry.name
+            relative = prefix + name
+            if not prefix and _is_own_file(name):
+                continue
+            if is_temp_name(name):
+                listing.temps.append(relative)
+                continue
+            try:
+                st = entry.stat(follow_symlinks=False)
+            except FileNotFoundError:
+                continue
+            mode = st.st_mode
+            if stat.S_ISDIR(mode):
+                todo.append((Path(entry.path), relative + "/"))
+                continue
+            if stat.S_ISLNK(mode):
+                try:
+                    st = os.stat(entry.path)
+                except OSError:
+                    listing.special[relative] = "a broken symbolic link"
+                    continue
+                if not stat.S_ISREG(st.st_mode):
+                    listing.special[relative] = f"a symbolic link to {describe_kind(st.st_mode)}"
+                    continue
+                if root_real is None:
+                    root_real = os.path.realpath(folder)
+                target = os.path.realpath(entry.path)
+                if os.path.commonpath([root_real, target]) != root_real:
+                    listing.links_out[relative] = target
+            elif not stat.S_ISREG(mode):
+                listing.special[relative] = describe_kind(mode)
+                continue
+            if prefix and name == MANIFEST_NAME:
+                listing.nested_manifests.append(relative)
+            listing.files[relative] = st.st_size
+    return listing
 
 
 def list_files(folder: Path) -> dict[str, int]:
-    """``{relative posix path: size}`` of every regular file under ``folder`` (recursively), without the commit
-    marker and trainguard temp files."""
-    found: dict[str, int] = {}
-    for root, dirs, files in os.walk(folder):
-        dirs.sort()
-        base = Path(root)
-        for name in files:
-            if _is_own_file(name):
-                continue
-            path = base / name
-            try:
-                st = path.stat()
-            except FileNotFoundError:
-                continue  # a broken link, or removed while we listed
-            if not os.path.isfile(path):
-                continue
-            found[path.relative_to(folder).as_posix()] = st.st_size
-    return found
+    """``{relative posix path: size}`` of every regular file under ``folder`` (recursively, links to regular files
+    included), without the commit marker and trainguard temp files; see :func:`scan_folder` for the rest."""
+    return scan_folder(folder).files
 
 
 def has_manifest(folder: str | os.PathLike[str]) -> bool:
@@ -289,9 +357,10 @@ def _versions() -> dict[str, str]:
 
 
 def read_metadata(folder: Path) -> dict[str, Any] | None:
+    """The manifest metadata as a dict, or None when it is missing, not a regular file, or not a JSON object."""
     try:
-        value = json.loads((folder / METADATA_NAME).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        value = load_json(folder / METADATA_NAME)
+    except (OSError, TrainGuardError):
         return None
     return value if isinstance(value, dict) else None
 
@@ -344,7 +413,8 @@ def write_manifest(
     folder_stat = folder.stat()
     marker = folder / MANIFEST_NAME
     marker.unlink(missing_ok=True)
-    files = list_files(folder)
+    listing = scan_folder(folder)
+    files = listing.files
     files.pop(METADATA_NAME, None)
     files.pop(JIT_SENTINEL, None)
     leftovers = sorted(n for n in files if special_extra(n) is not None)
@@ -355,6 +425,14 @@ def write_manifest(
             folder,
             ", ".join(leftovers),
         )
+    skipped = [f"{display_name(n)} ({what})" for n, what in sorted(listing.special.items())]
+    skipped += [f"{display_name(n)} (a link out to {display_name(t)})" for n, t in listing.links_out.items()]
+    if skipped:
+        get_logger().warning(
+            "trainguard: %s holds entries a manifest cannot vouch for: %s; verification will name them",
+            folder,
+            ", ".join(skipped),
+        )
     # fsync while hashing: once the marker exists, the files it vouches for are on disk, not only in the page cache.
     digests = hash_many(folder, files, files, workers, fsync=True)
     for value in digests.values():
@@ -363,8 +441,9 @@ def write_manifest(
     if step is None:
         step = checkpoint_step(folder)
         if step is None and "trainer_state.json" in files:
-            with contextlib.suppress(OSError, ValueError, TypeError, AttributeError):
-                step = int(json.loads((folder / "trainer_state.json").read_text(encoding="utf-8"))["global_step"])
+            with contextlib.suppress(OSError, ValueError, TypeError, AttributeError, KeyError, TrainGuardError):
+                value = load_json(folder / "trainer_state.json")["global_step"]
+                step = value if isinstance(value, int) and not isinstance(value, bool) else None
     meta: dict[str, Any] = {
         "format": MANIFEST_FORMAT,
         "algorithm": "sha256",
@@ -375,7 +454,8 @@ def write_manifest(
         "versions": _versions(),
         "total_bytes": sum(files.values()),
         "hash_seconds": round(time.perf_counter() - start, 4),
-        "files": {name: {"size": files[name], "sha256": digests[name]} for name in sorted(files)},
+        # JSON is UTF-8: a name that is not is recorded escaped (its size then goes unchecked; its sha256 does not)
+        "files": {display_name(name): {"size": files[name], "sha256": digests[name]} for name in sorted(files)},
     }
     if lineage:
         meta["lineage"] = dict(lineage)
@@ -386,7 +466,7 @@ def write_manifest(
     lines[METADATA_NAME] = sha256_file(folder / METADATA_NAME)
     for sub in {(folder / name).parent for name in files}:
         fsync_dir(sub)
-    atomic_write_text(marker, format_sha256_lines(lines))
+    atomic_write_bytes(marker, format_sha256_lines(lines).encode("utf-8", "surrogateescape"))
     _lineage.end_save(folder)
     with contextlib.suppress(OSError):
         os.utime(folder, ns=(folder_stat.st_atime_ns, folder_stat.st_mtime_ns))

@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ...safe_fs import display_name
+
 __all__ = ["CheckpointReport", "Problem"]
 
 
@@ -16,8 +18,11 @@ class Problem:
     """One thing wrong with one file of a checkpoint.
 
     ``kind`` is one of ``missing``, ``truncated``, ``size``, ``changed``, ``malformed``, ``extra``,
-    ``interrupted``, ``unreadable``, ``unverified`` (no manifest where one was required); in
-    :attr:`CheckpointReport.warnings`, ``extra`` (a file the Trainer never loads) or ``stale`` (a leftover marker).
+    ``interrupted``, ``unreadable``, ``unverified`` (no manifest where one was required), ``empty`` (nothing a
+    checkpoint holds), ``special`` (a FIFO, socket, device, a link to a folder or a broken link) or ``link`` (a link
+    leading outside the folder); in :attr:`CheckpointReport.warnings`, ``extra`` (a file the Trainer never loads),
+    ``stale`` (a leftover marker or temporary file) or ``nested`` (a commit marker in a subfolder). ``file`` is the
+    name as the filesystem gives it; :meth:`to_dict` and :meth:`format` show a name that is not UTF-8 escaped.
     """
 
     file: str
@@ -25,10 +30,10 @@ class Problem:
     detail: str
 
     def to_dict(self) -> dict[str, str]:
-        return {"file": self.file, "kind": self.kind, "detail": self.detail}
+        return {"file": display_name(self.file), "kind": self.kind, "detail": self.detail}
 
     def format(self) -> str:
-        return f"{self.file or '.'}: {self.detail}"
+        return f"{display_name(self.file) or '.'}: {self.detail}"
 
 
 @dataclass
@@ -69,13 +74,13 @@ class CheckpointReport:
         """One line: the status and, when it failed, every problem."""
         if self.ok:
             extra = f"; warning: {'; '.join(w.format() for w in self.warnings)}" if self.warnings else ""
-            return f"{self.path.name}: {self.status} ({self.files} files, {self.mode} checks){extra}"
-        return f"{self.path.name}: " + "; ".join(p.format() for p in self.problems)
+            return f"{display_name(self.path.name)}: {self.status} ({self.files} files, {self.mode} checks){extra}"
+        return f"{display_name(self.path.name)}: " + "; ".join(p.format() for p in self.problems)
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "path": str(self.path),
-            "name": self.path.name,
+            "path": display_name(self.path),
+            "name": display_name(self.path.name),
             "ok": self.ok,
             "status": self.status,
             "mode": self.mode,

@@ -55,9 +55,13 @@ def scan_output_dir(
     *,
     workers: int | None = None,
     stop_early: bool = False,
+    allow_links_out: bool = False,
 ) -> list[CheckpointReport]:
     """A report for every ``checkpoint-N`` in ``output_dir``, oldest first (legacy ones get structural checks)."""
-    return [check_checkpoint(d, workers=workers, stop_early=stop_early) for d in checkpoint_dirs(output_dir)]
+    return [
+        check_checkpoint(d, workers=workers, stop_early=stop_early, allow_links_out=allow_links_out)
+        for d in checkpoint_dirs(output_dir)
+    ]
 
 
 @dataclass
@@ -91,12 +95,14 @@ def choose_checkpoint(
     workers: int | None = None,
     on_failure: Callable[[CheckpointReport, Path | None], None] | None = None,
     max_step: int | None = None,
+    allow_links_out: bool = False,
 ) -> ResumeChoice:
     """The newest checkpoint of ``output_dir`` in the lineage scope that verifies, with everything learnt on the way.
 
     See :func:`latest_verified_checkpoint` for the arguments. Checkpoints outside the scope are never checked, set
     aside or chosen; they are listed in ``excluded``. ``max_step``: only checkpoints at or below that step are
-    considered (the others are left alone: another node could not resume from them).
+    considered (the others are left alone: another node could not resume from them). ``allow_links_out``: see
+    :func:`~trainguard.checks.checkpoint.check_checkpoint`.
     """
     origins = [_lineage.checkpoint_origin(d) for d in checkpoint_dirs(output_dir)]
     scope = _scope_for(output_dir, lineage, origins)
@@ -112,7 +118,7 @@ def choose_checkpoint(
             _lineage.describe_many(choice.excluded),
         )
     for origin in reversed(eligible):
-        report = check_checkpoint(origin.path, workers=workers, stop_early=True)
+        report = check_checkpoint(origin.path, workers=workers, stop_early=True, allow_links_out=allow_links_out)
         if report.ok:
             if report.mode == "structural":
                 get_logger().info(
@@ -142,6 +148,7 @@ def latest_verified_checkpoint(
     workers: int | None = None,
     on_failure: Callable[[CheckpointReport, Path | None], None] | None = None,
     lineage: str | None = "current",
+    allow_links_out: bool = False,
 ) -> Path | None:
     """The newest ``checkpoint-N`` of the output_dir's current run lineage that verifies, or None.
 
@@ -157,6 +164,11 @@ def latest_verified_checkpoint(
         on_failure: Called with each failed report and its new path (when set aside), e.g. to alert.
         lineage: ``"current"`` (default): the lineage the registry names current (else the newest checkpoint's);
             a lineage id: that lineage only; None: any checkpoint, as ``get_last_checkpoint`` does.
+        allow_links_out: Accept symbolic links leading outside a checkpoint folder (off: such a checkpoint fails).
+
+    Raises:
+        UnsafeFileError: With ``set_aside``, ``trainguard-quarantine`` in ``output_dir`` is a link or a file (nothing
+            is moved).
 
     Example::
 
@@ -164,7 +176,12 @@ def latest_verified_checkpoint(
         trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
     """
     return choose_checkpoint(
-        output_dir, lineage=lineage, set_aside=set_aside, workers=workers, on_failure=on_failure
+        output_dir,
+        lineage=lineage,
+        set_aside=set_aside,
+        workers=workers,
+        on_failure=on_failure,
+        allow_links_out=allow_links_out,
     ).path
 
 
@@ -176,6 +193,7 @@ def resume_choice(
     workers: int | None = None,
     on_failure: Callable[[CheckpointReport, Path | None], None] | None = None,
     max_step: int | None = None,
+    allow_links_out: bool = False,
 ) -> ResumeChoice | None:
     """:func:`resolve_verified_resume` with the details (who wrote the choice, what failed, what was excluded).
 
@@ -187,13 +205,18 @@ def resume_choice(
         return None
     if resume_from_checkpoint is not True:
         path = Path(os.fspath(resume_from_checkpoint))
-        report = verify_checkpoint(path, workers=workers)
+        report = verify_checkpoint(path, workers=workers, allow_links_out=allow_links_out)
         origin = _lineage.checkpoint_origin(path)
         return ResumeChoice(path, _lineage.LineageScope(origin.lineage, True, "given"), origin, report, considered=1)
     if output_dir is None or not checkpoint_dirs(output_dir):
         return None
     choice = choose_checkpoint(
-        output_dir, set_aside=set_aside, workers=workers, on_failure=on_failure, max_step=max_step
+        output_dir,
+        set_aside=set_aside,
+        workers=workers,
+        on_failure=on_failure,
+        max_step=max_step,
+        allow_links_out=allow_links_out,
     )
     if choice.path is not None or (max_step is not None and not choice.excluded):
         return choice
@@ -231,6 +254,7 @@ def resolve_verified_resume(
     set_aside: bool = True,
     workers: int | None = None,
     on_failure: Callable[[CheckpointReport, Path | None], None] | None = None,
+    allow_links_out: bool = False,
 ) -> Path | None:
     """The checkpoint to pass to ``trainer.train(resume_from_checkpoint=...)``, verified; a pre-flight.
 
@@ -252,6 +276,11 @@ def resolve_verified_resume(
         trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
     """
     choice = resume_choice(
-        output_dir, resume_from_checkpoint, set_aside=set_aside, workers=workers, on_failure=on_failure
+        output_dir,
+        resume_from_checkpoint,
+        set_aside=set_aside,
+        workers=workers,
+        on_failure=on_failure,
+        allow_links_out=allow_links_out,
     )
     return choice.path if choice is not None else None

@@ -4,13 +4,13 @@ without one, structurally; and the error that names every problem.
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from pathlib import Path
 from typing import Any
 
-from ...errors import CheckpointIntegrityError
+from ...errors import CheckpointIntegrityError, TrainGuardError
+from ...safe_fs import display_name, load_json
 from .. import lineage as _lineage
 from .._layout import (
     JIT_SENTINEL,
@@ -20,10 +20,10 @@ from .._layout import (
     SAVING_MARKER,
     checkpoint_step,
 )
-from .._resume import checkpoint_dirs
-from .formats import check_format, issue_kind, loaded_on_resume, special_extra
+from .._resume import checkpoint_dirs, trainer_state_problem
+from .formats import check_format, describes_checkpoint, issue_kind, loaded_on_resume, special_extra
 from .layouts import check_layouts
-from .manifest import has_manifest, hash_many, list_files, parse_sha256_file, read_metadata, sha256_file
+from .manifest import FolderListing, has_manifest, hash_many, parse_sha256_file, read_metadata, scan_folder
 from .report import CheckpointReport, Problem
 
 __all__ = ["check_checkpoint", "integrity_error", "verify_checkpoint"]
@@ -31,15 +31,28 @@ __all__ = ["check_checkpoint", "integrity_error", "verify_checkpoint"]
 
 # -------------------------------------------------------------------------------------------------- checks
 def _check_trainer_state(folder: Path, problems: list[Problem]) -> int | None:
-    """The ``global_step`` of ``trainer_state.json`` when readable; a mismatch with ``checkpoint-N`` is a problem."""
+    """The ``global_step`` of ``trainer_state.json`` when readable; a mismatch with ``checkpoint-N`` is a problem, and
+    so is a state the Trainer could not load (crafted JSON, a field of another type), even one the manifest covers."""
     expected = checkpoint_step(folder)
     if not (folder / "trainer_state.json").is_file():
         return expected
+    named = any(p.file == "trainer_state.json" for p in problems)
     try:
-        state = json.loads((folder / "trainer_state.json").read_text(encoding="utf-8"))
-        step = int(state.get("global_step"))
-    except (OSError, ValueError, TypeError, AttributeError):
-        return expected  # unreadable JSON is reported by the format check
+        state = load_json(folder / "trainer_state.json")
+    except OSError:
+        return expected  # unreadable: the hashing names it
+    except TrainGuardError as err:
+        if not named:
+            problems.append(Problem("trainer_state.json", "malformed", f"the Trainer cannot load it: {err.what}"))
+        return expected
+    why = trainer_state_problem(state) if isinstance(state, dict) else ("", "not a JSON object")
+    if why is not None:
+        if not named:
+            problems.append(Problem("trainer_state.json", "malformed", f"the Trainer cannot load it: {why[1]}"))
+        return expected
+    step = state.get("global_step")
+    if not isinstance(step, int):
+        return expected
     if expected is not None and step != expected:
         problems.append(
             Problem(
@@ -51,22 +64,72 @@ def _check_trainer_state(folder: Path, problems: list[Problem]) -> int | None:
     return step
 
 
-def _check_with_manifest(folder: Path, report: CheckpointReport, workers: int | None, stop_early: bool) -> None:
+def _listing_findings(listing: FolderListing, report: CheckpointReport, *, allow_links_out: bool) -> set[str]:
+    """Report what a listing found besides regular files; returns the names that must not be read."""
+    blocked: set[str] = set()
+    for name, what in sorted(listing.special.items()):
+        report.problems.append(
+            Problem(name, "special", f"{what}, not a regular file: never opened (planted here, or left by a tool)")
+        )
+        blocked.add(name)
+    if not allow_links_out:
+        for name, target in sorted(listing.links_out.items()):
+            report.problems.append(
+                Problem(
+                    name,
+                    "link",
+                    f"a symbolic link to {display_name(target)}, outside the checkpoint: that file is not part of it "
+                    "and can change under it (pass allow_links_out=True to accept such links)",
+                )
+            )
+            blocked.add(name)
+    for name in listing.temps:
+        report.warnings.append(
+            Problem(name, "stale", "a leftover temporary file of an interrupted trainguard write; ignored")
+        )
+    for name in listing.nested_manifests:
+        report.warnings.append(
+            Problem(name, "nested", "a commit marker inside a subfolder: another checkpoint copied into this one?")
+        )
+    return blocked
+
+
+def _not_a_checkpoint(names: Any) -> Problem | None:
+    if describes_checkpoint(names):
+        return None
+    return Problem(
+        "",
+        "empty",
+        "holds no weights (safetensors, torch, DCP or DeepSpeed files, a PEFT adapter) and no trainer_state.json: "
+        "it does not describe a checkpoint",
+    )
+
+
+def _check_with_manifest(
+    folder: Path, report: CheckpointReport, workers: int | None, stop_early: bool, allow_links_out: bool
+) -> None:
     problems = report.problems
     try:
         expected = parse_sha256_file(folder / MANIFEST_NAME)
     except (OSError, UnicodeDecodeError, ValueError) as err:
         problems.append(Problem(MANIFEST_NAME, "unreadable", f"the manifest is damaged ({err})"))
         return
-    actual = list_files(folder)
+    listing = scan_folder(folder)
+    blocked = _listing_findings(listing, report, allow_links_out=allow_links_out)
+    actual = {n: size for n, size in listing.files.items() if n not in blocked}
+    empty = _not_a_checkpoint(n for n in expected if n != METADATA_NAME)
+    if empty is not None:
+        problems.append(Problem(MANIFEST_NAME, empty.kind, f"the manifest {empty.detail}"))
     report.files = len(expected)
     report.bytes = sum(actual.get(n, 0) for n in expected)
 
     sizes: dict[str, int] = {}
     if METADATA_NAME in expected and METADATA_NAME in actual:
-        meta_digest = sha256_file(folder / METADATA_NAME)
+        meta_digest = hash_many(folder, [METADATA_NAME], actual, 1).get(METADATA_NAME)
         report.hashed_bytes += actual[METADATA_NAME]
-        if meta_digest != expected[METADATA_NAME]:
+        if isinstance(meta_digest, BaseException):
+            problems.append(Problem(METADATA_NAME, "unreadable", f"unreadable ({meta_digest})"))
+        elif meta_digest != expected[METADATA_NAME]:
             problems.append(Problem(METADATA_NAME, "changed", "the manifest metadata changed since it was written"))
         else:
             meta = read_metadata(folder) or {}
@@ -77,12 +140,16 @@ def _check_with_manifest(folder: Path, report: CheckpointReport, workers: int | 
     elif METADATA_NAME not in expected:
         report.notes.append(f"{METADATA_NAME} is not listed: sizes unknown, content checked by sha256 only")
 
-    failed: set[str] = {METADATA_NAME} if problems else set()
+    failed: set[str] = {METADATA_NAME} if any(p.file == METADATA_NAME for p in problems) else set()
     for name in sorted(expected):
-        if name not in actual:
+        if name in blocked:
+            failed.add(name)
+        elif name not in actual:
             problems.append(Problem(name, "missing", "missing (listed in the manifest)"))
             failed.add(name)
     for name in sorted(set(actual) - set(expected)):
+        if name.rsplit("/", 1)[-1] == MANIFEST_NAME:
+            continue  # a nested commit marker: named among the warnings already
         special = special_extra(name)
         if special is not None and name.rsplit("/", 1)[-1] == JIT_SENTINEL:
             # The commit marker is written only after the Trainer's save returned: a JIT sentinel beside it is a
@@ -173,9 +240,11 @@ def _interruption(folder: Path) -> Problem | None:
     return None
 
 
-def _check_structure_only(folder: Path, report: CheckpointReport, require_state: bool) -> None:
+def _check_structure_only(folder: Path, report: CheckpointReport, require_state: bool, allow_links_out: bool) -> None:
     problems = report.problems
-    actual = list_files(folder)
+    listing = scan_folder(folder)
+    blocked = _listing_findings(listing, report, allow_links_out=allow_links_out)
+    actual = {n: size for n, size in listing.files.items() if n not in blocked}
     report.files = len(actual)
     report.bytes = sum(actual.values())
     if require_state and "trainer_state.json" not in actual:
@@ -186,6 +255,8 @@ def _check_structure_only(folder: Path, report: CheckpointReport, require_state:
                 "missing: the Trainer writes it last, so the save did not finish (killed mid-save?)",
             )
         )
+    elif (empty := _not_a_checkpoint(actual)) is not None:
+        problems.append(empty)
     for name in sorted(actual):
         special = special_extra(name)
         if special is not None:
@@ -196,8 +267,8 @@ def _check_structure_only(folder: Path, report: CheckpointReport, require_state:
             problems.append(Problem(name, issue_kind(issue), issue))
     report.notes.append(
         "no manifest (a legacy checkpoint, written without trainguard): structural checks only (sizes, safetensors "
-        "headers, JSON, zip CRC-32); a changed byte inside tensor data is not detectable without a manifest "
-        "(`trainguard manifest` adopts it)"
+        "headers, JSON, torch zip directories and the CRC-32 of their small members); a changed byte inside tensor "
+        "data is not always detectable without a manifest (`trainguard manifest` adopts it)"
     )
 
 
@@ -207,8 +278,14 @@ def check_checkpoint(
     require_manifest: bool | None = None,
     workers: int | None = None,
     stop_early: bool = False,
+    allow_links_out: bool = False,
 ) -> CheckpointReport:
-    """Check one checkpoint folder and report every problem; never raises for a damaged checkpoint.
+    """Check one checkpoint folder and report every problem; never raises for a damaged or crafted checkpoint.
+
+    Besides the files themselves, a folder fails when its manifest (or, without one, the folder) holds no weights
+    and no ``trainer_state.json`` (it describes no checkpoint), when it holds an entry that is not a regular file
+    (a FIFO, socket, device, a link to a folder or a broken link: never opened), or a symbolic link leading outside
+    the folder. Leftover trainguard temporary files and commit markers in subfolders are warnings.
 
     Args:
         path: The checkpoint folder (``out/checkpoint-50``, a LoRA checkpoint, a ``safe_merge`` version, ...).
@@ -217,6 +294,8 @@ def check_checkpoint(
             else a legacy checkpoint that gets structural checks only (``status`` "unverified (legacy)").
         workers: Threads hashing files in parallel (default: the CPU count, at most 8).
         stop_early: Stop at the first problem (for choosing a checkpoint, where the first reason is enough).
+        allow_links_out: Accept symbolic links to regular files outside the folder (hashed like the others). Off by
+            default: such a file is not part of the checkpoint, and whoever controls it controls the resume.
 
     Example::
 
@@ -228,11 +307,11 @@ def check_checkpoint(
     report = CheckpointReport(path=folder, ok=False, mode="none", step=checkpoint_step(folder))
     if not folder.is_dir():
         what = "does not exist" if not folder.exists() else "is not a folder"
-        report.problems.append(Problem("", "missing", f"the checkpoint {folder} {what}"))
+        report.problems.append(Problem("", "missing", f"the checkpoint {display_name(folder)} {what}"))
         return report
     if has_manifest(folder):
         report.mode = "manifest"
-        _check_with_manifest(folder, report, workers, stop_early)
+        _check_with_manifest(folder, report, workers, stop_early, allow_links_out)
     else:
         interrupted = _interruption(folder)
         if interrupted is not None:
@@ -248,7 +327,9 @@ def check_checkpoint(
             )
         else:
             report.mode = "structural"
-            _check_structure_only(folder, report, require_state=checkpoint_step(folder) is not None)
+            _check_structure_only(
+                folder, report, require_state=checkpoint_step(folder) is not None, allow_links_out=allow_links_out
+            )
     if report.mode != "none" and (not report.problems or not stop_early):
         state_step = _check_trainer_state(folder, report.problems)
         if report.step is None:
@@ -293,7 +374,7 @@ def _node_copy_gaps(folder: Path, node_copy: Any, named: set[str]) -> list[Probl
     return problems
 
 
-def _older_verified(folder: Path, workers: int | None) -> Path | None:
+def _older_verified(folder: Path, workers: int | None, allow_links_out: bool = False) -> Path | None:
     step = checkpoint_step(folder)
     if step is None:
         return None
@@ -307,7 +388,7 @@ def _older_verified(folder: Path, workers: int | None) -> Path | None:
     for candidate in reversed(older):
         if not scope.admits(_lineage.checkpoint_origin(candidate)):
             continue
-        if check_checkpoint(candidate, workers=workers, stop_early=True).ok:
+        if check_checkpoint(candidate, workers=workers, stop_early=True, allow_links_out=allow_links_out).ok:
             return candidate
     return None
 
@@ -319,10 +400,10 @@ def integrity_error(report: CheckpointReport, *, alternative: Path | None = None
     what = f"{folder.name} failed verification ({len(report.problems)} problem(s)): " + "; ".join(
         p.format() for p in report.problems
     )
-    where: dict[str, Any] = {"file": str(folder / named[0]) if named else str(folder)}
+    where: dict[str, Any] = {"file": display_name(folder / named[0]) if named else display_name(folder)}
     if len(set(named)) > 1:
-        where["files"] = ", ".join(dict.fromkeys(named))
-    where["checkpoint"] = str(folder)
+        where["files"] = ", ".join(display_name(n) for n in dict.fromkeys(named))
+    where["checkpoint"] = display_name(folder)
     if alternative is not None:
         next_step = (
             f"Resume from {alternative}, the newest older checkpoint that verifies: pass that path, or use "
@@ -352,6 +433,7 @@ def verify_checkpoint(
     *,
     require_manifest: bool | None = None,
     workers: int | None = None,
+    allow_links_out: bool = False,
 ) -> CheckpointReport:
     """Verify a checkpoint folder; raise naming every missing, truncated or changed file.
 
@@ -363,6 +445,7 @@ def verify_checkpoint(
         path: The checkpoint folder.
         require_manifest: See :func:`check_checkpoint`.
         workers: Threads hashing files in parallel (default: the CPU count, at most 8).
+        allow_links_out: See :func:`check_checkpoint` (off: a link leading outside the folder fails).
 
     Returns:
         The :class:`CheckpointReport` (``ok`` is True).
@@ -375,7 +458,7 @@ def verify_checkpoint(
 
         verify_checkpoint("out/checkpoint-50")
     """
-    report = check_checkpoint(path, require_manifest=require_manifest, workers=workers)
+    report = check_checkpoint(path, require_manifest=require_manifest, workers=workers, allow_links_out=allow_links_out)
     if not report.ok:
-        raise integrity_error(report, alternative=_older_verified(report.path, workers))
+        raise integrity_error(report, alternative=_older_verified(report.path, workers, allow_links_out))
     return report

@@ -11,10 +11,14 @@ into chunks) and the file endings that are read.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
+
+from ...errors import UnsafeFileError
+from ...safe_fs import open_read
 
 __all__ = [
     "CHUNK_ROWS",
@@ -110,7 +114,11 @@ def group_chunks(rows: Iterator[tuple[int | None, int, Any]]) -> Iterator[Chunk]
 def open_file(path: Path, label: str, problem: ProblemSink) -> Any:
     """The file opened for binary reading, or None after reporting why it cannot be opened."""
     try:
-        return path.open("rb")
+        # A FIFO, device or socket is refused without blocking (safe_fs), and reported like any unreadable file.
+        return os.fdopen(open_read(path), "rb")
+    except UnsafeFileError as err:
+        problem("unreadable_file", "error", err.what, file=label)
+        return None
     except OSError as err:
         problem("unreadable_file", "error", f"cannot open the file: {err.strerror or err}", file=label)
         return None

@@ -16,6 +16,7 @@ from dataclasses import field as dc_field
 from typing import IO, Any
 
 from ...errors import DataValidationError, _jsonable
+from ...safe_fs import display_json, display_text
 
 __all__ = ["DataIssue", "DataReport", "Issues", "format_where", "isatty"]
 
@@ -115,7 +116,8 @@ class DataReport:
         }
 
     def to_json(self, indent: int | None = 2) -> str:
-        return json.dumps(self.to_dict(), indent=indent, ensure_ascii=False)
+        # Data may hold lone surrogates ("\ud800" is valid in a JSON string): shown escaped, so the text encodes.
+        return json.dumps(display_json(self.to_dict()), indent=indent, ensure_ascii=False)
 
     def raise_for_errors(self) -> None:
         """Raise :class:`DataValidationError` when the report has errors; do nothing otherwise.
@@ -188,7 +190,7 @@ class DataReport:
             )
         if "eval_overlap" in s:
             out.append(f"eval rows also in train: {s['eval_overlap']}")
-        return out
+        return [display_text(line) for line in out]
 
     def _rows(self) -> list[tuple[str, str, str, str, str, str]]:
         rows = []
@@ -199,7 +201,9 @@ class DataReport:
             more = [format_where(e.get("file"), e.get("line"), e.get("row")) for e in issue.examples]
             if more:
                 msg += "  | also: " + ", ".join(more)
-            rows.append((issue.level, issue.code, issue.where, issue.field or "-", str(issue.count), msg))
+            # Escaped before the widths are measured, so the columns stay aligned.
+            where, field, msg = display_text(issue.where), display_text(issue.field or "-"), display_text(msg)
+            rows.append((issue.level, issue.code, where, field, str(issue.count), msg))
         return rows
 
     def __str__(self) -> str:

@@ -125,9 +125,12 @@ def parquet_rows(
     except ImportError:
         problem("unreadable_file", "error", "reading Parquet needs pyarrow (pip install pyarrow)", file=label)
         return
+    handle = open_file(path, label, problem)  # a regular file only: pyarrow would block on a FIFO
+    if handle is None:
+        return
     row = 0
     try:
-        parquet = pq.ParquetFile(path)
+        parquet = pq.ParquetFile(handle)
         total = max(parquet.metadata.num_rows, 1)
         size = path.stat().st_size
         for batch in parquet.iter_batches(batch_size=1024):
@@ -145,3 +148,5 @@ def parquet_rows(
             file=label,
             row=row if row else None,
         )
+    finally:
+        handle.close()

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import json
 import os
 import platform
 import secrets
@@ -44,10 +43,13 @@ from ...atomic import atomic_write_json, fsync_dir
 from ...errors import (
     CheckpointIntegrityError,
     LoraConfigMismatchError,
+    MalformedFileError,
     NonFiniteError,
     PreflightError,
     TrainGuardError,
+    UnsafeFileError,
 )
+from ...safe_fs import load_json
 from ..preflight import DEFAULT_MARGIN, DEFAULT_MARGIN_BYTES, check_disk_space, format_bytes, tokenizer_size
 
 __all__ = [
@@ -104,7 +106,7 @@ def _is_enospc(exc: BaseException | None) -> bool:
 
 def _read_json(path: Path, what: str) -> dict[str, Any]:
     try:
-        value = json.loads(path.read_text(encoding="utf-8"))
+        value = load_json(path)
     except FileNotFoundError:
         raise CheckpointIntegrityError(
             f"{what} is missing: {path.name} not found",
@@ -112,12 +114,17 @@ def _read_json(path: Path, what: str) -> dict[str, Any]:
             next_step="Pass the folder of a saved PEFT adapter (it holds adapter_config.json and "
             "adapter_model.safetensors), e.g. a Trainer checkpoint-N of a PEFT run.",
         ) from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        line = getattr(exc, "lineno", None)
+    except (MalformedFileError, UnsafeFileError) as exc:
+        raise CheckpointIntegrityError(
+            f"{what} is unreadable: {exc.what}",
+            where=exc.where,
+            next_step="Restore the file from the run that wrote it; it is not valid JSON.",
+        ) from None
+    except OSError as exc:
         raise CheckpointIntegrityError(
             f"{what} is unreadable: {exc}",
-            where={"file": str(path), **({"line": line} if line else {})},
-            next_step="Restore the file from the run that wrote it; it is not valid JSON.",
+            where={"file": str(path)},
+            next_step="Check the file's permissions and the storage it is on, then run again.",
         ) from None
     if not isinstance(value, dict):
         raise CheckpointIntegrityError(
@@ -538,8 +545,8 @@ def safe_merge(
         trainer_state = adapter_dir / "trainer_state.json"
         source_step = None
         if trainer_state.is_file():
-            with contextlib.suppress(OSError, ValueError, TypeError, AttributeError):
-                source_step = int(json.loads(trainer_state.read_text(encoding="utf-8")).get("global_step"))
+            with contextlib.suppress(OSError, ValueError, TypeError, AttributeError, OverflowError, TrainGuardError):
+                source_step = int(load_json(trainer_state).get("global_step"))
         base_name = (
             str(base_path.resolve())
             if base_path is not None

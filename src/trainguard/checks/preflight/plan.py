@@ -22,7 +22,6 @@ Example::
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections.abc import Callable, Mapping
@@ -30,7 +29,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ...errors import PreflightError
+from ...errors import PreflightError, TrainGuardError
+from ...safe_fs import load_json
 from .._resume import checkpoint_dirs
 from .sizing import (
     CheckpointEstimate,
@@ -135,9 +135,9 @@ def checkpoint_global_step(checkpoint: Path | None) -> int:
     if checkpoint is None:
         return 0
     try:
-        state = json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8"))
+        state = load_json(checkpoint / "trainer_state.json")
         return max(0, int(state.get("global_step", 0)))
-    except (OSError, ValueError, TypeError, AttributeError):
+    except (OSError, ValueError, TypeError, AttributeError, OverflowError, TrainGuardError):
         # Unreadable state: CheckpointVerifier reports it; here start from 0, which over-estimates (the safe side).
         return 0
 

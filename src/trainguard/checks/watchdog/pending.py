@@ -13,6 +13,7 @@ With ``action="abort"`` the timer ends the process right after writing, so the n
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import re
 import socket
@@ -25,20 +26,25 @@ from pathlib import Path
 
 from ..._util import pid_alive
 from ...alerts import get_logger
+from ...errors import MalformedFileError, UnsafeFileError
+from ...safe_fs import open_write, read_bytes
 from .report import _utc_iso, dump_file_name
 
 __all__ = ["EarlierDump", "PendingFile", "claim_earlier_dumps"]
 
 _PENDING_MARK = "----- faulthandler output (most recent call first) -----\n"
 LIVE_SUFFIX = "-live.txt"
+# A live file holds a header and faulthandler's dumps of a few stacks: a few MB at most.
+_MAX_LEFTOVER = 64 << 20
 _LIVE_RE = re.compile(r"^trainguard-hang-rank(\d+)-pid(\d+)-live\.txt$")
 
 # The helper: copies what faulthandler's timer writes (stdin) into the live file and onto stderr, with a banner
-# before each dump. Plain Python, nothing imported beyond the standard library, started once per watchdog start.
+# before each dump. It inherits the live file's descriptor rather than opening the path again: the name is
+# predictable, and a link planted there between our open and its open would be written through. Plain Python,
+# nothing imported beyond the standard library, started once per watchdog start.
 _TEE = r"""
 import os, sys
-path, banner = sys.argv[1], sys.argv[2].encode()
-out = os.open(path, os.O_WRONLY | os.O_APPEND)
+out, banner = int(sys.argv[1]), sys.argv[2].encode()
 err = sys.stderr.buffer
 while True:
     chunk = os.read(0, 65536)
@@ -78,8 +84,11 @@ class PendingFile:
             "the GIL was held (C code that does not release it). Each 'Timeout' line starts one dump.\n" + _PENDING_MARK
         )
         try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o644)
-        except OSError as exc:
+            # The name is predictable: never through a link someone planted there (it would truncate the link's
+            # target), never a FIFO (it would block the start).
+            fd = open_write(path, mode=0o644, truncate=True)
+            fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_APPEND)
+        except (OSError, UnsafeFileError) as exc:
             # faulthandler can still write to stderr: the stacks reach the job's log instead of a file.
             get_logger().warning("trainguard hang watchdog: cannot open %s (%s); C-level dumps go to stderr", path, exc)
             self.fd, self.path, self.header_len = None, None, 0
@@ -87,9 +96,9 @@ class PendingFile:
         data = header.encode()
         os.write(fd, data)
         self.fd, self.path, self.header_len = fd, path, len(data)
-        self.timer_fd = self._start_helper(path, rank) or fd
+        self.timer_fd = self._start_helper(fd, path, rank) or fd
 
-    def _start_helper(self, path: Path, rank: int) -> int | None:
+    def _start_helper(self, fd: int, path: Path, rank: int) -> int | None:
         banner = (
             f"\ntrainguard hang watchdog: rank {rank} (pid {os.getpid()}) made no progress and holds the GIL; "
             f"its stacks follow, also in {path}\n"
@@ -98,8 +107,8 @@ class PendingFile:
             read, write = os.pipe()
             try:
                 self._helper = subprocess.Popen(
-                    [sys.executable, "-c", _TEE, str(path), banner],
-                    stdin=read, stdout=subprocess.DEVNULL, stderr=None, close_fds=True,
+                    [sys.executable, "-c", _TEE, str(fd), banner],
+                    stdin=read, stdout=subprocess.DEVNULL, stderr=None, close_fds=True, pass_fds=(fd,),
                     start_new_session=True,  # a Ctrl-C to the job must not end it before the dump is copied
                 )  # fmt: skip
             finally:
@@ -167,9 +176,14 @@ def claim_earlier_dumps(output_dir: Path, rank: int) -> Iterator[EarlierDump]:
         if pid == os.getpid() or (pid > 0 and pid_alive(pid)):
             continue
         try:
-            content = path.read_text(encoding="utf-8", errors="replace")
-            mtime = path.stat().st_mtime
-        except OSError:
+            # A FIFO or a link planted under our name is not read (it would block, or read someone else's file).
+            content = read_bytes(path, limit=_MAX_LEFTOVER, follow=False).decode("utf-8", errors="replace")
+            mtime = path.lstat().st_mtime
+        except (OSError, MalformedFileError) as exc:
+            get_logger().warning("trainguard hang watchdog: cannot read %s (%s); left as it is", path, exc)
+            continue
+        except UnsafeFileError as exc:
+            get_logger().warning("trainguard hang watchdog: %s", exc.what)
             continue
         _, _, body = content.partition(_PENDING_MARK)
         if not body.strip():

@@ -1,0 +1,321 @@
+"""Secrets never leave the process: not in the lock's holder record, its error, ``trainguard inspect``, crash
+records, nor a webhook's failure log, error or redirect."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import stat
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, HTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import trainguard
+from trainguard.alerts import WEBHOOK_ENV, Alert, Alerter, WebhookConfigError, WebhookSink, default_sinks
+from trainguard.checks import crash_loop as cl
+from trainguard.checks import run_lock as rl
+from trainguard.redact import MARK, redact_argv, redact_command, redact_text, redact_url
+
+from _rig import free_port, make_trainer, run_python, subprocess_env
+
+HF = "hf_" + "Ab3dEf6hIj9kLm2nOp5qRs8tUv1wXy4zAb"
+OPENAI = "sk-proj-" + "a1B2c3D4e5F6g7H8i9J0"
+GITHUB = "ghp_" + "0123456789abcdefABCDEFghij"
+SLACK = "xoxb-" + "123456789012-abcdefABCDEF"
+AWS = "AKIA" + "ABCDEFGHIJKLMNOP"
+JWT = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxMjM0In0.c2lnbmF0dXJlLXNpZw"
+SECRETS = (HF, OPENAI, GITHUB, SLACK, AWS, JWT, "hunter2pass", "wandb0secret", "envsecret9")
+
+# Takes the run lock with a command line full of credentials, then waits to be killed.
+HOLDER = (
+    "import sys, time\n"
+    "from trainguard.checks.run_lock import acquire_run_lock\n"
+    "acquire_run_lock(sys.argv[1])\n"
+    "print('locked', flush=True)\n"
+    "time.sleep(600)\n"
+)
+SECRET_ARGS = (
+    "--hub_token",
+    HF,
+    "--password=hunter2pass",
+    "--wandb_api_key",
+    "wandb0secret",
+    "WANDB_API_KEY=envsecret9",
+    "--report_to",
+    f"https://user:{OPENAI}@example.com/hook?sig={GITHUB}",
+    "--max_new_tokens",
+    "64",
+)
+
+INSPECT = "import sys\nfrom trainguard.cli import main\nraise SystemExit(main(sys.argv[1:]))\n"
+
+
+def _assert_no_secret(text: str) -> None:
+    for secret in SECRETS:
+        assert secret not in text, f"{secret} leaked"
+
+
+# ------------------------------------------------------------------------------------------------ redact
+def test_redact_argv_hides_values_of_secret_flags_env_style_args_and_token_shaped_words():
+    argv = [
+        "train.py",
+        "--hub_token",
+        HF,
+        "--api-key=abc123",
+        "--apiKey",
+        "camel",
+        "--token",
+        "--next_flag",  # a flag right after a secret flag is not its value
+        "HF_TOKEN=xyz",
+        "trainer.hub_token=nested",
+        "--model",
+        OPENAI,
+        GITHUB,
+        SLACK,
+        AWS,
+        JWT,
+        "--max_new_tokens",
+        "64",
+        "--tokenizer_name",
+        "gpt2",
+        "--lr",
+        "-1e-4",
+    ]
+    assert redact_argv(argv) == [
+        "train.py",
+        "--hub_token",
+        MARK,
+        f"--api-key={MARK}",
+        "--apiKey",
+        MARK,
+        "--token",
+        "--next_flag",
+        f"HF_TOKEN={MARK}",
+        f"trainer.hub_token={MARK}",
+        "--model",
+        MARK,
+        MARK,
+        MARK,
+        MARK,
+        MARK,
+        "--max_new_tokens",
+        "64",
+        "--tokenizer_name",
+        "gpt2",
+        "--lr",
+        "-1e-4",
+    ]
+
+
+def test_redact_url_keeps_scheme_host_port_and_path_but_not_user_info_query_values_or_key_like_segments():
+    assert redact_url("https://bob:pw@hooks.example.com:8443/hook?token=abc&channel=x#frag") == (
+        f"https://{MARK}@hooks.example.com:8443/hook?token={MARK}&channel={MARK}#{MARK}"
+    )
+    slack = "https://hooks.slack.com/services/T0ABC/B0DEF/Zx9Yw8Vu7Ts6Rq5Po4Nm3Lk2"
+    assert redact_url(slack) == f"https://hooks.slack.com/services/T0ABC/B0DEF/{MARK}"
+    assert redact_url("http://127.0.0.1:9000/hook") == "http://127.0.0.1:9000/hook"
+
+
+def test_redact_text_hides_urls_credentials_and_token_shaped_words_in_free_text_and_keeps_the_rest():
+    text = (
+        f"401 Client Error for url: https://huggingface.co/api/x?token=abc (Authorization: Bearer {HF}); "
+        f'api_key={OPENAI} "password": "hunter2pass" KeyError: \'labels\' --hub_token {GITHUB}'
+    )
+    out = redact_text(text)
+    _assert_no_secret(out)
+    assert "abc" not in out.split("token=")[1][:5]
+    assert "https://huggingface.co/api/x" in out and "KeyError: 'labels'" in out and "--hub_token ***" in out
+    assert redact_text(out) == out  # idempotent
+    assert redact_command(f"python train.py --hub_token {HF} --lr 1") == "python train.py --hub_token '***' --lr 1"
+
+
+# ------------------------------------------------------------------------------------------- the run lock
+@pytest.fixture
+def secret_holder(output_dir: Path) -> Iterator[subprocess.Popen[str]]:
+    """Another live process holding the run lock, started with credentials on its command line."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, str(output_dir), *SECRET_ARGS],
+        env=subprocess_env(),
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "locked"
+        yield proc
+    finally:
+        proc.kill()
+        proc.wait(timeout=60)
+        assert proc.stdout is not None
+        proc.stdout.close()
+
+
+def test_a_hub_token_on_the_holders_command_line_never_reaches_the_record_the_error_or_inspect(
+    output_dir: Path, secret_holder: Any
+):
+    record_file = output_dir / rl.INFO_NAME
+    raw = record_file.read_text()
+    _assert_no_secret(raw)
+    assert "--hub_token ***" in json.loads(raw)["command"]  # the flag stays: the command is still recognisable
+    assert stat.S_IMODE(record_file.stat().st_mode) & 0o077 == 0  # not group- or world-readable
+
+    with pytest.raises(trainguard.RunLockedError) as info:
+        rl.acquire_run_lock(output_dir)
+    _assert_no_secret(str(info.value))
+    _assert_no_secret(json.dumps(info.value.to_dict()))
+    assert f"PID {secret_holder.pid}" in str(info.value) and "--hub_token ***" in str(info.value)
+
+    text = run_python(INSPECT, "inspect", str(output_dir), "--no-verify", timeout=120)
+    as_json = run_python(INSPECT, "inspect", str(output_dir), "--no-verify", "--json", timeout=120)
+    assert text.returncode == 0 and as_json.returncode == 0
+    _assert_no_secret(text.stdout + text.stderr + as_json.stdout + as_json.stderr)
+    assert f"HELD by PID {secret_holder.pid}" in text.stdout and "--hub_token ***" in text.stdout
+
+
+def test_an_older_holder_record_holding_a_token_is_redacted_when_read_and_shown(tmp_path: Path):
+    (tmp_path / rl.LOCK_NAME).write_text("")
+    command = f"python train.py --hub_token {HF} --password hunter2pass --report_to https://x.io/?k={GITHUB}"
+    (tmp_path / rl.INFO_NAME).write_text(
+        json.dumps({"pid": 12345, "host": "n1", "started_utc": "2026-01-01T00:00:00Z", "command": command})
+    )
+    holder = rl.read_holder(tmp_path / rl.INFO_NAME)
+    assert holder is not None and holder["pid"] == 12345
+    _assert_no_secret(json.dumps(holder))
+    result = run_python(INSPECT, "inspect", str(tmp_path), "--no-verify", timeout=120)
+    assert result.returncode == 0 and "last held by PID 12345 on n1" in result.stdout
+    _assert_no_secret(result.stdout)
+
+
+# ----------------------------------------------------------------------------------------- crash records
+def test_an_exception_carrying_a_token_is_recorded_redacted_in_a_private_crash_log(tmp_path: Path):
+    exc = RuntimeError(f"401 Unauthorized for https://huggingface.co/api/models?token={HF}: Bearer {GITHUB}")
+    cl.record_start(tmp_path, run_id="r1", step=0, extra={"hub_token": HF})
+    cl.record_failure(tmp_path, run_id="r1", step=3, exc=exc)
+    log = tmp_path / cl.CRASH_LOG
+    _assert_no_secret(log.read_text())
+    assert "https://huggingface.co/api/models" in log.read_text()
+    assert stat.S_IMODE(log.stat().st_mode) & 0o077 == 0
+    # an older log written before redaction is redacted when read and shown
+    old = {"event": "failure", "run_id": "r0", "step": 1, "exception": "OSError", "message": f"token={OPENAI}"}
+    log.write_text(json.dumps(old) + "\n" + log.read_text())
+    [old_run, _] = cl.load_runs(tmp_path)
+    _assert_no_secret(json.dumps(old_run.to_dict()))
+    result = run_python(INSPECT, "inspect", str(tmp_path), "--no-verify", timeout=120)
+    assert result.returncode == 0 and "crash      step 1: OSError: token=***" in result.stdout
+    _assert_no_secret(result.stdout)
+
+
+# ------------------------------------------------------------------------------------------------ webhooks
+def test_a_failing_webhook_logs_its_url_redacted(caplog):
+    url = f"http://127.0.0.1:{free_port()}/services/T0ABC/B0DEF/Zx9Yw8Vu7Ts6Rq5Po4Nm3Lk2?token=wandb0secret"
+    sink = WebhookSink(url, timeout=2, headers={"Authorization": f"Bearer {HF}"})
+    with caplog.at_level(logging.WARNING, logger="trainguard"):
+        Alerter([sink]).emit(Alert("g", "error", "x", rank=0))
+        sink.close(timeout=10)
+    assert sink.failed == 1
+    [message] = [r.getMessage() for r in caplog.records if "webhook" in r.getMessage()]
+    assert "http://127.0.0.1:" in message and "/services/T0ABC/B0DEF/***?token=***" in message
+    _assert_no_secret(message + repr(sink))
+
+
+def test_a_webhook_url_without_a_scheme_is_a_trainguard_error_that_shows_it_redacted(output_dir: Path, monkeypatch):
+    monkeypatch.setenv(WEBHOOK_ENV, f"hooks.example.com/hook?token={HF}")
+    with pytest.raises(WebhookConfigError) as info:
+        default_sinks(output_dir)
+    err = info.value
+    assert isinstance(err, trainguard.TrainGuardError) and isinstance(err, ValueError)
+    assert err.where == {"field": WEBHOOK_ENV} and "hooks.example.com/hook?token=***" in err.what
+    _assert_no_secret(str(err))
+    # the same when a real Trainer sets up its guards' alerts: a clear error at construction, no raw ValueError
+    with pytest.raises(WebhookConfigError) as info:
+        make_trainer(output_dir, callbacks=[trainguard.RunLock()], max_steps=1)
+    _assert_no_secret(str(info.value))
+    with pytest.raises(WebhookConfigError, match="webhook_url"):
+        WebhookSink(f"ftp://user:{OPENAI}@example.com/x")
+
+
+class _Server:
+    """A real HTTP server on 127.0.0.1 that records every request's method and headers."""
+
+    def __init__(self, redirect_to: str | None = None) -> None:
+        self.requests: list[tuple[str, dict[str, str]]] = []
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def _answer(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                self.rfile.read(length)
+                server.requests.append((self.command, dict(self.headers)))
+                if redirect_to is not None and self.path.startswith("/hook"):
+                    self.send_response(302)
+                    self.send_header("Location", redirect_to)
+                else:
+                    self.send_response(200)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            do_GET = do_POST = _answer
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.httpd = HTTPServer(("127.0.0.1", 0), Handler)
+        self.port = int(self.httpd.server_address[1])
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.mark.timeout(60)
+def test_a_webhook_redirect_to_another_host_never_receives_the_authorization_header(caplog):
+    other = _Server()  # another origin: same address, another port
+    hook = _Server(redirect_to=f"http://127.0.0.1:{other.port}/collect?sig=wandb0secret")
+    try:
+        sink = WebhookSink(f"http://127.0.0.1:{hook.port}/hook", timeout=5, headers={"Authorization": f"Bearer {HF}"})
+        with caplog.at_level(logging.WARNING, logger="trainguard"):
+            Alerter([sink]).emit(Alert("g", "error", "x", rank=0))
+            sink.close(timeout=20)
+        [(method, headers)] = hook.requests
+        assert method == "POST" and headers["Authorization"] == f"Bearer {HF}"  # the named host gets it
+        assert not any("Authorization" in h for _, h in other.requests)
+        assert other.requests == []  # not followed at all: the alert would arrive as an empty GET anyway
+        assert sink.failed == 1 and sink.sent == 0
+        [message] = [r.getMessage() for r in caplog.records if "webhook" in r.getMessage()]
+        assert "redirect to another host" in message and f"127.0.0.1:{other.port}/collect?sig=***" in message
+        _assert_no_secret(message)
+    finally:
+        hook.close()
+        other.close()
+
+
+@pytest.mark.timeout(60)
+def test_a_same_origin_redirect_is_still_followed():
+    same = _Server(redirect_to="/final")  # relative: the same scheme, host and port
+    try:
+        sink = WebhookSink(f"http://127.0.0.1:{same.port}/hook", timeout=5, headers={"Authorization": "Bearer t"})
+        Alerter([sink]).emit(Alert("g", "error", "x", rank=0))
+        sink.close(timeout=20)
+        assert [m for m, _ in same.requests] == ["POST", "GET"] and sink.sent == 1
+    finally:
+        same.close()
+
+
+def test_the_holder_record_is_private_even_under_a_permissive_umask(output_dir: Path):
+    code = (
+        "import os, sys\n"
+        "os.umask(0)\n"
+        "from trainguard.checks.run_lock import acquire_run_lock\n"
+        "acquire_run_lock(sys.argv[1])\n"
+    )
+    result = run_python(code, str(output_dir), timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert stat.S_IMODE(os.stat(output_dir / rl.INFO_NAME).st_mode) == 0o600

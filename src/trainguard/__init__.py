@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from ._version import __version__
 from .errors import (
+    AdapterError,
     CheckpointIntegrityError,
     DatasetMismatchError,
     DataValidationError,
@@ -28,6 +29,7 @@ from .errors import (
     ResumeAttestationError,
     RunLockedError,
     SaveAuditError,
+    TokenizerMismatchError,
     TrainGuardError,
     UnsafeFileError,
     WebhookConfigError,
@@ -73,6 +75,7 @@ _LAZY: dict[str, str] = {
 }
 
 __all__ = [  # noqa: RUF022 - grouped: errors, then lazily loaded names
+    "AdapterError",
     "CheckpointIntegrityError",
     "DataValidationError",
     "DatasetMismatchError",
@@ -85,6 +88,7 @@ __all__ = [  # noqa: RUF022 - grouped: errors, then lazily loaded names
     "ResumeAttestationError",
     "RunLockedError",
     "SaveAuditError",
+    "TokenizerMismatchError",
     "TrainGuardError",
     "UnsafeFileError",
     "WebhookConfigError",

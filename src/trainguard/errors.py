@@ -36,6 +36,8 @@ __all__ = [
     "RunLockedError",
     "SaveAuditError",
     "TrainGuardError",
+    "AdapterError",
+    "TokenizerMismatchError",
     "UnsafeFileError",
     "WebhookConfigError",
 ]
@@ -243,4 +245,25 @@ class WebhookConfigError(TrainGuardError, ValueError):
     default_next_step = (
         "Give a full http:// or https:// URL (webhook_url= or the TRAINGUARD_WEBHOOK_URL environment variable), "
         "or unset it to alert without a webhook."
+    )
+
+
+class AdapterError(TrainGuardError):
+    """A LoRA/PEFT adapter is not training: its parameters receive no gradient, or its ``lora_B`` matrices are still
+    all zero after the steps that should have moved them."""
+
+    default_next_step = (
+        "Check that the adapter's parameters require grad and receive gradients: with gradient checkpointing call "
+        "model.enable_input_require_grads() (or pass gradient_checkpointing_kwargs={'use_reentrant': False}); check "
+        "target_modules against the model's module names."
+    )
+
+
+class TokenizerMismatchError(TrainGuardError):
+    """The tokenizer of this run (or of a merge) is not the one the checkpoint was trained with: vocabulary,
+    special tokens, EOS/PAD/BOS, chat template or padding side changed."""
+
+    default_next_step = (
+        "Use the tokenizer the checkpoint was trained with (the checkpoint folder holds it when the Trainer saved "
+        "its processing_class), or start a fresh run if the change is intended."
     )

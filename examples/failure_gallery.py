@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import io
 import json
 import logging
@@ -605,8 +606,135 @@ def scenario_disk(work: Path) -> Row:
     return Row("disk", name, plain, "PreflightGuard", result, took[0], plain_ok, caught)
 
 
+class OomInEval(TrainerCallback):
+    """Raises CUDA's out-of-memory error from the first prediction step of the evaluation after ``step``."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+        self.at = 0.0
+
+    def on_prediction_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+        if state.global_step == self.step:
+            self.at = time.monotonic()
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB (evaluation)")
+        return control
+
+
+def scenario_oom_eval(work: Path) -> Row:
+    k = 6
+    overrides = {"max_steps": 12, "save_steps": 100, "eval_strategy": "steps", "eval_steps": k}
+
+    def trainer_for(output_dir: Path, callbacks: list[Any]) -> Trainer:
+        return Trainer(model=tiny_model(), args=args_for(output_dir, **overrides), train_dataset=rows(64),
+                       eval_dataset=rows(8, seed=1), callbacks=callbacks)  # fmt: skip
+
+    plain_dir = work / "plain"
+    try:
+        trainer_for(plain_dir, [OomInEval(k)]).train()
+        plain, plain_ok = "trained on", False
+    except torch.OutOfMemoryError:
+        saved = checkpoints(plain_dir)
+        plain = f"OutOfMemoryError in evaluation after step {k}; checkpoints: {saved or 'none'}: {k} steps lost"
+        plain_ok = not saved
+
+    guard_dir = work / "guarded"
+    oom, stop = OomInEval(k), trainguard.GracefulStop()
+    trainer = trainer_for(guard_dir, [stop, trainguard.CheckpointVerifier(), oom])
+    try:
+        trainer.train()
+        result, caught, took = "trained on", False, None
+    except torch.OutOfMemoryError:
+        took = time.monotonic() - oom.at
+        saved = checkpoints(guard_dir)
+        verified = saved == [f"checkpoint-{k}"] and trainguard.verify_checkpoint(guard_dir / saved[0]).ok
+        caught = verified and stop.saved_on_error is not None
+        result = (
+            f"the same error, after saving {saved} (verified: {verified}); resume_from_checkpoint=True continues "
+            f"at step {k}"
+        )
+    return Row("oom_eval", f"CUDA out of memory in evaluation after step {k}", plain, "GracefulStop", result, took,
+               plain_ok, caught)  # fmt: skip
+
+
+def gallery_tokenizer() -> Any:
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    bpe = trainers.BpeTrainer(vocab_size=128, special_tokens=["<pad>", "<unk>", "<s>", "</s>"])
+    tok.train_from_iterator(["the model never stops when its eos token is wrong"] * 8, trainer=bpe)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", bos_token="<s>", eos_token="</s>"
+    )
+
+
+def scenario_tokenizer(work: Path) -> Row:
+    tok = gallery_tokenizer()
+    tok.chat_template = "{% for m in messages %}{{ m['content'] }}{{ eos_token }}{% endfor %}"
+    seed_dir = work / "seed"
+    # One epoch on 32 rows, batch 4: checkpoints at 4 and 8, each with the tokenizer and DatasetGuard's record of it.
+    Trainer(model=tiny_model(), args=args_for(seed_dir, num_train_epochs=1), train_dataset=rows(32),
+            processing_class=tok, callbacks=[trainguard.DatasetGuard()]).train()  # fmt: skip
+    plain_dir, guard_dir = work / "plain", work / "guarded"
+    shutil.copytree(seed_dir, plain_dir)
+    shutil.copytree(seed_dir, guard_dir)
+    changed = copy.deepcopy(tok)
+    changed.eos_token = "<s>"  # the EOS left wrong (LlamaFactory #7454): the model learns to never stop
+
+    start = StartStep()
+    trainer = Trainer(model=tiny_model(), args=args_for(plain_dir, num_train_epochs=2), train_dataset=rows(32),
+                      processing_class=changed, callbacks=[start])  # fmt: skip
+    output = trainer.train(resume_from_checkpoint=True)
+    plain_ok = start.step == 8 and output.global_step == 16
+    plain = f"resumed at step {start.step} with EOS '<s>' instead of '</s>', trained to step {output.global_step}, no warning"
+
+    guarded = Trainer(model=tiny_model(), args=args_for(guard_dir, num_train_epochs=2), train_dataset=rows(32),
+                      processing_class=changed, callbacks=[trainguard.DatasetGuard()])  # fmt: skip
+    caught, result = False, "resumed with the other tokenizer"
+    with timer() as took:
+        try:
+            guarded.train(resume_from_checkpoint=True)
+        except trainguard.TokenizerMismatchError as err:
+            caught = err.where.get("field") == "eos_token" and guarded.state.global_step == 0
+            result = first_line(err)
+    return Row("tokenizer", "resume with another EOS token", plain, "DatasetGuard", result, took[0], plain_ok, caught)
+
+
+def dead_adapter_trainer(output_dir: Path, callbacks: list[Any]) -> Trainer:
+    """A LoRA run with gradient checkpointing (use_reentrant=True) and no input grads: what transformers 4.x gives a
+    get_peft_model model (5.x enables input grads itself, so the call is made a no-op here to show the 4.x path)."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=8, target_modules=["q_proj", "v_proj", "lm_head"], task_type="CAUSAL_LM")
+    model = get_peft_model(tiny_model(), config)
+    model.base_model.model.enable_input_require_grads = lambda: None
+    return make_trainer(output_dir, rows(32), callbacks, model=model, max_steps=8, save_strategy="no",
+                        gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": True})  # fmt: skip
+
+
+def scenario_dead_adapter(work: Path) -> Row:
+    trainer = dead_adapter_trainer(work / "plain", [])
+    output = trainer.train()
+    dead = [n for n, p in trainer.model.named_parameters() if ".layers." in n and ".lora_B." in n and not p.any()]
+    plain = f"trained {output.global_step} steps; {len(dead)} of 4 layer lora_B still exactly zero, no warning"
+    plain_ok = output.global_step == 8 and len(dead) == 4
+
+    trainer = dead_adapter_trainer(work / "guarded", [trainguard.AdapterGuard()])
+    with timer() as took:
+        try:
+            trainer.train()
+            result, caught = "trained anyway", False
+        except trainguard.AdapterError as err:
+            caught = trainer.state.global_step == 0 and "received no gradient at step 1" in err.what
+            result = "AdapterError at step 1: 8 of 10 adapter parameters received no gradient (gradient checkpointing)"
+    return Row("dead_adapter", "gradient checkpointing leaves the LoRA adapters without gradient", plain,
+               "AdapterGuard", result, took[0], plain_ok, caught)  # fmt: skip
+
+
 SCENARIOS: dict[str, Callable[[Path], Row]] = {
     "dataset": scenario_dataset,
+    "tokenizer": scenario_tokenizer,
     "lora": scenario_lora,
     "flipped_byte": scenario_flipped_byte,
     "truncated": scenario_truncated,
@@ -617,6 +745,8 @@ SCENARIOS: dict[str, Callable[[Path], Row]] = {
     "hollow_save": scenario_hollow_save,
     "masked": scenario_masked,
     "disk": scenario_disk,
+    "oom_eval": scenario_oom_eval,
+    "dead_adapter": scenario_dead_adapter,
 }
 
 

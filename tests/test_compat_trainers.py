@@ -46,6 +46,10 @@ def _assert_sensible_summaries(summaries: dict[str, str], *, resumed: bool, kind
     assert summaries["nan_guard"] == "all values finite"
     assert "0 stall dump(s)" in summaries["hang_watchdog"]
     assert "checked 32 row(s)" in summaries["data_guard"]
+    if kind == "sft_lora":
+        assert summaries["adapter_guard"].startswith("every adapter parameter trains (checked through step ")
+    else:
+        assert summaries["adapter_guard"] == "not a PEFT model: nothing to check"
     if resumed:
         assert summaries["checkpoint_verifier"].startswith("1 manifest(s) written, lineage ")
         assert ", resumed from checkpoint-4, " in summaries["checkpoint_verifier"]

@@ -12,8 +12,8 @@ from _rig import REPO_ROOT, run_python
 
 GALLERY = str(REPO_ROOT / "examples" / "failure_gallery.py")
 ROWS = (
-    "dataset", "lora", "flipped_byte", "truncated", "nan", "hang", "run_lock", "reused_dir", "hollow_save", "masked",
-    "disk",
+    "dataset", "tokenizer", "lora", "flipped_byte", "truncated", "nan", "hang", "run_lock", "reused_dir", "hollow_save", "masked",
+    "disk", "oom_eval", "dead_adapter",
 )  # fmt: skip
 
 
@@ -44,6 +44,12 @@ def test_resume_on_other_data_trains_nothing_plain_and_is_refused_with_trainguar
     row = _row(gallery, "dataset")
     assert "trained 0 steps" in row["plain"]
     assert row["guard"] == "DatasetGuard" and "DatasetMismatchError before step 1" in row["trainguard"]
+
+
+def test_resume_with_another_eos_is_silent_plain_and_refused_naming_the_field(gallery: dict[str, Any]) -> None:
+    row = _row(gallery, "tokenizer")
+    assert "no warning" in row["plain"]
+    assert row["guard"] == "DatasetGuard" and "eos_token" in row["trainguard"]
 
 
 def test_lora_alpha_change_is_silent_plain_and_refused_naming_both_values(gallery: dict[str, Any]) -> None:
@@ -106,6 +112,22 @@ def test_disk_too_small_crashes_mid_save_plain_and_is_refused_before_step_1(gall
     row = _row(gallery, "disk")
     assert "half-written" in row["plain"]
     assert "PreflightError before step 1" in row["trainguard"]
+
+
+def test_oom_in_evaluation_loses_every_step_plain_and_leaves_a_verified_checkpoint_with_trainguard(
+    gallery: dict[str, Any],
+) -> None:
+    row = _row(gallery, "oom_eval")
+    assert "steps lost" in row["plain"]
+    assert row["guard"] == "GracefulStop" and "(verified: True)" in row["trainguard"]
+
+
+def test_lora_without_gradient_trains_on_plain_and_is_stopped_at_step_1_with_trainguard(
+    gallery: dict[str, Any],
+) -> None:
+    row = _row(gallery, "dead_adapter")
+    assert "still exactly zero, no warning" in row["plain"]
+    assert row["guard"] == "AdapterGuard" and "AdapterError at step 1" in row["trainguard"]
 
 
 def test_unknown_row_is_a_usage_error() -> None:

@@ -54,8 +54,11 @@ _LAZY: dict[str, str] = {
     "start_fresh": "trainguard.checks.fresh_start",
     "continue_on_new_data": "trainguard.recovery",
     "check_lora_config": "trainguard.checks.lora",
+    "tokenizer_fingerprint": "trainguard.checks.tokenizer",
+    "compare_tokenizers": "trainguard.checks.tokenizer",
     "DatasetGuard": "trainguard.callbacks.dataset_guard",
     "LoraConfigGuard": "trainguard.callbacks.lora_config_guard",
+    "AdapterGuard": "trainguard.callbacks.adapter_guard",
     "check_disk_space": "trainguard.checks.preflight",
     "check_memory": "trainguard.checks.preflight",
     "safe_merge": "trainguard.checks.merge",
@@ -110,8 +113,11 @@ __all__ = [  # noqa: RUF022 - grouped: errors, then lazily loaded names
     "start_fresh",
     "continue_on_new_data",
     "check_lora_config",
+    "tokenizer_fingerprint",
+    "compare_tokenizers",
     "DatasetGuard",
     "LoraConfigGuard",
+    "AdapterGuard",
     "check_disk_space",
     "check_memory",
     "safe_merge",
@@ -140,6 +146,7 @@ if TYPE_CHECKING:
     from .callbacks.dataset_guard import DatasetGuard
     from .callbacks.graceful_stop import GracefulStop
     from .callbacks.hang_watchdog import HangWatchdog
+    from .callbacks.adapter_guard import AdapterGuard
     from .callbacks.lora_config_guard import LoraConfigGuard
     from .callbacks.nan_guard import NanGuard
     from .callbacks.preflight_guard import PreflightGuard
@@ -156,6 +163,7 @@ if TYPE_CHECKING:
     from .checks.dataset import dataset_fingerprint
     from .checks.fresh_start import start_fresh
     from .checks.lora import check_lora_config
+    from .checks.tokenizer import compare_tokenizers, tokenizer_fingerprint
     from .checks.merge import safe_merge
     from .checks.preflight import check_disk_space, check_memory
     from .checks.run_lock import acquire_run_lock

@@ -16,6 +16,8 @@ _GUARDS: tuple[tuple[str, str], ...] = (
     ("crash_loop_guard", "trainguard.callbacks.crash_loop_guard:CrashLoopGuard"),
     # Sets control.should_save at on_step_end on a stop signal: guards that inspect or veto a pending save
     # (free-space check, NaN guard) must come after it so they see that save.
+    # Before checkpoint_verifier: its last good save on a failed train() must run before
+    # CheckpointVerifier.on_train_error shuts down its committer.
     ("graceful_stop", "trainguard.callbacks.graceful_stop:GracefulStop"),
     # Before step 1: refuse a run whose checkpoints cannot fit on disk (or short of RAM); before each save
     # (including a stop-signal save set above): cancel a save that cannot fit and stop cleanly.
@@ -29,6 +31,10 @@ _GUARDS: tuple[tuple[str, str], ...] = (
     ("lora_config_guard", "trainguard.callbacks.lora_config_guard:LoraConfigGuard"),
     # Refuse in before_train a tokenized train set with rows that teach nothing; needs nothing from the checkpoint.
     ("data_guard", "trainguard.callbacks.data_guard:DataGuard"),
+    # Stops a LoRA run whose adapters get no gradient (first optimizer step) or never move (check_step), raising from
+    # on_pre_optimizer_step / on_step_end; before nan_guard and hang_watchdog so a stopped step schedules no save or
+    # budget; needs nothing from the before_train guards above.
+    ("adapter_guard", "trainguard.callbacks.adapter_guard:AdapterGuard"),
     # Vetoes the save of a non-finite step and stops every rank at the same step: after every guard that schedules
     # a save (graceful_stop, preflight_guard), before hang_watchdog, which must see the save it cancelled.
     ("nan_guard", "trainguard.callbacks.nan_guard:NanGuard"),

@@ -540,3 +540,39 @@ def resume_facts(trainer: Any, train_dataloader: Any = None) -> dict[str, Any]:
         except TypeError:
             facts["steps_per_epoch"] = None
     return facts
+
+
+# ------------------------------------------------------------------------------------------ a save on demand
+def save_checkpoint_as_at_save_step(trainer: Any) -> str:
+    """Save ``checkpoint-{state.global_step}`` exactly as the Trainer does at a save step: ``_save_checkpoint``
+    (weights, optimizer, scheduler, RNG, ``trainer_state.json``, rotation; through any save hooks installed on the
+    instance, so :class:`~trainguard.CheckpointVerifier` prepares the folder) and then the ``on_save`` event (where
+    CheckpointVerifier audits the save and commits its manifest). ``control.should_save`` is set first, as a save
+    step's ``on_step_end`` leaves it, and ``on_save`` clears it.
+
+    Supported: transformers 4.47 to 5.x (``_save_checkpoint(model, trial)`` and ``callback_handler.on_save`` in
+    both). Not for hyper-parameter search trials (the trial's folder is not known here).
+
+    Returns:
+        The checkpoint folder's path.
+
+    Raises:
+        RuntimeError: The Trainer has no ``_save_checkpoint`` or runs a hyper-parameter search.
+
+    Example::
+
+        folder = save_checkpoint_as_at_save_step(trainer)   # ".../checkpoint-3"  # not run here: needs a Trainer
+    """
+    import os
+
+    save = getattr(trainer, "_save_checkpoint", None)
+    if save is None:
+        raise RuntimeError("this transformers release has no Trainer._save_checkpoint")
+    if getattr(trainer, "hp_search_backend", None) is not None:
+        raise RuntimeError("a hyper-parameter search trial: its checkpoint folder is not known here")
+    model = getattr(trainer, "model_wrapped", None)
+    model = trainer.model if model is None else model
+    trainer.control.should_save = True
+    save(model, None)
+    trainer.control = trainer.callback_handler.on_save(trainer.args, trainer.state, trainer.control)
+    return os.path.join(output_dir_for(trainer), f"checkpoint-{int(trainer.state.global_step)}")

@@ -1,4 +1,5 @@
-"""DatasetGuard: refuse a resume on other data, with another global batch, or after which nothing would train."""
+"""DatasetGuard: refuse a resume on other data, with another global batch, with another tokenizer, or after which
+nothing would train."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 from transformers.trainer_callback import ExportableState
 
 from .. import distributed
+from ..alerts import get_logger
 from ..checks._resume import on_main_then_share, resolve_resume_checkpoint
 from ..checks.dataset import (
     CHECK_EVAL,
@@ -17,7 +19,8 @@ from ..checks.dataset import (
     run_identity_record,
     stored_record,
 )
-from ..errors import DatasetMismatchError, TrainGuardError
+from ..checks.tokenizer import CHECK_TOKENIZER, resolve_tokenizer, tokenizer_fingerprint
+from ..errors import DatasetMismatchError, TokenizerMismatchError, TrainGuardError
 from ._base import GuardCallback, find_trainer
 
 if TYPE_CHECKING:
@@ -42,15 +45,36 @@ def _steps_per_epoch(trainer: Any) -> int | None:
     return max(n // accumulation + int(n % accumulation > 0), 1)
 
 
+def _tokenizer_record(trainer: Any) -> dict[str, Any] | None:
+    """The fingerprint of the Trainer's ``processing_class`` when it is a tokenizer or a processor holding one, else
+    None (also, with a logged warning, when an unusual tokenizer cannot be fingerprinted: never a false refusal)."""
+    processing_class = getattr(trainer, "processing_class", None)
+    if resolve_tokenizer(processing_class) is None:
+        return None
+    try:
+        return tokenizer_fingerprint(processing_class)
+    except Exception as exc:  # a third-party tokenizer class with an attribute that raises
+        get_logger().warning(
+            "trainguard DatasetGuard: cannot fingerprint the tokenizer (%s: %s); it is not recorded or compared",
+            type(exc).__name__,
+            exc,
+        )
+        return None
+
+
 class DatasetGuard(GuardCallback, ExportableState):
     """Records the run's identity in every checkpoint, and refuses a resume that would silently go wrong.
 
     Recorded (inside ``trainer_state.json``, under ``stateful_callbacks["DatasetGuard"]``): the train and eval
     content fingerprints and row counts, steps per epoch, and the global batch (world size × per-device batch ×
-    gradient accumulation). On resume, before the Trainer loads anything, it refuses with
-    :class:`~trainguard.DatasetMismatchError` when the data differs, the global batch changed, or no step would run,
-    and says what plain Trainer would have done and the ways forward (:func:`trainguard.start_fresh`,
-    :func:`trainguard.continue_on_new_data`). It checks again at ``on_train_begin``.
+    gradient accumulation), and, when the Trainer has a ``processing_class`` that is a tokenizer (or a processor
+    holding one), the tokenizer's fingerprint (:func:`trainguard.checks.tokenizer.tokenizer_fingerprint`). On
+    resume, before the Trainer loads anything, it refuses with :class:`~trainguard.DatasetMismatchError` when the data
+    differs, the global batch changed, or no step would run, and says what plain Trainer would have done and the ways
+    forward (:func:`trainguard.start_fresh`, :func:`trainguard.continue_on_new_data`); and with
+    :class:`~trainguard.TokenizerMismatchError` when the tokenizer differs (vocabulary, merges, special tokens,
+    EOS/PAD/BOS, chat template, padding or truncation side), naming each changed field. It checks again at
+    ``on_train_begin``.
 
     Args:
         train_source: What to fingerprint instead of ``trainer.train_dataset``: the files a streaming dataset reads
@@ -60,6 +84,9 @@ class DatasetGuard(GuardCallback, ExportableState):
             after are not comparable), ``"raise"``, or ``"off"``.
         refuse_empty_resume: Refuse a resume after which no step would run (default True: plain Trainer reports
             success having trained nothing).
+        check_tokenizer: A changed tokenizer: ``"raise"`` (default, a changed ``padding_side`` included: it moves
+            the positions of every padded row), ``"warn"``, or ``"off"`` (not recorded either). A checkpoint
+            saved without a tokenizer record resumes with a note.
         alert_sinks: Replace the default alert sinks.
         webhook_url: Also POST alerts to this URL.
 
@@ -78,12 +105,16 @@ class DatasetGuard(GuardCallback, ExportableState):
         eval_source: Any = None,
         check_eval: str = "warn",
         refuse_empty_resume: bool = True,
+        check_tokenizer: str = "raise",
         alert_sinks: Any = None,
         webhook_url: str | None = None,
     ) -> None:
         super().__init__(alert_sinks=alert_sinks, webhook_url=webhook_url)
         if check_eval not in CHECK_EVAL:
             raise ValueError(f"check_eval must be one of {CHECK_EVAL}, not {check_eval!r}")
+        if check_tokenizer not in CHECK_TOKENIZER:
+            raise ValueError(f"check_tokenizer must be one of {CHECK_TOKENIZER}, not {check_tokenizer!r}")
+        self.check_tokenizer = check_tokenizer
         self.train_source = train_source
         self.eval_source = eval_source
         self.check_eval = check_eval
@@ -105,6 +136,7 @@ class DatasetGuard(GuardCallback, ExportableState):
                 "eval_source": jsonable(self.eval_source),
                 "check_eval": self.check_eval,
                 "refuse_empty_resume": self.refuse_empty_resume,
+                "check_tokenizer": self.check_tokenizer,
             },
             "attributes": {"run_identity": self.run_identity},
         }
@@ -120,6 +152,7 @@ class DatasetGuard(GuardCallback, ExportableState):
             gradient_accumulation_steps=int(args.gradient_accumulation_steps),
             steps_per_epoch=steps_per_epoch,
             check_eval=self.check_eval,
+            tokenizer=_tokenizer_record(trainer) if self.check_tokenizer != "off" else None,
         )
 
     def _check(self, trainer: Any, resume_from_checkpoint: Any, steps_per_epoch: int | None) -> dict[str, Any]:
@@ -134,6 +167,7 @@ class DatasetGuard(GuardCallback, ExportableState):
             num_train_epochs=args.num_train_epochs,
             refuse_empty_resume=self.refuse_empty_resume,
             check_eval=self.check_eval,
+            check_tokenizer=self.check_tokenizer,
         )
         return {"record": current, "warnings": warnings, "checkpoint": str(checkpoint) if checkpoint else None}
 
@@ -142,7 +176,7 @@ class DatasetGuard(GuardCallback, ExportableState):
         steps_per_epoch = _steps_per_epoch(trainer)  # every rank: building the dataloader is the Trainer's own code
         try:
             outcome = on_main_then_share(self._check, trainer, resume_from_checkpoint, steps_per_epoch)
-        except DatasetMismatchError as err:
+        except (DatasetMismatchError, TokenizerMismatchError) as err:
             self._summary = f"refused the resume: {err.what}"
             if distributed.is_main_process():
                 self.alert("error", err.what, evidence=err.evidence)
@@ -157,6 +191,9 @@ class DatasetGuard(GuardCallback, ExportableState):
         resumed = outcome["checkpoint"]
         batch = outcome["record"]["global_batch"]
         self._summary = f"train data {fp} ({train.get('num_rows')} rows), global batch {batch}"
+        tokenizer = outcome["record"].get("tokenizer")
+        if tokenizer is not None:
+            self._summary += f", tokenizer {tokenizer.get('class')}"
         self._summary += f"; resumed from {Path(resumed).name}: same data and batch" if resumed else "; no resume"
         return resume_from_checkpoint
 
@@ -190,8 +227,9 @@ class DatasetGuard(GuardCallback, ExportableState):
                 num_train_epochs=args.num_train_epochs,
                 refuse_empty_resume=self.refuse_empty_resume,
                 check_eval=self.check_eval,
+                check_tokenizer=self.check_tokenizer,
             )
-        except DatasetMismatchError as err:
+        except (DatasetMismatchError, TokenizerMismatchError) as err:
             error = err
         if error is not None:
             self._summary = f"refused the resume: {error.what}"

@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING, Any
 from .. import distributed
 from ..alerts import AlertSink, get_logger
 from ..checks import crash_loop
+from ..checks import last_save as _last_save
+from ..checks.nan.values import nonfinite_parameters
 from . import _trainer_compat
 from ._base import GuardCallback
 
@@ -73,11 +75,21 @@ class GracefulStop(GuardCallback):
     Handlers are installed at ``on_train_begin`` (a signal during model or checkpoint loading keeps its previous
     behaviour) and the previous ones restored at ``on_train_end`` or when training raises.
 
+    **The last good save** (``save_on_error=True``): when ``train()`` raises something that is not a numeric failure
+    (an out-of-memory error in evaluation, a data error, a callback's exception) while the state in memory is known
+    to be that of the last completed step (during a step's forward/backward, or between steps: logging, evaluation)
+    and every weight is finite, ``checkpoint-N`` of that step is saved through the Trainer's own save and ``on_save``
+    (so CheckpointVerifier commits it with its manifest) before the error propagates, unchanged. Never inside the
+    optimizer update, never when the error came from a save or a full disk, never twice for one step, and in a run
+    of several processes never (a save is a collective other ranks may never join): a warning says why. Recording
+    the phase costs an attribute write per event. See ``docs/graceful-stop.md``.
+
     Args:
         signals: Signals to catch, as numbers or names. Default SIGTERM (Slurm, Kubernetes, torchrun, spot
             preemption) and SIGUSR1 (Slurm ``--signal=USR1@120`` warnings that leave SIGTERM free).
         sync_every: With several ranks, share the flag every this many steps (default 1: a preemption grace period
             can be shorter than a few steps; raise it when steps are very short).
+        save_on_error: Save the last completed step when training raises (see above). Default True.
         alert_sinks: Replace the default alert sinks.
         webhook_url: Also POST warnings and worse to this URL.
 
@@ -94,6 +106,7 @@ class GracefulStop(GuardCallback):
         *,
         signals: Iterable[int | str | signal.Signals] = (signal.SIGTERM, signal.SIGUSR1),
         sync_every: int = 1,
+        save_on_error: bool = True,
         alert_sinks: list[AlertSink] | None = None,
         webhook_url: str | None = None,
     ) -> None:
@@ -104,6 +117,13 @@ class GracefulStop(GuardCallback):
         if int(sync_every) < 1:
             raise ValueError(f"GracefulStop(sync_every=...) must be >= 1, not {sync_every!r}")
         self.sync_every = int(sync_every)
+        self.save_on_error = bool(save_on_error)
+        #: Where in the loop training is (one of ``trainguard.checks.last_save.PHASES``), from the events.
+        self._phase: str = "idle"
+        #: What the last failed ``train()`` decided about saving (None before any failure).
+        self.last_save: _last_save.LastSaveDecision | None = None
+        #: The folder saved on the way out of the last failed ``train()``, or None.
+        self.saved_on_error: str | None = None
         self._previous: dict[int, _Handler] = {}
         self._received: int | None = None
         self._world_size = 1
@@ -163,9 +183,16 @@ class GracefulStop(GuardCallback):
         self._previous.clear()
 
     # ------------------------------------------------------------------------------------------------ events
+    def before_train(self, trainer: Any, resume_from_checkpoint: Any) -> Any:
+        self._phase = "idle"
+        self.last_save = None
+        self.saved_on_error = None
+        return resume_from_checkpoint
+
     def on_train_begin(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> Any:
+        self._phase = "between"
         self.stop_signal = None
         self.stopped_at_step = None
         self._world_size = distributed.world_size()  # read once: on_step_end must cost next to nothing
@@ -174,7 +201,26 @@ class GracefulStop(GuardCallback):
         self._install()
         return control
 
+    def on_step_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> Any:
+        self._phase = "step"
+        return control
+
+    def on_pre_optimizer_step(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> Any:
+        self._phase = "update"
+        return control
+
+    def on_optimizer_step(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> Any:
+        self._phase = "after_update"
+        return control
+
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> Any:
+        self._phase = "between"
         local = self._received is not None
         if self._world_size > 1:
             if state.global_step % self.sync_every:
@@ -213,11 +259,77 @@ class GracefulStop(GuardCallback):
         return bool(flag.item())
 
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> Any:
+        self._phase = "ended"
         self._restore()
         return super().on_train_end(args, state, control, **kwargs)
 
     def on_train_error(self, trainer: Any, exc: BaseException) -> None:
         self._restore()
+        phase, self._phase = self._phase, "idle"
+        if not self.save_on_error or trainer is None:
+            return
+        try:
+            self._save_last_good(trainer, exc, phase)
+        except Exception as err:  # the training error is what the user must see; the save's failure is logged
+            self.alert(
+                "error",
+                f"the last good save after {type(exc).__name__} failed ({type(err).__name__}: {err}); the original "
+                "error propagates",
+                step=int(trainer.state.global_step),
+                evidence={"error": type(exc).__name__, "save_error": f"{type(err).__name__}: {err}"},
+            )
+
+    # ------------------------------------------------------------------------------------- last good save
+    def _save_last_good(self, trainer: Any, exc: BaseException, phase: str) -> None:
+        step = int(trainer.state.global_step)
+        control = trainer.control
+        folder = os.path.join(_trainer_compat.output_dir_for(trainer), f"checkpoint-{step}")
+        decision = _last_save.decide(
+            exc,
+            phase,
+            step=step,
+            should_save=bool(getattr(control, "should_save", False)),
+            should_evaluate=bool(getattr(control, "should_evaluate", False)),
+            existing=_last_save.checkpoint_status(folder),
+            world_size=distributed.world_size(),
+            engine=_trainer_compat.engine_layout(trainer),
+        )
+        if decision.save:
+            bad = nonfinite_parameters(trainer.model.named_parameters())
+            if bad:
+                decision = _last_save.LastSaveDecision(
+                    save=False, step=step, reason=f"non-finite weights in memory ({', '.join(bad)})"
+                )
+        self.last_save = decision
+        error = f"{type(exc).__name__}: {exc}"[:300]
+        evidence = {"error": type(exc).__name__, "phase": phase, "reason": decision.reason, "checkpoint": folder}
+        if not decision.save:
+            self.alert(
+                "warning" if decision.reason.startswith("a run of ") else "info",
+                f"training raised {error}; no last save of step {step}: {decision.reason}",
+                step=step,
+                evidence=evidence,
+            )
+            return
+        get_logger().warning(
+            "[graceful_stop] training raised %s after step %d; saving checkpoint-%d before it propagates",
+            type(exc).__name__,
+            step,
+            step,
+        )
+        saved = _trainer_compat.save_checkpoint_as_at_save_step(trainer)
+        for callback in trainer.callback_handler.callbacks:
+            wait = getattr(callback, "wait", None)
+            if callback is not self and isinstance(callback, GuardCallback) and callable(wait):
+                wait()  # CheckpointVerifier: the manifest is written before the error reaches the caller
+        self.saved_on_error = saved
+        self.alert(
+            "warning",
+            f"training raised {error}; saved checkpoint-{step} (the last completed step) before the error "
+            f"propagates: resume with resume_from_checkpoint={saved!r}",
+            step=step,
+            evidence=evidence,
+        )
 
     def summary(self) -> str:
         names = "/".join(signal.Signals(s).name for s in self.signals)
@@ -226,4 +338,6 @@ class GracefulStop(GuardCallback):
                 f"stopped by {self.stop_signal.name if self.stop_signal else 'a signal'} after step "
                 f"{self.stopped_at_step}, checkpoint saved"
             )
+        if self.saved_on_error is not None:
+            return f"watched {names}; training failed: saved {os.path.basename(self.saved_on_error)} on the way out"
         return f"watched {names}; no stop requested"

@@ -2,10 +2,12 @@
 
 The record (stored in ``trainer_state.json`` under ``stateful_callbacks["DatasetGuard"]["attributes"]
 ["run_identity"]``) holds the train and eval content fingerprints and row counts, steps per epoch, and the global
-batch (world size × per-device batch × gradient accumulation). On a resume :func:`check_checkpoint_resume` (before
-the Trainer loads the checkpoint) and :func:`check_resume_identity` (at a known step) compare the checkpoint's
-record with the current run's and raise :class:`~trainguard.DatasetMismatchError` when the data differs, the global
-batch changed, or no step would run, naming both sides, what plain Trainer would do and the ways forward.
+batch (world size × per-device batch × gradient accumulation), and the tokenizer's fingerprint when the run has one
+(:mod:`trainguard.checks.tokenizer`). On a resume :func:`check_checkpoint_resume` (before the Trainer loads the
+checkpoint) and :func:`check_resume_identity` (at a known step) compare the checkpoint's record with the current
+run's and raise :class:`~trainguard.DatasetMismatchError` when the data differs, the global batch changed, or no
+step would run, naming both sides, what plain Trainer would do and the ways forward; and
+:class:`~trainguard.TokenizerMismatchError` when the tokenizer changed, naming each changed field.
 
 Example::
 
@@ -23,11 +25,14 @@ from typing import Any
 
 from ...errors import DatasetMismatchError
 from .._resume import read_trainer_state
+from ..tokenizer import CHECK_TOKENIZER
+from ..tokenizer import check_tokenizer as check_tokenizer_record
 from .fingerprint import RECORD_SCHEME, describe_dataset
 from .resume import ResumePlan, plan_resume
 
 __all__ = [
     "CHECK_EVAL",
+    "CHECK_TOKENIZER",
     "WAYS_FORWARD",
     "check_checkpoint_resume",
     "check_resume_identity",
@@ -65,9 +70,11 @@ def run_identity_record(
     gradient_accumulation_steps: int,
     steps_per_epoch: int | None,
     check_eval: str = "warn",
+    tokenizer: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The run-identity record of a run: train (and, unless ``check_eval="off"``, eval) identities, batch settings,
-    global batch and steps per epoch. ``eval_data`` may be one dataset or a dict of named ones.
+    global batch and steps per epoch. ``eval_data`` may be one dataset or a dict of named ones; ``tokenizer`` is the
+    run's :func:`~trainguard.checks.tokenizer.tokenizer_fingerprint` (stored under ``"tokenizer"`` when given).
 
     Example::
 
@@ -84,7 +91,7 @@ def run_identity_record(
     world = int(world_size)
     per_device = int(per_device_train_batch_size)
     accumulation = int(gradient_accumulation_steps)
-    return {
+    record: dict[str, Any] = {
         "scheme": RECORD_SCHEME,
         "train": train,
         "eval": evals,
@@ -94,6 +101,9 @@ def run_identity_record(
         "global_batch": world * per_device * accumulation,
         "steps_per_epoch": steps_per_epoch,
     }
+    if tokenizer is not None:
+        record["tokenizer"] = dict(tokenizer)
+    return record
 
 
 def stored_record(trainer_state: Mapping[str, Any], name: str = "DatasetGuard") -> dict[str, Any] | None:
@@ -124,6 +134,7 @@ def check_checkpoint_resume(
     num_train_epochs: float,
     refuse_empty_resume: bool = True,
     check_eval: str = "warn",
+    check_tokenizer: str = "raise",
 ) -> list[str]:
     """Check a run about to resume from ``checkpoint`` (None: a fresh start) before anything is loaded: read its
     ``trainer_state.json``, and compare the record ``guard_name`` stored there with ``current``.
@@ -133,6 +144,7 @@ def check_checkpoint_resume(
 
     Raises:
         DatasetMismatchError: As :func:`check_run_identity`.
+        TokenizerMismatchError: As :func:`check_run_identity`.
         CheckpointIntegrityError: The checkpoint or its ``trainer_state.json`` is missing or unreadable.
     """
     warnings: list[str] = []
@@ -157,6 +169,7 @@ def check_checkpoint_resume(
             num_train_epochs=num_train_epochs,
             refuse_empty_resume=refuse_empty_resume,
             check_eval=check_eval,
+            check_tokenizer=check_tokenizer,
         )
     return warnings
 
@@ -171,6 +184,7 @@ def check_resume_identity(
     num_train_epochs: float,
     refuse_empty_resume: bool = True,
     check_eval: str = "warn",
+    check_tokenizer: str = "raise",
 ) -> list[str]:
     """:func:`check_run_identity` for a resume at ``global_step``, with the :func:`plan_resume` of the new run's
     ``max_steps``/``num_train_epochs`` and the steps per epoch recorded in ``current``."""
@@ -184,6 +198,7 @@ def check_resume_identity(
         plan=plan,
         refuse_empty_resume=refuse_empty_resume,
         check_eval=check_eval,
+        check_tokenizer=check_tokenizer,
     )
 
 
@@ -230,9 +245,10 @@ def check_run_identity(
     plan: ResumePlan,
     refuse_empty_resume: bool = True,
     check_eval: str = "warn",
+    check_tokenizer: str = "raise",
 ) -> list[str]:
     """Compare the run-identity record stored in a checkpoint with the current run's; refuse a resume that would
-    train on other data, with another global batch, or not at all.
+    train on other data, with another global batch, not at all, or with another tokenizer.
 
     Args:
         stored: The record DatasetGuard stored in the checkpoint (None: saved without DatasetGuard).
@@ -241,13 +257,17 @@ def check_run_identity(
         plan: What plain Trainer would do on this resume (:func:`plan_resume`).
         refuse_empty_resume: Refuse a resume after which no step would run.
         check_eval: ``"warn"``, ``"raise"`` or ``"off"`` for a changed eval set.
+        check_tokenizer: ``"raise"``, ``"warn"`` or ``"off"`` for a changed tokenizer (compared when both records
+            hold one; a checkpoint without one gives a note).
 
     Returns:
-        Warnings (eval set changed, nothing recorded to compare, a fingerprint not computable).
+        Warnings (eval set changed, nothing recorded to compare, a fingerprint not computable, no tokenizer record).
 
     Raises:
         DatasetMismatchError: Naming both fingerprints and row counts, what plain Trainer would have done, and the
-            ways forward.
+            ways forward. Checked first: a resume on other data is refused as such even if the tokenizer changed too.
+        TokenizerMismatchError: The data and batch match, but the tokenizer differs, naming each changed field
+            with both values (:func:`trainguard.checks.tokenizer.check_tokenizer`).
 
     Example::
 
@@ -343,5 +363,19 @@ def check_run_identity(
             where={"file": str(ckpt / "trainer_state.json"), "field": ", ".join(fields), "step": plan.global_step},
             next_step=next_step,
             evidence=evidence,
+        )
+    if stored is not None and check_tokenizer != "off" and (stored.get("tokenizer") or current.get("tokenizer")):
+        warnings += check_tokenizer_record(
+            stored.get("tokenizer"),
+            current.get("tokenizer"),
+            where={"file": str(ckpt / "trainer_state.json"), "step": plan.global_step},
+            subject=f"refusing to resume from {ckpt.name}",
+            next_step=(
+                f"Resume with the tokenizer {ckpt.name} was trained with: the Trainer saved it there "
+                f"(AutoTokenizer.from_pretrained({str(ckpt)!r})), then pass it as processing_class; or, if the "
+                "change is intended, start a fresh run (trainguard.start_fresh(trainer)), or pass "
+                "DatasetGuard(check_tokenizer='warn') to resume anyway."
+            ),
+            mode=check_tokenizer,
         )
     return warnings

@@ -6,7 +6,10 @@ base because the adapter was never applied or never trained (unsloth #869). :fun
 these before a version becomes visible:
 
 1. pre-flight: the adapter folder is complete, and the versions folder's disk has room for the merged model plus a
-   margin (before the base model is even loaded);
+   margin (before the base model is even loaded), and the tokenizer the version will hold (``tokenizer=``, or the
+   checkpoint's tokenizer files) is the one the adapter was trained with (the tokenizer record DatasetGuard keeps in
+   ``trainer_state.json``, else the checkpoint's tokenizer files): another vocabulary, EOS or chat template is
+   refused before anything is written;
 2. the adapter's tensors cover every LoRA layer the config creates and are finite;
 3. the merge runs into a staging folder inside ``versions_dir`` (``.staging-<random>``, same filesystem);
 4. the *saved* files are read back: every tensor of the base is there with its shape, every value is finite, and
@@ -28,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import logging
 import os
 import platform
 import secrets
@@ -50,6 +54,7 @@ from ...errors import (
     UnsafeFileError,
 )
 from ...safe_fs import load_json
+from ..dataset.identity import stored_record
 from ..preflight import DEFAULT_MARGIN, DEFAULT_MARGIN_BYTES, check_disk_space, format_bytes, tokenizer_size
 
 __all__ = [
@@ -171,6 +176,72 @@ def _fsync_tree(folder: Path) -> None:
             finally:
                 os.close(fd)
     fsync_dir(folder)
+
+
+# ------------------------------------------------------------------------------------------------- tokenizer
+def _load_tokenizer(folder: Path) -> Any:
+    """The tokenizer saved in ``folder`` (local files only), or None when it cannot be loaded."""
+    try:
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    except Exception as exc:  # any loader failure: the comparison is skipped with a note, the merge goes on
+        get_logger().warning("safe_merge: cannot load the tokenizer in %s to compare it (%s: %s)", folder,
+                             type(exc).__name__, exc)  # fmt: skip
+        return None
+
+
+def _check_tokenizer(adapter_dir: Path, tokenizer: Any, has_files: bool, mode: str) -> list[str]:
+    """Refuse a merge whose version would hold another tokenizer than the one the adapter was trained with.
+
+    The reference: the tokenizer record DatasetGuard stored in the checkpoint's ``trainer_state.json``, else the
+    checkpoint's tokenizer files (when ``tokenizer`` is given). The candidate: ``tokenizer``, else the checkpoint's
+    tokenizer files (the version's copy of them; compared only with a record). Returns notes (nothing to compare).
+    """
+    from ..tokenizer import check_tokenizer, tokenizer_fingerprint
+
+    if mode == "off":
+        return []
+    reference: dict[str, Any] | None = None
+    source = ""
+    state_path = adapter_dir / "trainer_state.json"
+    if state_path.is_file():
+        with contextlib.suppress(OSError, ValueError, TypeError, AttributeError, TrainGuardError):
+            record = stored_record(load_json(state_path))
+            if record is not None and isinstance(record.get("tokenizer"), dict):
+                reference, source = record["tokenizer"], "the tokenizer recorded in trainer_state.json"
+    if reference is None and tokenizer is not None and has_files:
+        saved = _load_tokenizer(adapter_dir)
+        if saved is not None:
+            reference, source = tokenizer_fingerprint(saved), "the tokenizer files of the adapter checkpoint"
+    if reference is None and tokenizer is None and has_files:
+        return []  # the version gets the checkpoint's own tokenizer files, and there is no record to hold them to
+    if reference is None:
+        return [f"{adapter_dir.name} holds no tokenizer record or loadable tokenizer files: the tokenizer is not "
+                "compared"]  # fmt: skip
+    if tokenizer is not None:
+        current, what = tokenizer_fingerprint(tokenizer), "the tokenizer passed as tokenizer="
+    elif has_files:
+        loaded = _load_tokenizer(adapter_dir)
+        if loaded is None:
+            return [f"the tokenizer files of {adapter_dir.name} cannot be loaded: the tokenizer is not compared"]
+        current, what = tokenizer_fingerprint(loaded), f"the tokenizer files in {adapter_dir.name}"
+    else:
+        return [f"no tokenizer will be saved with this version (none in {adapter_dir.name}, none given): pair it "
+                "with the tokenizer the adapter was trained with"]  # fmt: skip
+    file = state_path if source.endswith("trainer_state.json") else adapter_dir
+    return check_tokenizer(
+        reference,
+        current,
+        where={"file": str(file)},
+        subject=f"refusing to merge {adapter_dir.name}: {what} is not {source}",
+        next_step=(
+            f"Pass the tokenizer the adapter was trained with (AutoTokenizer.from_pretrained({str(adapter_dir)!r}) "
+            "when the Trainer saved it there), or check_tokenizer='warn' to publish this one anyway. Nothing was "
+            "written."
+        ),
+        mode=mode,
+    )
 
 
 # ------------------------------------------------------------------------------------------------ base model
@@ -384,6 +455,7 @@ def safe_merge(
     metrics: Mapping[str, Any] | None = None,
     metadata: Mapping[str, Any] | None = None,
     tokenizer: Any = None,
+    check_tokenizer: str = "raise",
     allow_unchanged: bool = False,
     disk_margin: float = DEFAULT_MARGIN,
     disk_margin_bytes: int = DEFAULT_MARGIN_BYTES,
@@ -411,6 +483,10 @@ def safe_merge(
         metadata: Any other JSON-able fields to record under ``"extra"``.
         tokenizer: A tokenizer or processor to save with the version. Default: the tokenizer files found in
             ``adapter_checkpoint`` are copied.
+        check_tokenizer: The version's tokenizer (``tokenizer``, else the checkpoint's files) against the one the
+            adapter was trained with (DatasetGuard's record in the checkpoint's ``trainer_state.json``, else the
+            checkpoint's tokenizer files): ``"raise"`` (default: refused before anything is written), ``"warn"``
+            (logged) or ``"off"``.
         allow_unchanged: Publish even when no weight changed (default False: that is the "adapter never applied /
             never trained" failure).
         disk_margin: Extra free space as a fraction of the merged size (default 0.10).
@@ -427,6 +503,9 @@ def safe_merge(
         LoraConfigMismatchError: The adapter does not fit this base (missing target modules, other shapes, LoRA
             tensors missing from the file).
         NonFiniteError: The adapter or the merged weights hold NaN/Inf.
+        TokenizerMismatchError: The version's tokenizer is not the one the adapter was trained with (vocabulary,
+            merges, special tokens, EOS/PAD/BOS, chat template, padding side), naming each changed field; nothing
+            was written.
 
     Example::
 
@@ -474,7 +553,12 @@ def safe_merge(
             f"{type(base_model).__name__}"
         )
 
-    # 1. Disk pre-flight, before loading anything large.
+    # 1. The tokenizer the version will hold, then the disk pre-flight, before loading anything large.
+    if check_tokenizer not in ("raise", "warn", "off"):
+        raise ValueError(f"check_tokenizer must be 'raise', 'warn' or 'off', not {check_tokenizer!r}")
+    for note in _check_tokenizer(adapter_dir, tokenizer, bool(_tokenizer_files(adapter_dir)), check_tokenizer):
+        # a mismatch let through by check_tokenizer="warn" is a warning; "nothing to compare" is a note
+        get_logger().log(logging.WARNING if note.startswith("refusing") else logging.INFO, "safe_merge: %s", note)
     tok_files = _tokenizer_files(adapter_dir) if tokenizer is None else []
     tok_bytes = sum(p.stat().st_size for p in tok_files) if tokenizer is None else tokenizer_size(tokenizer)
     if base_path is not None:

@@ -1,0 +1,230 @@
+"""The last good save on a dying run: whether a failed ``train()`` may save ``checkpoint-N`` before its error
+propagates (:class:`~trainguard.GracefulStop`'s ``save_on_error``).
+
+Plain functions on plain inputs: the exception, the phase of the step it came from (recorded from the Trainer's
+events), the Trainer's control flags at that moment, and what already is on disk. Three questions, each answered by
+a reason not to save (a string) or None:
+
+- :func:`error_reason`: is the error one a save can outlive? A numeric failure (``NonFiniteError``, anything else a
+  guard raised on purpose), an interrupt, or a storage failure (a full disk, a read-only or failing filesystem) is
+  not; an out-of-memory error, a data error or a callback's exception is.
+- :func:`phase_reason`: do the weights, optimizer and scheduler in memory belong to one completed step? They do
+  during the forward/backward of a step (nothing of the step is applied yet) and between steps (logging,
+  evaluation); they do not inside the optimizer update, after it before the step is counted, or inside a save.
+- :func:`decide`: the two above, plus what only the caller knows (ranks, engine, the folder already on disk).
+
+Example::
+
+    from trainguard.checks.last_save import decide
+    d = decide(MemoryError("eval"), "between", step=3, should_save=False, should_evaluate=True, existing="absent")
+    assert d.save and d.step == 3
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from ..errors import NonFiniteError, TrainGuardError
+from ._layout import MANIFEST_NAME, SAVING_MARKER
+
+__all__ = [
+    "PHASES",
+    "STORAGE_ERRNOS",
+    "LastSaveDecision",
+    "checkpoint_status",
+    "decide",
+    "error_reason",
+    "phase_reason",
+]
+
+#: Where in the training loop an error can come from, as recorded from the Trainer's events:
+#: ``idle`` (before ``on_train_begin``: loading, the start checks), ``step`` (``on_step_begin`` .. the update:
+#: forward, backward, clipping), ``update`` (``on_pre_optimizer_step`` .. ``on_optimizer_step``), ``after_update``
+#: (``on_optimizer_step`` .. ``on_step_end``: scheduler, step counter), ``between`` (after ``on_step_end`` or
+#: ``on_train_begin``: fetching batches, logging, evaluation, saving), ``ended`` (after ``on_train_end``).
+PHASES = ("idle", "step", "update", "after_update", "between", "ended")
+
+Phase = Literal["idle", "step", "update", "after_update", "between", "ended"]
+
+#: ``OSError`` numbers of a storage failure: a save would fail the same way (or make things worse).
+STORAGE_ERRNOS = frozenset(
+    code
+    for code in (
+        errno.ENOSPC,
+        getattr(errno, "EDQUOT", None),
+        errno.EROFS,
+        errno.EIO,
+        getattr(errno, "ESTALE", None),
+    )
+    if code is not None
+)
+
+CheckpointStatus = Literal["absent", "committed", "uncommitted"]
+
+
+@dataclass(frozen=True)
+class LastSaveDecision:
+    """Whether to save ``checkpoint-{step}`` before the error propagates, and why (or why not)."""
+
+    save: bool
+    step: int
+    reason: str
+
+
+def _chain(exc: BaseException) -> list[BaseException]:
+    """``exc`` and its causes/contexts (a wrapped error keeps its nature), without loops."""
+    seen: list[BaseException] = []
+    current: BaseException | None = exc
+    while current is not None and all(current is not s for s in seen) and len(seen) < 16:
+        seen.append(current)
+        current = current.__cause__ or current.__context__
+    return seen
+
+
+def error_reason(exc: BaseException) -> str | None:
+    """Why ``exc`` rules out a save on the way out, or None when a save may outlive it.
+
+    Args:
+        exc: What ``train()`` raised.
+
+    Returns:
+        None for an error the state survives (out of memory, a data error, a callback's exception); otherwise one
+        sentence: a numeric failure (``NonFiniteError``: the weights may hold NaN), another trainguard error (a guard
+        stopped the run on purpose), an interrupt (``KeyboardInterrupt``/``SystemExit``: the user wants out now),
+        or a storage failure (``OSError`` ENOSPC/EDQUOT/EROFS/EIO/ESTALE anywhere in the chain: a save would fail
+        the same way).
+
+    Example::
+
+        from trainguard.checks.last_save import error_reason
+        assert error_reason(OSError(28, "No space left on device")).startswith("a storage failure")
+        assert error_reason(MemoryError()) is None
+    """
+    if isinstance(exc, (KeyboardInterrupt, SystemExit, GeneratorExit)):
+        return f"an interrupt ({type(exc).__name__}): the run is wanted stopped now, not saved"
+    for link in _chain(exc):
+        if isinstance(link, NonFiniteError):
+            return "a numeric failure (NonFiniteError): the state may hold NaN or Inf"
+        if isinstance(link, TrainGuardError):
+            return f"a trainguard guard stopped the run on purpose ({type(link).__name__})"
+        if isinstance(link, OSError) and link.errno in STORAGE_ERRNOS:
+            name = errno.errorcode.get(link.errno or 0, str(link.errno))
+            return f"a storage failure ({name}): a save would fail the same way"
+    return None
+
+
+def phase_reason(phase: str, *, should_save: bool, should_evaluate: bool) -> str | None:
+    """Why the state in memory is not known to be one completed step's, or None when it is.
+
+    Args:
+        phase: One of :data:`PHASES`, recorded from the Trainer's events.
+        should_save: The Trainer's ``control.should_save`` when the error surfaced. Set at a save step's
+            ``on_step_end`` and cleared only when ``on_save`` fires, so between steps it is True from just before a
+            save until the save is over.
+        should_evaluate: The Trainer's ``control.should_evaluate`` then; cleared when ``on_evaluate`` fires.
+            Evaluation runs before the save, so while it is True the save has not begun.
+
+    Example::
+
+        from trainguard.checks.last_save import phase_reason
+        assert phase_reason("update", should_save=False, should_evaluate=False) is not None
+        assert phase_reason("step", should_save=False, should_evaluate=False) is None
+    """
+    if phase == "step":
+        return None  # forward/backward: weights, optimizer and scheduler are still the last completed step's
+    if phase == "between":
+        if should_save and not should_evaluate:
+            return "the error may come from inside a save (a save was due and evaluation was over)"
+        return None
+    if phase == "update":
+        return "the error came from inside the optimizer update: the weights may be partly updated"
+    if phase == "after_update":
+        return "the error came after the optimizer update but before the step was counted"
+    if phase == "idle":
+        return "training had not begun (loading or a start check)"
+    if phase == "ended":
+        return "training had already ended"
+    return f"unknown phase {phase!r}"
+
+
+def checkpoint_status(folder: str | os.PathLike[str]) -> CheckpointStatus:
+    """``absent`` when ``folder`` does not exist; ``committed`` when it holds a trainguard manifest and no saving
+    marker; ``uncommitted`` otherwise (a save began there, or a Trainer without CheckpointVerifier saved there).
+
+    Example::
+
+        from trainguard.checks.last_save import checkpoint_status
+        assert checkpoint_status("no-such-folder/checkpoint-3") == "absent"
+    """
+    path = Path(folder)
+    if not path.is_dir():
+        return "absent"
+    if (path / MANIFEST_NAME).is_file() and not (path / SAVING_MARKER).exists():
+        return "committed"
+    return "uncommitted"
+
+
+def decide(
+    exc: BaseException,
+    phase: str,
+    *,
+    step: int,
+    should_save: bool,
+    should_evaluate: bool,
+    existing: CheckpointStatus,
+    world_size: int = 1,
+    engine: str = "plain",
+) -> LastSaveDecision:
+    """Whether to save ``checkpoint-{step}`` before ``exc`` propagates.
+
+    Saves only when every rule says yes: an error a save can outlive (:func:`error_reason`), a state known to be
+    one completed step's (:func:`phase_reason`), a step past 0, no folder of that step on disk (never a second save
+    of a step: a committed one is the save already; an uncommitted one is a save that began and may have failed),
+    one process (a save under several ranks is a collective the other ranks may never join), and a plain engine
+    (DeepSpeed updates inside ``backward``, so its "forward/backward" phase is not consistent; FSDP/ZeRO saves
+    need every rank).
+
+    Args:
+        exc: What ``train()`` raised.
+        phase: One of :data:`PHASES`.
+        step: The Trainer's ``state.global_step`` (the last completed step).
+        should_save: ``control.should_save`` when the error surfaced.
+        should_evaluate: ``control.should_evaluate`` when the error surfaced.
+        existing: :func:`checkpoint_status` of ``checkpoint-{step}``.
+        world_size: The number of processes.
+        engine: ``plain``, ``deepspeed``, ``fsdp_full``, ``fsdp_sharded``.
+
+    Example::
+
+        from trainguard.checks.last_save import decide
+        d = decide(RuntimeError("x"), "update", step=3, should_save=False, should_evaluate=False, existing="absent")
+        assert not d.save and "optimizer update" in d.reason
+    """
+
+    def no(reason: str) -> LastSaveDecision:
+        return LastSaveDecision(save=False, step=step, reason=reason)
+
+    reason = error_reason(exc)
+    if reason is not None:
+        return no(reason)
+    reason = phase_reason(phase, should_save=should_save, should_evaluate=should_evaluate)
+    if reason is not None:
+        return no(reason)
+    if step <= 0:
+        return no("no step has completed yet: there is nothing to save")
+    if existing == "committed":
+        return no(f"checkpoint-{step} is already saved and committed: nothing to add")
+    if existing == "uncommitted":
+        return no(f"checkpoint-{step} already exists without a commit: a save of this step began and may have failed")
+    if world_size > 1:
+        return no(
+            f"a run of {world_size} processes: a save is a collective (barriers, gathers, the manifest commit) that "
+            "the ranks stuck elsewhere or already gone would never join, so saving could hang the job"
+        )
+    if engine != "plain":
+        return no(f"the {engine} engine: its saves need every rank, and its update is not a separate phase")
+    return LastSaveDecision(save=True, step=step, reason=f"the state is that of completed step {step}")

@@ -5,15 +5,19 @@ MalformedFileError naming the file."""
 from __future__ import annotations
 
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
 
+import trainguard
 from trainguard import MalformedFileError, UnsafeFileError
 from trainguard.atomic import append_line, atomic_write_text, read_jsonl
 from trainguard.checks.watchdog import Watchdog
 from trainguard.checks.watchdog.pending import claim_earlier_dumps
 from trainguard.safe_fs import display_name, ensure_dir, load_json, open_read, parse_json, read_bytes
+
+from _rig import make_trainer, mounted_tmpfs
 
 pytestmark = pytest.mark.timeout(60)  # every "does not block" below fails instead of hanging
 
@@ -176,3 +180,14 @@ def test_validate_data_reports_a_fifo_of_every_format_without_blocking(tmp_path:
     report = validate_data(fifo)
     assert not report.ok
     assert any("FIFO" in issue.message for issue in report.issues)
+
+
+def test_a_read_only_output_dir_is_refused_at_trainer_init_naming_it() -> None:
+    with mounted_tmpfs("3m") as folder:
+        done = subprocess.run(["mount", "-o", "remount,ro", str(folder)], capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            pytest.skip(f"cannot remount the tmpfs read-only here ({done.stderr.strip()})")
+        with pytest.raises(trainguard.PreflightError, match="is not writable") as info:
+            make_trainer(folder, callbacks=trainguard.all_guards(), max_steps=2)
+        assert info.value.where["file"].startswith(str(folder))
+        assert "Read-only file system" in info.value.what

@@ -687,7 +687,10 @@ def scenario_tokenizer(work: Path) -> Row:
                       processing_class=changed, callbacks=[start])  # fmt: skip
     output = trainer.train(resume_from_checkpoint=True)
     plain_ok = start.step == 8 and output.global_step == 16
-    plain = f"resumed at step {start.step} with EOS '<s>' instead of '</s>', trained to step {output.global_step}, no warning"
+    plain = (
+        f"resumed at step {start.step} with EOS '<s>' instead of '</s>', trained to step {output.global_step}, "
+        "no warning"
+    )
 
     guarded = Trainer(model=tiny_model(), args=args_for(guard_dir, num_train_epochs=2), train_dataset=rows(32),
                       processing_class=changed, callbacks=[trainguard.DatasetGuard()])  # fmt: skip

@@ -12,8 +12,8 @@ from _rig import REPO_ROOT, run_python
 
 GALLERY = str(REPO_ROOT / "examples" / "failure_gallery.py")
 ROWS = (
-    "dataset", "tokenizer", "lora", "flipped_byte", "truncated", "nan", "hang", "run_lock", "reused_dir", "hollow_save", "masked",
-    "disk", "oom_eval", "dead_adapter",
+    "dataset", "tokenizer", "lora", "flipped_byte", "truncated", "nan", "hang", "run_lock", "reused_dir",
+    "hollow_save", "masked", "disk", "oom_eval", "dead_adapter",
 )  # fmt: skip
 
 

@@ -140,13 +140,13 @@ if TYPE_CHECKING:
     from .alerts import Alert, Alerter, JsonlSink, LoggerSink, TrainerLogSink, WebhookSink
     from .callbacks import all_guards
     from .callbacks._base import GuardCallback
+    from .callbacks.adapter_guard import AdapterGuard
     from .callbacks.checkpoint_verifier import CheckpointVerifier
     from .callbacks.crash_loop_guard import CrashLoopGuard
     from .callbacks.data_guard import DataGuard
     from .callbacks.dataset_guard import DatasetGuard
     from .callbacks.graceful_stop import GracefulStop
     from .callbacks.hang_watchdog import HangWatchdog
-    from .callbacks.adapter_guard import AdapterGuard
     from .callbacks.lora_config_guard import LoraConfigGuard
     from .callbacks.nan_guard import NanGuard
     from .callbacks.preflight_guard import PreflightGuard
@@ -163,10 +163,10 @@ if TYPE_CHECKING:
     from .checks.dataset import dataset_fingerprint
     from .checks.fresh_start import start_fresh
     from .checks.lora import check_lora_config
-    from .checks.tokenizer import compare_tokenizers, tokenizer_fingerprint
     from .checks.merge import safe_merge
     from .checks.preflight import check_disk_space, check_memory
     from .checks.run_lock import acquire_run_lock
+    from .checks.tokenizer import compare_tokenizers, tokenizer_fingerprint
     from .checks.watchdog import Watchdog
     from .recovery import continue_on_new_data
 

@@ -23,6 +23,7 @@ from collections.abc import Mapping
 from typing import Any, ClassVar
 
 __all__ = [
+    "AdapterError",
     "CheckpointIntegrityError",
     "DataValidationError",
     "DatasetMismatchError",
@@ -35,9 +36,8 @@ __all__ = [
     "ResumeAttestationError",
     "RunLockedError",
     "SaveAuditError",
-    "TrainGuardError",
-    "AdapterError",
     "TokenizerMismatchError",
+    "TrainGuardError",
     "UnsafeFileError",
     "WebhookConfigError",
 ]

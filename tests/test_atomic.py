@@ -38,8 +38,11 @@ def test_sigkill_at_random_moments_never_leaves_a_torn_file(tmp_path: Path):
     target = tmp_path / "state.json"
     atomic_write_json(target, {"i": 0, "payload": "", "sha256": hashlib.sha256(b"").hexdigest()})
     rng = random.Random(1234)
-    kills, mid_write, versions = 40, 0, set()
-    for _ in range(kills):
+    kills, mid_write, versions = 0, 0, set()
+    # At least 40 kills; more (up to 200) until at least 3 landed mid-write: how often a random moment falls between
+    # create and rename depends on how fast this machine's disk fsyncs, and the test means something only then.
+    while kills < 40 or (mid_write < 3 and kills < 200):
+        kills += 1
         child = subprocess.Popen(
             [sys.executable, str(TESTS_DIR / "scripts" / "atomic_writer_loop.py"), str(target), str(1 << 20)],
             env=subprocess_env(),

@@ -19,6 +19,17 @@ def best_of(fn: Callable[[], Any], repeat: int = 5) -> float:
     return best
 
 
+def per_call(fn: Callable[[], Any], number: int, repeat: int = 5) -> float:
+    """Best per-call seconds over ``repeat`` batches of ``number`` calls (for calls too short to time one by one)."""
+    best = float("inf")
+    for _ in range(repeat):
+        start = time.perf_counter()
+        for _ in range(number):
+            fn()
+        best = min(best, (time.perf_counter() - start) / number)
+    return best
+
+
 def cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():

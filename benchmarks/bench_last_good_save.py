@@ -14,23 +14,10 @@ from __future__ import annotations
 
 import os
 import tempfile
-import time
-from collections.abc import Callable
 from types import SimpleNamespace
 from typing import Any
 
-from _common import cpu_model
-
-
-def per_call(fn: Callable[[], Any], number: int, repeat: int = 5) -> float:
-    """Best per-call seconds over ``repeat`` batches of ``number`` calls."""
-    best = float("inf")
-    for _ in range(repeat):
-        start = time.perf_counter()
-        for _ in range(number):
-            fn()
-        best = min(best, (time.perf_counter() - start) / number)
-    return best
+from _common import cpu_model, per_call
 
 
 def main() -> None:

@@ -12,24 +12,10 @@ from __future__ import annotations
 
 import os
 import tempfile
-import time
-from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
 
-from _common import cpu_model
-
-
-def best_of(fn: Callable[[], Any], number: int, repeat: int = 5) -> float:
-    """Best per-call seconds over ``repeat`` batches of ``number`` calls."""
-    best = float("inf")
-    for _ in range(repeat):
-        start = time.perf_counter()
-        for _ in range(number):
-            fn()
-        best = min(best, (time.perf_counter() - start) / number)
-    return best
+from _common import cpu_model, per_call
 
 
 def main() -> None:
@@ -50,7 +36,8 @@ def main() -> None:
     state = SimpleNamespace(global_step=1)
     control = SimpleNamespace(should_save=False, should_training_stop=False, should_evaluate=False)
     stop.on_train_begin(args, state, control)  # installs the handlers, reads the world size once
-    per_step = best_of(lambda: stop.on_step_end(args, state, control), 2000 if distributed.is_distributed() else 200000)
+    calls = 2000 if distributed.is_distributed() else 200000
+    per_step = per_call(lambda: stop.on_step_end(args, state, control), calls)
     if main_rank:
         print(f"GracefulStop.on_step_end, no signal: {per_step * 1e6:.2f} µs per step")
 
@@ -60,13 +47,13 @@ def main() -> None:
             def lock_once() -> None:
                 run_lock.acquire_run_lock(tmp).release()
 
-            print(f"acquire_run_lock + release (flock, holder record, fsync): {best_of(lock_once, 50) * 1e3:.2f} ms")
+            print(f"acquire_run_lock + release (flock, holder record, fsync): {per_call(lock_once, 50) * 1e3:.2f} ms")
             out = Path(tmp) / "run"
             oom = RuntimeError("CUDA out of memory")
             for i in range(1000):
                 crash_loop.record_start(out, run_id=f"r{i}", step=0)
                 crash_loop.record_failure(out, run_id=f"r{i}", step=7, exc=oom)
-            per_check = best_of(lambda: crash_loop.find_crash_loop(out, max_repeats=3), 10)
+            per_check = per_call(lambda: crash_loop.find_crash_loop(out, max_repeats=3), 10)
             print(f"find_crash_loop over 1000 recorded runs: {per_check * 1e3:.2f} ms (once per start)")
     stop.on_train_end(args, state, control)
     if dist.is_initialized():

@@ -315,3 +315,32 @@ def exit_worker(code: int = 0) -> NoReturn:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
+
+
+#: A child Python that takes the run lock on ``argv[1]``, says "locked" and waits to be killed.
+LOCK_HOLDER = (
+    "import sys, time\n"
+    "from trainguard.checks.run_lock import acquire_run_lock\n"
+    "acquire_run_lock(sys.argv[1])\n"
+    "print('locked', flush=True)\n"
+    "time.sleep(600)\n"
+)
+
+
+@contextlib.contextmanager
+def holding_run_lock(output_dir: str | os.PathLike[str], *extra_argv: str) -> Iterator[subprocess.Popen[str]]:
+    """Another live process holding the run lock on ``output_dir`` (``extra_argv`` end up on its command line)."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", LOCK_HOLDER, str(output_dir), *extra_argv],
+        env=subprocess_env(),
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "locked"
+        yield proc
+    finally:
+        proc.kill()
+        proc.wait(timeout=60)
+        assert proc.stdout is not None
+        proc.stdout.close()

@@ -7,7 +7,6 @@ import json
 import logging
 import os
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,15 +19,8 @@ from trainguard.callbacks import GuardCallback
 from trainguard.checks import crash_loop as cl
 from trainguard.checks import run_lock as rl
 
-from _rig import make_trainer, run_python, run_trainer, subprocess_env
+from _rig import holding_run_lock, make_trainer, run_python, run_trainer
 
-HOLDER = (
-    "import sys, time\n"
-    "from trainguard.checks.run_lock import acquire_run_lock\n"
-    "acquire_run_lock(sys.argv[1])\n"
-    "print('locked', flush=True)\n"
-    "time.sleep(600)\n"
-)
 INSPECT = "import sys\nfrom trainguard.cli import main\nraise SystemExit(main(sys.argv[1:]))\n"
 DEEP = "[" * 200_000 + "]" * 200_000
 
@@ -46,17 +38,8 @@ class _Alerting(GuardCallback):
 @pytest.fixture
 def holder(output_dir: Path) -> Iterator[subprocess.Popen[str]]:
     """Another live process holding the run lock on output_dir."""
-    proc = subprocess.Popen(
-        [sys.executable, "-c", HOLDER, str(output_dir)], env=subprocess_env(), stdout=subprocess.PIPE, text=True
-    )
-    try:
-        assert proc.stdout is not None and proc.stdout.readline().strip() == "locked"
+    with holding_run_lock(output_dir) as proc:
         yield proc
-    finally:
-        proc.kill()
-        proc.wait(timeout=60)
-        assert proc.stdout is not None
-        proc.stdout.close()
 
 
 def _inspect(folder: Path, *args: str) -> subprocess.CompletedProcess[str]:

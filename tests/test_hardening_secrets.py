@@ -8,7 +8,6 @@ import logging
 import os
 import stat
 import subprocess
-import sys
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, HTTPServer
@@ -23,7 +22,7 @@ from trainguard.checks import crash_loop as cl
 from trainguard.checks import run_lock as rl
 from trainguard.redact import MARK, redact_argv, redact_command, redact_text, redact_url
 
-from _rig import free_port, make_trainer, run_python, subprocess_env
+from _rig import free_port, holding_run_lock, make_trainer, run_python
 
 HF = "hf_" + "Ab3dEf6hIj9kLm2nOp5qRs8tUv1wXy4zAb"
 OPENAI = "sk-proj-" + "a1B2c3D4e5F6g7H8i9J0"
@@ -33,14 +32,6 @@ AWS = "AKIA" + "ABCDEFGHIJKLMNOP"
 JWT = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxMjM0In0.c2lnbmF0dXJlLXNpZw"
 SECRETS = (HF, OPENAI, GITHUB, SLACK, AWS, JWT, "hunter2pass", "wandb0secret", "envsecret9")
 
-# Takes the run lock with a command line full of credentials, then waits to be killed.
-HOLDER = (
-    "import sys, time\n"
-    "from trainguard.checks.run_lock import acquire_run_lock\n"
-    "acquire_run_lock(sys.argv[1])\n"
-    "print('locked', flush=True)\n"
-    "time.sleep(600)\n"
-)
 SECRET_ARGS = (
     "--hub_token",
     HF,
@@ -140,20 +131,8 @@ def test_redact_text_hides_urls_credentials_and_token_shaped_words_in_free_text_
 @pytest.fixture
 def secret_holder(output_dir: Path) -> Iterator[subprocess.Popen[str]]:
     """Another live process holding the run lock, started with credentials on its command line."""
-    proc = subprocess.Popen(
-        [sys.executable, "-c", HOLDER, str(output_dir), *SECRET_ARGS],
-        env=subprocess_env(),
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert proc.stdout is not None and proc.stdout.readline().strip() == "locked"
+    with holding_run_lock(output_dir, *SECRET_ARGS) as proc:
         yield proc
-    finally:
-        proc.kill()
-        proc.wait(timeout=60)
-        assert proc.stdout is not None
-        proc.stdout.close()
 
 
 def test_a_hub_token_on_the_holders_command_line_never_reaches_the_record_the_error_or_inspect(

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from .errors import MalformedFileError
-from .safe_fs import open_append, open_read, parse_json
+from .safe_fs import open_append, parse_json, read_tail_lines
 
 __all__ = [
     "TEMP_MARKER",
@@ -178,15 +178,8 @@ def read_jsonl(path: PathLike, *, limit: int = 64 << 20) -> list[dict[str, Any]]
 
     Only a regular file is read (a FIFO there never blocks: :class:`~trainguard.errors.UnsafeFileError`), and only
     its last ``limit`` bytes: these files are append-only logs whose recent lines matter."""
-    fd = open_read(path)
-    with os.fdopen(fd, "rb") as fh:
-        size = os.fstat(fh.fileno()).st_size
-        if size > limit:
-            fh.seek(size - limit)
-            fh.readline()  # the first line is cut: drop it
-        data = fh.read(limit)
     records: list[dict[str, Any]] = []
-    for raw in data.decode("utf-8", errors="replace").splitlines():
+    for raw in read_tail_lines(path, limit=limit):
         raw = raw.strip()
         if not raw:
             continue

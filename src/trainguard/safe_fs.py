@@ -49,6 +49,7 @@ __all__ = [
     "open_write",
     "parse_json",
     "read_bytes",
+    "read_tail_lines",
     "read_text",
 ]
 
@@ -156,6 +157,19 @@ def read_bytes(path: PathLike, *, limit: int, follow: bool = True) -> bytes:
             where={"file": display_name(path)},
         )
     return data
+
+
+def read_tail_lines(path: PathLike, *, limit: int, follow: bool = True) -> list[str]:
+    """The lines of an append-only log (a regular file), only from its last ``limit`` bytes: a line cut by that
+    bound is dropped. Bytes that are not UTF-8 are replaced (one bad line must not hide the others)."""
+    fd = open_read(path, follow=follow)
+    with os.fdopen(fd, "rb") as fh:
+        size = os.fstat(fh.fileno()).st_size
+        if size > limit:
+            fh.seek(size - limit)
+            fh.readline()  # cut mid-line: the first line read is partial
+        data = fh.read(limit)
+    return data.decode("utf-8", errors="replace").split("\n")
 
 
 def read_text(path: PathLike, *, limit: int = MAX_JSON_BYTES, follow: bool = True) -> str:

@@ -44,7 +44,7 @@ from ..alerts import get_logger
 from ..atomic import append_line
 from ..errors import MalformedFileError, PreflightError, TrainGuardError
 from ..redact import redact_json, redact_text
-from ..safe_fs import display_name, open_read, parse_json
+from ..safe_fs import display_name, parse_json, read_tail_lines
 
 __all__ = [
     "CRASH_LOG",
@@ -279,16 +279,10 @@ def _read_records(path: Path) -> tuple[list[dict[str, Any]], list[int]]:
     records: list[dict[str, Any]] = []
     bad: list[int] = []
     try:
-        fd = open_read(path, follow=False)
+        lines = read_tail_lines(path, limit=_READ_LIMIT, follow=False)
     except FileNotFoundError:
         return records, bad
-    with os.fdopen(fd, "rb") as fh:
-        size = os.fstat(fh.fileno()).st_size
-        if size > _READ_LIMIT:
-            fh.seek(size - _READ_LIMIT)
-            fh.readline()  # cut mid-line: the first line read is partial
-        data = fh.read(_READ_LIMIT)
-    for number, raw in enumerate(data.decode("utf-8", errors="replace").split("\n"), start=1):
+    for number, raw in enumerate(lines, start=1):
         if not raw.strip():
             continue
         try:

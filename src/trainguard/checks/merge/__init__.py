@@ -54,7 +54,6 @@ from ...errors import (
     UnsafeFileError,
 )
 from ...safe_fs import load_json
-from ..dataset.identity import stored_record
 from ..preflight import DEFAULT_MARGIN, DEFAULT_MARGIN_BYTES, check_disk_space, format_bytes, tokenizer_size
 
 __all__ = [
@@ -64,6 +63,12 @@ __all__ = [
     "safe_merge",
 ]
 
+from .readback import ADAPTER_WEIGHTS
+from .readback import check_adapter as _check_adapter
+from .readback import lora_targets as _lora_targets
+from .readback import raise_unchanged as _raise_unchanged
+from .readback import verify_saved as _verify_saved
+from .tokenizer import check_version_tokenizer
 from .versions import (
     METADATA_FORMAT,
     STAGING_PREFIX,
@@ -76,7 +81,6 @@ from .versions import publish as _publish
 
 PathLike = str | os.PathLike[str]
 
-_ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 _TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
@@ -178,72 +182,6 @@ def _fsync_tree(folder: Path) -> None:
     fsync_dir(folder)
 
 
-# ------------------------------------------------------------------------------------------------- tokenizer
-def _load_tokenizer(folder: Path) -> Any:
-    """The tokenizer saved in ``folder`` (local files only), or None when it cannot be loaded."""
-    try:
-        from transformers import AutoTokenizer
-
-        return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
-    except Exception as exc:  # any loader failure: the comparison is skipped with a note, the merge goes on
-        get_logger().warning("safe_merge: cannot load the tokenizer in %s to compare it (%s: %s)", folder,
-                             type(exc).__name__, exc)  # fmt: skip
-        return None
-
-
-def _check_tokenizer(adapter_dir: Path, tokenizer: Any, has_files: bool, mode: str) -> list[str]:
-    """Refuse a merge whose version would hold another tokenizer than the one the adapter was trained with.
-
-    The reference: the tokenizer record DatasetGuard stored in the checkpoint's ``trainer_state.json``, else the
-    checkpoint's tokenizer files (when ``tokenizer`` is given). The candidate: ``tokenizer``, else the checkpoint's
-    tokenizer files (the version's copy of them; compared only with a record). Returns notes (nothing to compare).
-    """
-    from ..tokenizer import check_tokenizer, tokenizer_fingerprint
-
-    if mode == "off":
-        return []
-    reference: dict[str, Any] | None = None
-    source = ""
-    state_path = adapter_dir / "trainer_state.json"
-    if state_path.is_file():
-        with contextlib.suppress(OSError, ValueError, TypeError, AttributeError, TrainGuardError):
-            record = stored_record(load_json(state_path))
-            if record is not None and isinstance(record.get("tokenizer"), dict):
-                reference, source = record["tokenizer"], "the tokenizer recorded in trainer_state.json"
-    if reference is None and tokenizer is not None and has_files:
-        saved = _load_tokenizer(adapter_dir)
-        if saved is not None:
-            reference, source = tokenizer_fingerprint(saved), "the tokenizer files of the adapter checkpoint"
-    if reference is None and tokenizer is None and has_files:
-        return []  # the version gets the checkpoint's own tokenizer files, and there is no record to hold them to
-    if reference is None:
-        return [f"{adapter_dir.name} holds no tokenizer record or loadable tokenizer files: the tokenizer is not "
-                "compared"]  # fmt: skip
-    if tokenizer is not None:
-        current, what = tokenizer_fingerprint(tokenizer), "the tokenizer passed as tokenizer="
-    elif has_files:
-        loaded = _load_tokenizer(adapter_dir)
-        if loaded is None:
-            return [f"the tokenizer files of {adapter_dir.name} cannot be loaded: the tokenizer is not compared"]
-        current, what = tokenizer_fingerprint(loaded), f"the tokenizer files in {adapter_dir.name}"
-    else:
-        return [f"no tokenizer will be saved with this version (none in {adapter_dir.name}, none given): pair it "
-                "with the tokenizer the adapter was trained with"]  # fmt: skip
-    file = state_path if source.endswith("trainer_state.json") else adapter_dir
-    return check_tokenizer(
-        reference,
-        current,
-        where={"file": str(file)},
-        subject=f"refusing to merge {adapter_dir.name}: {what} is not {source}",
-        next_step=(
-            f"Pass the tokenizer the adapter was trained with (AutoTokenizer.from_pretrained({str(adapter_dir)!r}) "
-            "when the Trainer saved it there), or check_tokenizer='warn' to publish this one anyway. Nothing was "
-            "written."
-        ),
-        mode=mode,
-    )
-
-
 # ------------------------------------------------------------------------------------------------ base model
 def _load_base(path: Path) -> Any:
     import transformers
@@ -274,175 +212,6 @@ def _model_bytes(model: Any) -> int:
         seen.add(key)
         total += int(tensor.numel()) * int(tensor.element_size())
     return total
-
-
-# ---------------------------------------------------------------------------------------------- the checks
-def _check_adapter(peft_model: Any, adapter_dir: Path, adapter_name: str) -> None:
-    """Every LoRA tensor the config created was in the adapter file, and every one is finite."""
-    import torch
-
-    model_keys = {}
-    for name, param in peft_model.named_parameters():
-        if "lora_" in name:
-            model_keys[name.replace(f".{adapter_name}.", ".")] = (name, param)
-    weights = adapter_dir / "adapter_model.safetensors"
-    if weights.is_file():
-        from safetensors import safe_open
-
-        with safe_open(str(weights), framework="pt") as fh:
-            file_keys = set(fh.keys())
-        missing = sorted(k for k in model_keys if k not in file_keys)
-        if missing:
-            raise LoraConfigMismatchError(
-                f"the adapter file lacks {len(missing)} of the {len(model_keys)} LoRA tensors its config creates "
-                f"on this base (first: {missing[0]}); peft would merge them as freshly initialised layers",
-                where={"file": str(weights), "field": "target_modules"},
-                next_step="Merge the adapter into the base model it was trained on, with the adapter_config.json "
-                "it was saved with.",
-                evidence={"missing": missing[:20], "missing_count": len(missing)},
-            )
-    for key, (_name, param) in model_keys.items():
-        if not bool(torch.isfinite(param.detach()).all()):
-            bad = int((~torch.isfinite(param.detach())).sum())
-            raise NonFiniteError(
-                f"the adapter holds non-finite values: {key} has {bad} NaN/Inf value(s); merging would poison the "
-                "base weights",
-                where={"file": str(weights if weights.is_file() else adapter_dir), "field": key},
-                next_step="Merge an earlier checkpoint of the run saved before the values diverged.",
-                evidence={"tensor": key, "non_finite": bad, "numel": int(param.numel())},
-            )
-
-
-def _lora_targets(peft_model: Any, adapter_name: str) -> dict[str, dict[str, Any]]:
-    """For each layer the adapter wraps: the merged model's weight key, a copy of the base weight, and whether
-    its B matrix is non-zero (the delta is B @ A; B starts at zero under PEFT's default init)."""
-    from peft.tuners.lora import LoraLayer
-
-    inner = peft_model.get_base_model()
-    targets: dict[str, dict[str, Any]] = {}
-    for name, module in inner.named_modules():
-        if not isinstance(module, LoraLayer):
-            continue
-        base_layer = module.get_base_layer()
-        weight = getattr(base_layer, "weight", None)
-        if weight is None:
-            continue
-        b_nonzero = False
-        for attr in ("lora_B", "lora_embedding_B"):
-            container = getattr(module, attr, None)
-            if container is not None and adapter_name in container:
-                b = container[adapter_name]
-                b_tensor = b.weight if hasattr(b, "weight") else b
-                b_nonzero = b_nonzero or bool((b_tensor.detach() != 0).any())
-        targets[f"{name}.weight"] = {"base": weight.detach().clone(), "b_nonzero": b_nonzero}
-    return targets
-
-
-def _raise_unchanged(adapter_dir: Path, targets: dict[str, dict[str, Any]], *, all_zero: bool) -> None:
-    cause = (
-        "every lora_B matrix of the adapter is zero, so B @ A adds nothing: an untrained adapter (PEFT's default "
-        "init sets B = 0), or a checkpoint saved before the first optimizer step"
-        if all_zero
-        else "the adapter's non-zero delta did not reach the saved weights (the adapter was not applied)"
-    )
-    weights = next((adapter_dir / n for n in _ADAPTER_WEIGHTS if (adapter_dir / n).is_file()), adapter_dir)
-    raise CheckpointIntegrityError(
-        f"weights did not change: none of the {len(targets)} layers the adapter targets differs from the base "
-        f"model after merging; {cause}",
-        where={"file": str(weights), "field": next(iter(targets))},
-        next_step="Merge a checkpoint saved after training steps (its adapter_model.safetensors has non-zero "
-        "lora_B), or pass allow_unchanged=True to publish a copy of the base on purpose. Nothing was published.",
-        evidence={"adapter_layers": len(targets), "changed_layers": 0, "lora_B_all_zero": all_zero},
-    )
-
-
-def _verify_saved(
-    adapter_dir: Path,
-    folder: Path,
-    expected: dict[str, tuple[int, ...]],
-    aliases: dict[str, str],
-    targets: dict[str, dict[str, Any]],
-    *,
-    allow_unchanged: bool,
-) -> dict[str, Any]:
-    """Read the saved weights back: complete, right shapes, finite, changed where the adapter applies."""
-    import torch
-    from safetensors import safe_open
-
-    files = sorted(folder.glob("*.safetensors"))
-    if not files:
-        raise CheckpointIntegrityError(
-            "the merged model was saved without any weights file",
-            where={"file": str(folder)},
-            next_step="Check the transformers version and the disk; nothing was published.",
-        )
-    saved: dict[str, tuple[int, ...]] = {}
-    changed: list[str] = []
-    unchanged: list[str] = []
-    max_delta = 0.0
-    for path in files:
-        with safe_open(str(path), framework="pt") as fh:
-            for key in fh.keys():  # noqa: SIM118 - safe_open handles are not mappings
-                tensor = fh.get_tensor(key)
-                shape = tuple(tensor.shape)
-                if key not in expected:
-                    raise CheckpointIntegrityError(
-                        f"the merged model holds a tensor the base model does not have: {key} {list(shape)} "
-                        "(LoRA layers left unmerged?)",
-                        where={"file": str(path), "field": key},
-                        next_step="Report this with the peft and transformers versions; nothing was published.",
-                    )
-                if shape != expected[key]:
-                    raise CheckpointIntegrityError(
-                        f"the merged tensor {key} has shape {list(shape)}, the base model's has {list(expected[key])}",
-                        where={"file": str(path), "field": key},
-                        next_step="Report this with the peft and transformers versions; nothing was published.",
-                    )
-                if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-                    bad = int((~torch.isfinite(tensor)).sum())
-                    raise NonFiniteError(
-                        f"the merged tensor {key} holds {bad} NaN/Inf value(s)",
-                        where={"file": str(path), "field": key},
-                        next_step="Merge an earlier checkpoint of the run; this adapter drives the base to non-finite "
-                        "values. Nothing was published.",
-                        evidence={"tensor": key, "non_finite": bad},
-                    )
-                saved[key] = shape
-                if key in targets:
-                    base = targets[key]["base"].to(tensor.dtype)
-                    if torch.equal(tensor, base):
-                        unchanged.append(key)
-                    else:
-                        changed.append(key)
-                        delta = float((tensor.float() - base.float()).abs().max())
-                        max_delta = max(max_delta, delta)
-    missing = sorted(k for k in expected if k not in saved and aliases.get(k) not in saved)
-    if missing:
-        raise CheckpointIntegrityError(
-            f"the merged model is incomplete: {len(missing)} of {len(expected)} base tensors were not saved "
-            f"(first: {missing[0]})",
-            where={"file": str(folder), "field": missing[0]},
-            next_step="Check free space and the transformers version, then merge again; nothing was published.",
-            evidence={"missing": missing[:20], "missing_count": len(missing), "saved_count": len(saved)},
-        )
-    if targets and not changed and not allow_unchanged:
-        _raise_unchanged(adapter_dir, targets, all_zero=not any(t["b_nonzero"] for t in targets.values()))
-    if unchanged:
-        get_logger().warning(
-            "safe_merge: %d of %d adapter layers left their base weight unchanged (first: %s)",
-            len(unchanged),
-            len(targets),
-            unchanged[0],
-        )
-    return {
-        "tensors": len(saved),
-        "base_tensors": len(expected),
-        "adapter_layers": len(targets),
-        "changed_layers": len(changed),
-        "unchanged_layers": unchanged[:20],
-        "max_abs_delta": max_delta,
-        "finite": True,
-    }
 
 
 # ------------------------------------------------------------------------------------------------ safe_merge
@@ -521,9 +290,9 @@ def safe_merge(
             next_step="Pass the folder of a saved PEFT adapter (adapter_config.json + adapter_model.safetensors).",
         )
     adapter_config = _read_json(adapter_dir / "adapter_config.json", "the adapter's adapter_config.json")
-    if not any((adapter_dir / name).is_file() for name in _ADAPTER_WEIGHTS):
+    if not any((adapter_dir / name).is_file() for name in ADAPTER_WEIGHTS):
         raise CheckpointIntegrityError(
-            f"the adapter folder has no weights ({' or '.join(_ADAPTER_WEIGHTS)})",
+            f"the adapter folder has no weights ({' or '.join(ADAPTER_WEIGHTS)})",
             where={"file": str(adapter_dir)},
             next_step="Pass a folder the PEFT run saved completely (a verified checkpoint).",
         )
@@ -556,7 +325,7 @@ def safe_merge(
     # 1. The tokenizer the version will hold, then the disk pre-flight, before loading anything large.
     if check_tokenizer not in ("raise", "warn", "off"):
         raise ValueError(f"check_tokenizer must be 'raise', 'warn' or 'off', not {check_tokenizer!r}")
-    for note in _check_tokenizer(adapter_dir, tokenizer, bool(_tokenizer_files(adapter_dir)), check_tokenizer):
+    for note in check_version_tokenizer(adapter_dir, tokenizer, bool(_tokenizer_files(adapter_dir)), check_tokenizer):
         # a mismatch let through by check_tokenizer="warn" is a warning; "nothing to compare" is a note
         get_logger().log(logging.WARNING if note.startswith("refusing") else logging.INFO, "safe_merge: %s", note)
     tok_files = _tokenizer_files(adapter_dir) if tokenizer is None else []

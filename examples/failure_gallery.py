@@ -735,6 +735,41 @@ def scenario_dead_adapter(work: Path) -> Row:
                "AdapterGuard", result, took[0], plain_ok, caught)  # fmt: skip
 
 
+def spike_rows(poison: int) -> Dataset:
+    """Rows of a token pattern the model learns fast, and one row of random high tokens: a poisoned batch."""
+    rng = random.Random(0)
+    data = []
+    for i in range(80):
+        offset = rng.randrange(8)
+        ids = [4 + (offset + j) % 8 for j in range(16)]
+        if i == poison:
+            ids = [rng.randrange(100, 128) for _ in range(16)]
+        data.append({"input_ids": ids, "attention_mask": [1] * 16, "labels": ids})
+    return Dataset.from_list(data)
+
+
+def scenario_loss_spike(work: Path) -> Row:
+    poison, k = 60, 31  # 2 rows a step, in order: rows 60-61 are step 31's batch
+    opts = {"max_steps": 34, "learning_rate": 3e-3, "per_device_train_batch_size": 2, "save_strategy": "no",
+            "train_sampling_strategy": "sequential"}  # fmt: skip
+    trainer = make_trainer(work / "plain", spike_rows(poison), [], **opts)
+    trainer.train()
+    norms = {h["step"]: h["grad_norm"] for h in trainer.state.log_history if "grad_norm" in h}
+    plain = f"step {k}'s gradient norm jumps {norms[k] / norms[k - 1]:.1f}x, its update is applied, no warning"
+    plain_ok = norms[k] > 3 * norms[k - 1]
+
+    guard = trainguard.SpikeGuard(policy="skip", window=16, warmup=8)
+    trainer = make_trainer(work / "guarded", spike_rows(poison), [guard], **opts)
+    with timer() as took:
+        trainer.train()
+    alert = next((a for a in guard.alerter.history if a.guard == "spike_guard"), None)
+    caught = guard.skipped_steps == [k] and alert is not None and poison in alert.evidence.get("dataset_indices", [])
+    z = alert.evidence["z"] if alert is not None else float("nan")
+    result = f"update of step {k} skipped (z = {z:.0f}), alert names train_dataset row {poison}"
+    return Row("loss_spike", "a poisoned batch spikes the loss and gradient norm", plain, "SpikeGuard", result,
+               took[0], plain_ok, caught)  # fmt: skip
+
+
 SCENARIOS: dict[str, Callable[[Path], Row]] = {
     "dataset": scenario_dataset,
     "tokenizer": scenario_tokenizer,
@@ -750,6 +785,7 @@ SCENARIOS: dict[str, Callable[[Path], Row]] = {
     "disk": scenario_disk,
     "oom_eval": scenario_oom_eval,
     "dead_adapter": scenario_dead_adapter,
+    "loss_spike": scenario_loss_spike,
 }
 
 

@@ -344,3 +344,19 @@ def holding_run_lock(output_dir: str | os.PathLike[str], *extra_argv: str) -> It
         proc.wait(timeout=60)
         assert proc.stdout is not None
         proc.stdout.close()
+
+
+def make_spike_dataset(n_rows: int = 80, poison: Sequence[int] = (), seq_len: int = SEQ_LEN) -> Any:
+    """Rows of a periodic token pattern the tiny model learns fast, with a row of random high tokens at each index
+    in ``poison``: a poisoned batch, whose loss and gradient norm spike far above the steps before it."""
+    from datasets import Dataset
+
+    rng = random.Random(0)
+    rows = []
+    for i in range(n_rows):
+        offset = rng.randrange(8)
+        ids = [4 + (offset + j) % 8 for j in range(seq_len)]
+        if i in poison:
+            ids = [rng.randrange(100, VOCAB_SIZE) for _ in range(seq_len)]
+        rows.append({"input_ids": ids, "attention_mask": [1] * seq_len, "labels": list(ids)})
+    return Dataset.from_list(rows)

@@ -13,7 +13,7 @@ from _rig import REPO_ROOT, run_python
 GALLERY = str(REPO_ROOT / "examples" / "failure_gallery.py")
 ROWS = (
     "dataset", "tokenizer", "lora", "flipped_byte", "truncated", "nan", "hang", "run_lock", "reused_dir",
-    "hollow_save", "masked", "disk", "oom_eval", "dead_adapter",
+    "hollow_save", "masked", "disk", "oom_eval", "dead_adapter", "loss_spike",
 )  # fmt: skip
 
 
@@ -128,6 +128,15 @@ def test_lora_without_gradient_trains_on_plain_and_is_stopped_at_step_1_with_tra
     row = _row(gallery, "dead_adapter")
     assert "still exactly zero, no warning" in row["plain"]
     assert row["guard"] == "AdapterGuard" and "AdapterError at step 1" in row["trainguard"]
+
+
+def test_a_poisoned_batch_is_applied_silently_plain_and_skipped_naming_its_row_with_trainguard(
+    gallery: dict[str, Any],
+) -> None:
+    row = _row(gallery, "loss_spike")
+    assert "its update is applied, no warning" in row["plain"]
+    assert row["guard"] == "SpikeGuard" and "update of step 31 skipped" in row["trainguard"]
+    assert "row 60" in row["trainguard"]
 
 
 def test_unknown_row_is_a_usage_error() -> None:

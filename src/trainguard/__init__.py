@@ -23,6 +23,7 @@ from .errors import (
     HangError,
     LineageError,
     LoraConfigMismatchError,
+    LossSpikeError,
     MalformedFileError,
     NonFiniteError,
     PreflightError,
@@ -75,6 +76,7 @@ _LAZY: dict[str, str] = {
     "HangWatchdog": "trainguard.callbacks.hang_watchdog",
     "Watchdog": "trainguard.checks.watchdog",
     "NanGuard": "trainguard.callbacks.nan_guard",
+    "SpikeGuard": "trainguard.callbacks.spike_guard",
 }
 
 __all__ = [  # noqa: RUF022 - grouped: errors, then lazily loaded names
@@ -85,6 +87,7 @@ __all__ = [  # noqa: RUF022 - grouped: errors, then lazily loaded names
     "HangError",
     "LineageError",
     "LoraConfigMismatchError",
+    "LossSpikeError",
     "MalformedFileError",
     "NonFiniteError",
     "PreflightError",
@@ -134,6 +137,7 @@ __all__ = [  # noqa: RUF022 - grouped: errors, then lazily loaded names
     "HangWatchdog",
     "Watchdog",
     "NanGuard",
+    "SpikeGuard",
 ]
 
 if TYPE_CHECKING:
@@ -151,6 +155,7 @@ if TYPE_CHECKING:
     from .callbacks.nan_guard import NanGuard
     from .callbacks.preflight_guard import PreflightGuard
     from .callbacks.run_lock import RunLock
+    from .callbacks.spike_guard import SpikeGuard
     from .checks.checkpoint import (
         CheckpointReport,
         latest_verified_checkpoint,

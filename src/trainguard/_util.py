@@ -13,7 +13,7 @@ import time
 from datetime import datetime, timezone
 from typing import Any
 
-__all__ = ["default_workers", "pid_alive", "utc_now", "utc_stamp"]
+__all__ = ["default_workers", "drop_gradients", "pid_alive", "utc_now", "utc_stamp"]
 
 
 def utc_now(timespec: str = "seconds", when: float | None = None) -> str:
@@ -45,3 +45,11 @@ def default_workers(cap: int) -> int:
     """Threads for hashing: the CPU count, at most ``cap`` (the functions use 8; the callback 4, to leave cores to
     the data loader while training)."""
     return max(1, min(cap, os.cpu_count() or 1))
+
+
+def drop_gradients(optimizer: Any) -> None:
+    """Set every gradient the optimizer holds to None, so its next ``step()`` leaves the weights as they are."""
+    # Standard optimizers skip parameters whose .grad is None: no moment update, no weight decay.
+    for group in getattr(optimizer, "param_groups", []) or []:
+        for param in group.get("params", []):
+            param.grad = None

@@ -30,6 +30,7 @@ __all__ = [
     "HangError",
     "LineageError",
     "LoraConfigMismatchError",
+    "LossSpikeError",
     "MalformedFileError",
     "NonFiniteError",
     "PreflightError",
@@ -266,4 +267,14 @@ class TokenizerMismatchError(TrainGuardError):
     default_next_step = (
         "Use the tokenizer the checkpoint was trained with (the checkpoint folder holds it when the Trainer saved "
         "its processing_class), or start a fresh run if the change is intended."
+    )
+
+
+class LossSpikeError(TrainGuardError):
+    """The loss or gradient norm kept spiking: SpikeGuard rolled back as many times as it was allowed to (or found
+    no verified checkpoint to roll back to) and stopped the run instead of training on."""
+
+    default_next_step = (
+        "Read the spike records in trainguard-spikes.jsonl in the output_dir (steps, z-scores, the batches' samples): "
+        "check those samples, lower the learning rate or raise warmup, then resume from the checkpoint it names."
     )

@@ -35,6 +35,10 @@ _GUARDS: tuple[tuple[str, str], ...] = (
     # on_pre_optimizer_step / on_step_end; before nan_guard and hang_watchdog so a stopped step schedules no save or
     # budget; needs nothing from the before_train guards above.
     ("adapter_guard", "trainguard.callbacks.adapter_guard:AdapterGuard"),
+    # Judges each step's loss and grad norm before its update (skip drops it); a rollback clears should_save at
+    # on_step_end, so after every guard that schedules a save, and before nan_guard and hang_watchdog, which read
+    # the final flags.
+    ("spike_guard", "trainguard.callbacks.spike_guard:SpikeGuard"),
     # Vetoes the save of a non-finite step and stops every rank at the same step: after every guard that schedules
     # a save (graceful_stop, preflight_guard), before hang_watchdog, which must see the save it cancelled.
     ("nan_guard", "trainguard.callbacks.nan_guard:NanGuard"),

@@ -24,7 +24,8 @@ _HOOK_MARK = "_trainguard_train_hook"
 def install_train_hook(trainer: Any) -> None:
     """Wrap ``trainer.train`` (on this instance only, once) so that every attached :class:`GuardCallback` gets
     :meth:`GuardCallback.before_train` before the Trainer loads a checkpoint,
-    :meth:`GuardCallback.after_train` when training returns, and
+    :meth:`GuardCallback.after_train` when training returns (then trains again from the checkpoint a
+    :meth:`GuardCallback.rerun_request` names, if one does), and
     :meth:`GuardCallback.on_train_error` when training raises (the Trainer has no ``on_exception`` event).
 
     One wrapper serves every guard, whatever their number, and the user's code still calls ``trainer.train(...)``.
@@ -53,6 +54,13 @@ def install_train_hook(trainer: Any) -> None:
         for callback in list(trainer.callback_handler.callbacks):
             if isinstance(callback, GuardCallback):
                 callback.after_train(trainer, output)
+        for callback in list(trainer.callback_handler.callbacks):
+            if isinstance(callback, GuardCallback):
+                again = callback.rerun_request(trainer)
+                if again is not None:
+                    # A guard stopped the run to train again from a checkpoint (SpikeGuard's rollback): the same
+                    # path as the user calling train(resume_from_checkpoint=...), every before_train check included.
+                    return train(again, *args, **kwargs)
         return output
 
     trainer.train = train
@@ -140,6 +148,11 @@ class GuardCallback(TrainerCallback):
         or push the model, while the Trainer and every other callback still finished cleanly. The default does
         nothing.
         """
+
+    def rerun_request(self, trainer: Any) -> Any:
+        """Asked once after ``train()`` returned and every ``after_train`` ran: a checkpoint to train again from at
+        once (the same ``train()`` call continues from it), or None (default). Every rank must answer alike."""
+        return None
 
     def on_train_error(self, trainer: Any, exc: BaseException) -> None:
         """Run when ``trainer.train()`` raises (``on_train_end`` does not run then), on the rank that raised, in

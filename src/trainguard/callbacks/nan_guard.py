@@ -11,6 +11,7 @@ import math
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from .. import distributed
+from .._util import drop_gradients
 from ..alerts import AlertSink, get_logger
 from ..checks.nan import (
     LossHealth,
@@ -283,12 +284,7 @@ class NanGuard(GuardCallback):
             detected_at=detected_at,
         )
 
-    @staticmethod
-    def _drop_gradients(optimizer: Any) -> None:
-        # Standard optimizers skip parameters whose .grad is None: no moment update, no weight decay.
-        for group in getattr(optimizer, "param_groups", []) or []:
-            for param in group.get("params", []):
-                param.grad = None
+    _drop_gradients = staticmethod(drop_gradients)
 
     def _act(
         self,

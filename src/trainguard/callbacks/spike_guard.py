@@ -1,0 +1,506 @@
+"""``SpikeGuard``: see a loss or gradient-norm spike at the step it happens, and alert, skip the update, or roll back.
+
+The Trainer adapter: per-step values from the step hooks (through ``_trainer_compat``), the cross-rank mean, the
+policy. The z-score, the sample ids and the choice of checkpoint live in :mod:`trainguard.checks.spike`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from .. import distributed
+from .._util import drop_gradients, utc_now
+from ..alerts import AlertSink, get_logger
+from ..atomic import append_line, read_jsonl
+from ..checks.spike import (
+    POLICIES,
+    SpikeDetector,
+    SpikeFinding,
+    dataset_indices,
+    rollback_target,
+    row_digest,
+    rows_of,
+    spike_message,
+)
+from ..errors import LossSpikeError
+from . import _trainer_compat
+from ._base import GuardCallback, find_trainer
+
+if TYPE_CHECKING:
+    from transformers import TrainerControl, TrainerState, TrainingArguments
+
+__all__ = ["SPIKES_FILE", "SpikeGuard"]
+
+#: The run's spike history in ``output_dir``: one JSON object a line (every spike, skip and rollback).
+SPIKES_FILE = "trainguard-spikes.jsonl"
+
+_CHECKPOINT_PREFIX = "checkpoint-"
+
+
+def _is_tensor(value: Any) -> bool:
+    return type(value).__module__.startswith("torch") and hasattr(value, "detach")
+
+
+def _on_host(value: Any) -> bool:
+    return not _is_tensor(value) or getattr(getattr(value, "device", None), "type", "cpu") == "cpu"
+
+
+class _Pending:
+    """One step's ``[loss, grad_norm]`` on an accelerator, copied to the host behind the step's work (pinned buffer
+    and an event), so reading it one step later waits for nothing."""
+
+    def __init__(self, step: int, vector: Any) -> None:
+        import torch
+
+        self.step = step
+        self.host = torch.empty(vector.shape, dtype=vector.dtype, pin_memory=True)
+        self.host.copy_(vector, non_blocking=True)
+        self.event = torch.cuda.Event() if vector.device.type == "cuda" else None
+        if self.event is not None:
+            self.event.record()
+
+    def read(self) -> tuple[float | None, float | None]:
+        if self.event is not None:
+            self.event.synchronize()
+        loss, grad = (float(v) for v in self.host.tolist())
+        return (loss if loss == loss else None), (grad if grad == grad else None)  # NaN marks "none"
+
+
+class SpikeGuard(GuardCallback):
+    """Catch loss and gradient-norm spikes as they happen and act on them: alert, skip the update, or roll back.
+
+    Each optimizer step's **raw training loss** (the mean of its micro-batches' losses as ``training_step``
+    returns them, averaged over ranks) and **gradient norm** (the one the Trainer computes for clipping) are
+    compared with the previous ``window`` steps: a value more than ``threshold`` standard deviations above the
+    window's mean, once ``warmup`` steps have been seen, is a spike. The defaults are OLMo-core's (128 steps,
+    6 standard deviations, 64 steps of warmup).
+
+    What happens then depends on ``policy``; every spike is an alert naming the step, the z-score and the batch's
+    samples (their ``train_dataset`` indices where the rows can be found there, else a digest of their tokens), and
+    a line in ``trainguard-spikes.jsonl`` in the ``output_dir``:
+
+    - ``"alert"`` (default): tell, change nothing.
+    - ``"skip"``: the spike step's optimizer update is not applied, on every rank together (its gradients are
+      dropped before ``optimizer.step()``; the learning-rate schedule still advances, the batch counts as seen).
+    - ``"rollback"``: stop at the spike before its update, resume from the newest verified checkpoint at or before
+      ``spike_step - skip_batches`` (``trainer.train()`` runs again from it, in the same call), and skip the updates
+      of the ``skip_batches`` batches ending at the spike. The skipped steps are recorded, and a later resume from
+      an older checkpoint of the same output_dir skips them again, so the run is reproducible. After
+      ``max_rollbacks`` rollbacks, or with no verified checkpoint to go back to, the run stops with
+      :class:`~trainguard.LossSpikeError`.
+
+    Cost: on CPU every value is already on the host. On an accelerator, with ``alert`` or ``rollback`` the step's
+    values are copied to the host behind the step's work and judged one step later (no extra host synchronisation;
+    a step that saves, evaluates or ends is judged at once, so a spike is never checkpointed); ``skip`` must decide
+    before the update, so it reads two numbers per step. Several ranks share one two-number all-reduce per step.
+    Under DeepSpeed the update happens inside ``backward``: ``skip`` cannot withhold it and acts as ``alert``.
+
+    Args:
+        policy: ``"alert"``, ``"skip"`` or ``"rollback"``.
+        window: Steps in the rolling window.
+        threshold: Standard deviations above the window's mean that make a spike.
+        warmup: Steps seen before any is judged (again after a resume in a new process: the window is not saved).
+        skip_batches: With ``rollback``: how many batches, ending with the spike's, are skipped on the replay (PaLM
+            skipped a few hundred around each spike; the default skips the spike's own).
+        max_rollbacks: With ``rollback``: rollbacks allowed in one ``train()`` call before giving up.
+        lookup_rows: Rows of ``train_dataset`` searched for a spike batch's samples (only when a spike happens).
+        alert_sinks: Replace the default alert sinks.
+        webhook_url: Also POST warnings and worse to this URL.
+
+    Raises:
+        LossSpikeError: From ``trainer.train()`` with ``rollback``, when spikes persist past ``max_rollbacks`` or
+            no verified checkpoint precedes the spike.
+        ValueError: An unknown ``policy`` or a window, threshold or warmup out of range.
+
+    Example::
+
+        guard = trainguard.SpikeGuard(policy="skip")       # or: all_guards(spike_guard={"policy": "skip"})
+        trainer = Trainer(..., callbacks=[guard]); trainer.train()
+    """
+
+    guard_name: ClassVar[str] = "spike_guard"
+
+    def __init__(
+        self,
+        *,
+        policy: str = "alert",
+        window: int = 128,
+        threshold: float = 6.0,
+        warmup: int = 64,
+        skip_batches: int = 1,
+        max_rollbacks: int = 3,
+        lookup_rows: int = 200_000,
+        alert_sinks: list[AlertSink] | None = None,
+        webhook_url: str | None = None,
+    ) -> None:
+        super().__init__(alert_sinks=alert_sinks, webhook_url=webhook_url)
+        if policy not in POLICIES:
+            raise ValueError(f"SpikeGuard policy must be one of {POLICIES}, got {policy!r}")
+        if int(skip_batches) < 1:
+            raise ValueError(f"SpikeGuard skip_batches must be >= 1, got {skip_batches!r}")
+        if int(max_rollbacks) < 0:
+            raise ValueError(f"SpikeGuard max_rollbacks must be >= 0, got {max_rollbacks!r}")
+        self.policy = policy
+        self.detector = SpikeDetector(window=window, threshold=threshold, warmup=warmup)
+        self.skip_batches = int(skip_batches)
+        self.max_rollbacks = int(max_rollbacks)
+        self.lookup_rows = int(lookup_rows)
+        #: Every spike seen (all policies), oldest first.
+        self.findings: list[SpikeFinding] = []
+        #: Steps whose update this guard withheld (spikes under ``skip``, replayed batches under ``rollback``).
+        self.skipped_steps: list[int] = []
+        #: Rollbacks done in this ``train()`` call, as ``(spike_step, checkpoint)``.
+        self.rollbacks: list[tuple[int, str]] = []
+        self._skip_steps: set[int] = set()
+        self._losses: list[Any] = []
+        self._grad: Any = None
+        self._batches: list[tuple[Any, Any]] = []
+        self._pending: _Pending | None = None
+        self._sync = True
+        self._can_skip = True
+        self._hooked = False
+        self._group: Any = None
+        self._checkpoints: dict[int, str] = {}
+        self._rollback_to: str | None = None
+        self._give_up: LossSpikeError | None = None
+        self._rerunning = False
+
+    # ------------------------------------------------------------------------------------------- step hooks
+    def _before_step(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        inputs: Any = args[1] if len(args) > 1 else kwargs.get("inputs")
+        if inputs is not None and hasattr(inputs, "get"):
+            # References only: the rows are read (and hashed) when a step turns out to be a spike.
+            self._batches.append((inputs.get("input_ids"), inputs.get("attention_mask")))
+
+    def _on_loss(self, loss: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        if _is_tensor(loss):
+            if loss.device.type == "cpu":
+                loss = float(loss) if loss.dim() == 0 else float(loss.detach().float().mean())
+            else:
+                loss = loss.detach()  # stays on the device: read later, without a sync of its own
+        self._losses.append(loss)
+
+    def _on_grad_norm(self, norm: Any) -> None:
+        if _is_tensor(norm) and _on_host(norm):
+            norm = float(norm)
+        self._grad = norm
+
+    def _install(self, trainer: Any) -> None:
+        missing = _trainer_compat.install_step_hooks(
+            trainer, self, on_loss=self._on_loss, on_grad_norm=self._on_grad_norm, before_step=self._before_step
+        )
+        self._hooked = True
+        for feature in missing:
+            get_logger().info("[spike_guard] %s is off", feature)
+
+    # ------------------------------------------------------------------------------------------ step values
+    def _take(self, step: int) -> tuple[float | None, float | None] | _Pending | None:
+        """This step's (loss, grad_norm), shared across ranks: floats, a pending device copy, or None (no loss)."""
+        losses, grad, self._losses, self._grad = self._losses, self._grad, [], None
+        if not losses and self._group is None:
+            return None
+        if self._group is None and all(not _is_tensor(v) for v in losses) and not _is_tensor(grad):
+            loss = sum(losses) / len(losses)
+            return loss, (float(grad) if grad is not None else None)
+        import torch
+
+        device = next((v.device for v in losses if _is_tensor(v)), None)
+        if self._group is not None and self._group.get_backend() == "nccl":
+            device = torch.device("cuda", torch.cuda.current_device())
+        device = device or torch.device("cpu")
+        parts = [
+            v.float().reshape(()).to(device) if _is_tensor(v) else torch.tensor(float(v), device=device) for v in losses
+        ]
+        total = torch.stack(parts).sum() if parts else torch.zeros((), device=device)
+        vector = torch.stack([total, torch.tensor(float(len(parts)), device=device)])
+        if self._group is not None:
+            self._group.all_reduce(vector)  # SUM: every rank gets the global mean loss
+        loss = vector[0] / vector[1].clamp(min=1)
+        loss = torch.where(vector[1] > 0, loss, torch.full_like(loss, float("nan")))
+        if grad is None:
+            norm = torch.full_like(loss, float("nan"))
+        elif _is_tensor(grad):
+            norm = grad.detach().float().reshape(()).to(device)
+        else:
+            norm = torch.tensor(float(grad), device=device)
+        values = torch.stack([loss, norm])
+        if device.type == "cpu" or self._sync:
+            first, second = (float(v) for v in values.tolist())
+            return (first if first == first else None), (second if second == second else None)
+        return _Pending(step, values)
+
+    # ----------------------------------------------------------------------------------------------- events
+    def before_train(self, trainer: Any, resume_from_checkpoint: Any) -> Any:
+        self._checkpoints = {}
+        self._rollback_to = None
+        self._give_up = None
+        if not self._rerunning:  # a new train() call from the user: its own rollback budget
+            self.rollbacks = []
+        self._rerunning = False
+        if resume_from_checkpoint and not isinstance(resume_from_checkpoint, bool):
+            folder = os.fspath(resume_from_checkpoint)
+            step = _step_of(folder)
+            if step is not None:
+                self._checkpoints[step] = folder
+                # The window keeps what this process saw up to the checkpoint (a rollback); a new process warms up.
+                self.detector.forget_after(step)
+                self._skip_steps |= self._recorded_skips(trainer, after=step)
+        return resume_from_checkpoint
+
+    def _recorded_skips(self, trainer: Any, *, after: int) -> set[int]:
+        path = os.path.join(_trainer_compat.output_dir_for(trainer), SPIKES_FILE)
+        if not os.path.exists(path):
+            return set()
+        try:
+            records = read_jsonl(path)
+        except Exception as exc:  # an unreadable history must not stop a resume; say so
+            get_logger().warning("[spike_guard] could not read %s (%s): recorded skips not re-applied", path, exc)
+            return set()
+        steps: set[int] = set()
+        for record in records:
+            if record.get("event") == "rollback":
+                for step in record.get("skip_steps") or []:
+                    if isinstance(step, int) and step > after:
+                        steps.add(step)
+        return steps
+
+    def on_train_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> Any:
+        if self._alerter is None or self.trainer is None:
+            self._attach(args)
+        trainer = self.trainer or find_trainer()
+        if trainer is not None and not self._hooked:
+            self._install(trainer)
+        import torch
+
+        device = getattr(args, "device", None) or torch.device("cpu")
+        self._sync = getattr(device, "type", "cpu") == "cpu" or self.policy == "skip"
+        self._can_skip = not getattr(trainer, "is_deepspeed_enabled", False)
+        if self.policy == "skip" and not self._can_skip and distributed.is_main_process():
+            self.alert("warning", "DeepSpeed applies the update inside backward: policy 'skip' can only alert")
+        group = None
+        if distributed.world_size() > 1:
+            import torch.distributed as dist
+
+            if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+                group = dist
+        self._group = group
+        self._losses, self._grad, self._batches, self._pending = [], None, [], None
+        return control
+
+    def on_pre_optimizer_step(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> Any:
+        if not self._hooked:
+            return control
+        step = int(state.global_step) + 1
+        optimizer = kwargs.get("optimizer")
+        if self._pending is not None:  # an accelerator: last step's values, copied while this step ran
+            pending, self._pending = self._pending, None
+            self._judge(pending.step, *pending.read(), args, control, before_update=False)
+        taken = self._take(step)
+        if step in self._skip_steps:
+            # A batch a rollback decided to skip: withheld, and kept out of the window (it is the spike again).
+            self._skip_steps.discard(step)
+            if self._can_skip:
+                drop_gradients(optimizer)
+            self.skipped_steps.append(step)
+            self._batches = []
+            self._record({"event": "skipped_batch", "step": step, "reason": "rolled back"})
+            return control
+        if isinstance(taken, _Pending):
+            self._pending = taken
+        elif taken is not None:
+            self._judge(step, *taken, args, control, before_update=True, optimizer=optimizer)
+        self._batches = []
+        return control
+
+    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> Any:
+        if self._pending is not None and (
+            control.should_save
+            or control.should_evaluate
+            or control.should_training_stop
+            or (state.max_steps and state.global_step >= state.max_steps)
+        ):
+            pending, self._pending = self._pending, None
+            self._judge(pending.step, *pending.read(), args, control, before_update=False)
+        if self._rollback_to is not None or self._give_up is not None:
+            # Nothing of the spike step is saved or evaluated: the run goes back to a checkpoint before it.
+            control.should_save = False
+            control.should_evaluate = False
+            control.should_training_stop = True
+        return control
+
+    def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> Any:
+        trainer = self.trainer
+        run_dir = _trainer_compat.output_dir_for(trainer) if trainer is not None else str(args.output_dir)
+        step = int(state.global_step)
+        self._checkpoints[step] = os.path.join(run_dir, f"{_CHECKPOINT_PREFIX}{step}")
+        return control
+
+    def rerun_request(self, trainer: Any) -> Any:
+        """The checkpoint to train again from after this ``train()`` returned (a rollback), or None."""
+        target, self._rollback_to = self._rollback_to, None
+        self._rerunning = target is not None
+        return target
+
+    def after_train(self, trainer: Any, output: Any) -> None:
+        error, self._give_up = self._give_up, None
+        if error is not None:
+            raise error
+
+    def on_train_error(self, trainer: Any, exc: BaseException) -> None:
+        self._rollback_to = None
+        self._give_up = None
+
+    # ----------------------------------------------------------------------------------------------- acting
+    def _judge(
+        self,
+        step: int,
+        loss: float | None,
+        grad: float | None,
+        args: Any,
+        control: Any,
+        *,
+        before_update: bool,
+        optimizer: Any = None,
+    ) -> None:
+        finding = self.detector.observe(step, loss=loss, grad_norm=grad)
+        if finding is None:
+            return
+        self.findings.append(finding)
+        samples = self._samples()
+        if self.policy == "skip" and before_update and self._can_skip:
+            drop_gradients(optimizer)
+            self.skipped_steps.append(step)
+            self._report(finding, "update skipped on every rank", "skip", samples)
+        elif self.policy == "rollback":
+            self._roll_back(finding, samples, optimizer if before_update else None)
+        else:
+            self._report(finding, "alert only (policy 'alert')", "alert", samples)
+
+    def _roll_back(self, finding: SpikeFinding, samples: dict[str, Any], optimizer: Any) -> None:
+        if optimizer is not None and self._can_skip:
+            drop_gradients(optimizer)  # the spike's update is never applied: the run goes back anyway
+        skip_steps = list(range(finding.step - self.skip_batches + 1, finding.step + 1))
+        target = None
+        if len(self.rollbacks) < self.max_rollbacks:
+            target = self._verified_target(finding.step)
+        if target is None:
+            reason = (
+                f"{self.max_rollbacks} rollback(s) already in this run"
+                if len(self.rollbacks) >= self.max_rollbacks
+                else f"no verified checkpoint at or before step {finding.step - self.skip_batches}"
+            )
+            self._give_up = LossSpikeError(
+                f"{finding.metric} spike at step {finding.step} (z = {finding.z:.1f}) and no rollback left: {reason}",
+                where={"step": finding.step, "field": finding.metric},
+                evidence={"finding": finding.to_dict(), **samples, "rollbacks": [s for s, _ in self.rollbacks]},
+            )
+            self._report(finding, f"stopping the run: {reason}", "stop", samples, level="error")
+            return
+        self._rollback_to = target
+        self.rollbacks.append((finding.step, target))
+        self._skip_steps |= set(skip_steps)
+        name = os.path.basename(target)
+        self._report(
+            finding,
+            f"rolling back to {name} and skipping the batch(es) of step(s) {skip_steps[0]}..{skip_steps[-1]}",
+            "rollback",
+            samples,
+            extra={"checkpoint": target, "skip_steps": skip_steps},
+        )
+
+    def _verified_target(self, spike_step: int) -> str | None:
+        """The newest checkpoint of this run at or before ``spike_step - skip_batches`` that verifies, chosen on
+        rank 0 and shared, so every rank resumes from the same folder."""
+        chosen: str | None = None
+        if distributed.is_main_process():
+            from ..checks.checkpoint import verify_checkpoint
+
+            candidates = dict(self._checkpoints)
+            while candidates:
+                step = rollback_target(candidates, spike_step=spike_step, skip_batches=self.skip_batches)
+                if step is None:
+                    break
+                folder = candidates.pop(step)
+                try:
+                    if os.path.isdir(folder) and verify_checkpoint(folder).ok:
+                        chosen = folder
+                        break
+                except Exception as exc:  # a candidate that cannot even be read is not one to go back to
+                    get_logger().warning("[spike_guard] %s could not be verified: %s", folder, exc)
+        if self._group is not None:
+            chosen = distributed.broadcast_object(chosen)
+        return chosen
+
+    def _samples(self) -> dict[str, Any]:
+        """The spike batch's samples on every rank: token digests, and ``train_dataset`` indices where found."""
+        batches, self._batches = self._batches, []
+        rows: list[list[int]] = []
+        for input_ids, mask in batches:
+            if input_ids is None:
+                continue
+            try:
+                rows.extend(rows_of(input_ids, mask))
+            except Exception:  # not token rows (images, embeddings): no sample ids from this micro-batch
+                continue
+        if self._group is not None:
+            rows = [r for part in distributed.gather_object(rows) for r in (part or [])]
+        digests = [row_digest(r) for r in rows]
+        samples: dict[str, Any] = {"sample_ids": digests}
+        trainer = self.trainer
+        dataset = getattr(trainer, "train_dataset", None) if trainer is not None else None
+        if digests and dataset is not None and distributed.is_main_process():
+            found = dataset_indices(digests, dataset, limit=self.lookup_rows, rows=rows)
+            samples["dataset_indices"] = sorted({i for d in digests for i in found.get(d, [])})
+        return samples
+
+    def _report(
+        self,
+        finding: SpikeFinding,
+        action: str,
+        event: str,
+        samples: dict[str, Any],
+        *,
+        level: str = "warning",
+        extra: dict[str, Any] | None = None,
+    ) -> None:
+        record = {"event": event, **finding.to_dict(), **samples, **(extra or {})}
+        self._record(record)
+        if distributed.is_main_process():
+            self.alert(
+                level, spike_message(finding, action=action, samples=samples), step=finding.step, evidence=record
+            )
+
+    def _record(self, record: dict[str, Any]) -> None:
+        trainer = self.trainer
+        if trainer is None or not distributed.is_main_process():
+            return
+        try:
+            path = os.path.join(_trainer_compat.output_dir_for(trainer), SPIKES_FILE)
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            append_line(path, json.dumps({"time": utc_now(), **record}, sort_keys=True, default=str))
+        except Exception as exc:  # the record must never break training; the alert still carries it
+            get_logger().warning("[spike_guard] could not record the spike in %s: %s", SPIKES_FILE, exc)
+
+    def summary(self) -> str:
+        parts = [f"policy {self.policy}", f"{len(self.findings)} spike(s)"]
+        if self.skipped_steps:
+            parts.append(f"{len(self.skipped_steps)} update(s) skipped")
+        if self.rollbacks:
+            parts.append(f"{len(self.rollbacks)} rollback(s)")
+        return ", ".join(parts)
+
+
+def _step_of(folder: str) -> int | None:
+    name = os.path.basename(os.path.normpath(folder))
+    if not name.startswith(_CHECKPOINT_PREFIX):
+        return None
+    try:
+        return int(name[len(_CHECKPOINT_PREFIX) :])
+    except ValueError:
+        return None

@@ -1,0 +1,353 @@
+"""SpikeGuard with the real Trainer on the tiny Llama: a poisoned batch (a row of random high tokens among rows of a
+pattern the model learns fast) spikes the loss and the gradient norm at a known step. Each policy is shown on one
+rank and on two (torchrun, gloo): ``alert`` tells and changes nothing, ``skip`` withholds that step's update on
+every rank, ``rollback`` goes back to the newest verified checkpoint before the spike, skips the batch on the replay,
+records it, and ends with finite weights. A healthy run is untouched; the detector's rules are unit-tested.
+
+The windows are shortened (16 steps, warmup 8) so a run of 34 steps can show a spike after warmup; the defaults
+(128/6/64) are the published ones and are checked as such.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from transformers import TrainerCallback
+
+import trainguard
+from trainguard.callbacks.spike_guard import SPIKES_FILE, SpikeGuard
+from trainguard.checks.spike import SpikeDetector, dataset_indices, rollback_target, row_digest, rows_of
+from trainguard.errors import LossSpikeError
+
+from _rig import TESTS_DIR, make_spike_dataset, make_trainer, run_torchrun
+
+POISON = 60  # with 2 rows a step in order, rows 60 and 61 are step 31's batch
+SPIKE_STEP = 31
+
+
+class Weights(TrainerCallback):
+    """A copy of the weights at the end of every step (after the update), by step."""
+
+    def __init__(self) -> None:
+        self.at: dict[int, list[torch.Tensor]] = {}
+
+    def on_step_end(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> Any:
+        self.at[int(state.global_step)] = [p.detach().clone() for p in model.parameters()]
+        return control
+
+
+def same(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
+    return all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+
+
+def spike_trainer(
+    output_dir: Path, guard: SpikeGuard, *callbacks: Any, poison: tuple[int, ...] = (POISON,), **args: Any
+) -> Any:
+    kwargs: dict[str, Any] = {
+        "max_steps": 34,
+        "learning_rate": 3e-3,
+        "train_sampling_strategy": "sequential",
+        "save_strategy": "steps",
+        "save_steps": 10,
+    }
+    kwargs.update(args)
+    return make_trainer(
+        output_dir, callbacks=[guard, *callbacks], train_dataset=make_spike_dataset(80, poison=poison), **kwargs
+    )
+
+
+def records(output_dir: Path) -> list[dict[str, Any]]:
+    path = output_dir / SPIKES_FILE
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def guard(policy: str, **kwargs: Any) -> SpikeGuard:
+    return SpikeGuard(policy=policy, window=16, warmup=8, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------------- one rank
+def test_plain_trainer_applies_the_poisoned_batch_without_a_word(tmp_path: Path) -> None:
+    weights = Weights()
+    trainer = spike_trainer(tmp_path, guard("alert"), weights)
+    trainer.train()
+    grad_norms = {h["step"]: h["grad_norm"] for h in trainer.state.log_history if "grad_norm" in h}
+    # The spike is real: the poisoned step's gradient norm is several times its neighbours'.
+    assert grad_norms[SPIKE_STEP] > 3 * grad_norms[SPIKE_STEP - 1]
+    assert not same(weights.at[SPIKE_STEP - 1], weights.at[SPIKE_STEP])
+
+
+def test_alert_policy_names_the_step_z_score_and_the_poisoned_sample_and_changes_nothing(tmp_path: Path) -> None:
+    weights = Weights()
+    spike = guard("alert")
+    trainer = spike_trainer(tmp_path, spike, weights)
+    trainer.train()
+    assert [f.step for f in spike.findings] == [SPIKE_STEP]
+    assert spike.skipped_steps == [] and spike.rollbacks == []
+    assert not same(weights.at[SPIKE_STEP - 1], weights.at[SPIKE_STEP])  # the update was applied
+    alerts = [a for a in spike.alerter.history if a.guard == "spike_guard"]
+    assert len(alerts) == 1 and alerts[0].step == SPIKE_STEP and alerts[0].level == "warning"
+    assert alerts[0].evidence["z"] > 6
+    assert POISON in alerts[0].evidence["dataset_indices"]
+    assert "standard deviations" in alerts[0].message and str(POISON) in alerts[0].message
+    (record,) = records(tmp_path)
+    assert record["event"] == "alert" and record["step"] == SPIKE_STEP and POISON in record["dataset_indices"]
+    assert len(record["sample_ids"]) == 2  # the two rows of the step's batch
+    assert trainer.state.global_step == 34
+
+
+def test_skip_policy_withholds_the_spike_steps_update_only(tmp_path: Path) -> None:
+    weights = Weights()
+    spike = guard("skip")
+    trainer = spike_trainer(tmp_path, spike, weights)
+    trainer.train()
+    assert spike.skipped_steps == [SPIKE_STEP]
+    assert same(weights.at[SPIKE_STEP - 1], weights.at[SPIKE_STEP])  # the poisoned batch taught nothing
+    assert not same(weights.at[SPIKE_STEP], weights.at[SPIKE_STEP + 1])  # and training went on
+    alert = next(a for a in spike.alerter.history if a.guard == "spike_guard")
+    assert "update skipped" in alert.message and alert.evidence["z"] > 6
+    assert POISON in alert.evidence["dataset_indices"]
+    assert records(tmp_path)[0]["event"] == "skip"
+    assert trainer.state.global_step == 34
+
+
+def test_rollback_resumes_before_the_spike_skips_its_batch_records_it_and_ends_finite(tmp_path: Path) -> None:
+    spike = guard("rollback")
+    trainer = spike_trainer(tmp_path, spike, save_steps=10)
+    trainer.train()
+    assert [(s, Path(c).name) for s, c in spike.rollbacks] == [(SPIKE_STEP, "checkpoint-30")]
+    assert spike.skipped_steps == [SPIKE_STEP]  # on the replay
+    assert trainer.state.global_step == 34
+    assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
+    events = records(tmp_path)
+    rollback = next(r for r in events if r["event"] == "rollback")
+    assert rollback["skip_steps"] == [SPIKE_STEP] and Path(rollback["checkpoint"]).name == "checkpoint-30"
+    assert POISON in rollback["dataset_indices"] and rollback["z"] > 6
+    assert [r["step"] for r in events if r["event"] == "skipped_batch"] == [SPIKE_STEP]
+    # Nothing of the spiked step was saved; the final checkpoint is the replay's, and it verifies.
+    assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == [f"checkpoint-{n}" for n in (10, 20, 30, 34)]
+    assert trainguard.verify_checkpoint(tmp_path / "checkpoint-34").ok
+
+
+def test_rollback_replay_equals_training_without_the_poisoned_batch(tmp_path: Path) -> None:
+    spike = guard("rollback")
+    rolled = spike_trainer(tmp_path / "rolled", spike)
+    rolled.train()
+    skipped = guard("skip")
+    direct = spike_trainer(tmp_path / "skipped", skipped)
+    direct.train()
+    # Same data order, same schedule, the poisoned update withheld: the same weights to the last bit on CPU.
+    assert same(list(rolled.model.parameters()), list(direct.model.parameters()))
+
+
+def test_a_later_resume_from_before_the_spike_skips_the_recorded_batch_again(tmp_path: Path) -> None:
+    spike_trainer(tmp_path, guard("rollback")).train()
+    again = guard("alert")  # a new process, another policy: the recorded skip still holds for this output_dir
+    trainer = spike_trainer(tmp_path, again)
+    trainer.train(resume_from_checkpoint=str(tmp_path / "checkpoint-20"))
+    assert again.skipped_steps == [SPIKE_STEP]
+    assert again.findings == []  # the poisoned batch never reached the optimizer, nor the window
+
+
+def test_rollback_without_a_checkpoint_before_the_spike_stops_with_loss_spike_error(tmp_path: Path) -> None:
+    spike = guard("rollback")
+    trainer = spike_trainer(tmp_path, spike, save_strategy="no")
+    with pytest.raises(LossSpikeError) as info:
+        trainer.train()
+    assert info.value.where["step"] == SPIKE_STEP
+    assert "no verified checkpoint" in info.value.what
+    assert trainer.state.global_step == SPIKE_STEP  # stopped at the spike
+    assert not list(tmp_path.glob("checkpoint-*"))
+
+
+def test_rollback_gives_up_after_max_rollbacks(tmp_path: Path) -> None:
+    spike = guard("rollback", max_rollbacks=0)
+    trainer = spike_trainer(tmp_path, spike)
+    with pytest.raises(LossSpikeError) as info:
+        trainer.train()
+    assert spike.rollbacks == []
+    assert info.value.where["step"] == SPIKE_STEP
+    assert "0 rollback(s) already" in info.value.what
+    assert POISON in info.value.evidence["dataset_indices"]
+    assert records(tmp_path)[-1]["event"] == "stop"
+
+
+def test_a_corrupted_checkpoint_is_not_rolled_back_to(tmp_path: Path) -> None:
+    verifier = trainguard.CheckpointVerifier()
+
+    class Corrupt(TrainerCallback):
+        def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+            if state.global_step == SPIKE_STEP - 1 and not spike.rollbacks:  # checkpoint-30 exists: spoil it
+                verifier.wait()  # committed (manifest written) first
+                weights = tmp_path / "checkpoint-30" / "model.safetensors"
+                data = bytearray(weights.read_bytes())
+                data[-1] ^= 0xFF
+                weights.write_bytes(bytes(data))
+            return control
+
+    spike = guard("rollback")
+    trainer = make_trainer(
+        tmp_path,
+        callbacks=[verifier, spike, Corrupt()],
+        train_dataset=make_spike_dataset(80, poison=(POISON,)),
+        max_steps=34,
+        learning_rate=3e-3,
+        train_sampling_strategy="sequential",
+        save_strategy="steps",
+        save_steps=10,
+    )
+    trainer.train()
+    assert [Path(c).name for _, c in spike.rollbacks] == ["checkpoint-20"]
+    assert spike.skipped_steps == [SPIKE_STEP]
+    assert trainer.state.global_step == 34
+
+
+def test_a_healthy_run_has_no_spike(tmp_path: Path) -> None:
+    spike = guard("skip")
+    trainer = spike_trainer(tmp_path, spike, poison=())
+    trainer.train()
+    assert spike.findings == [] and spike.skipped_steps == []
+    assert not (tmp_path / SPIKES_FILE).exists()
+
+
+def test_all_guards_alerts_on_the_spike_by_default(tmp_path: Path) -> None:
+    guards = trainguard.all_guards(spike_guard={"window": 16, "warmup": 8}, hang_watchdog=False)
+    (spike,) = [g for g in guards if isinstance(g, SpikeGuard)]
+    assert spike.policy == "alert"
+    trainer = make_trainer(
+        tmp_path,
+        callbacks=guards,
+        train_dataset=make_spike_dataset(80, poison=(POISON,)),
+        max_steps=34,
+        learning_rate=3e-3,
+        train_sampling_strategy="sequential",
+    )
+    trainer.train()
+    assert [f.step for f in spike.findings] == [SPIKE_STEP]
+
+
+def test_gradient_accumulation_judges_the_optimizer_step(tmp_path: Path) -> None:
+    spike = guard("skip")
+    weights = Weights()
+    # 1 row a micro-batch, 2 micro-batches a step: rows 60 and 61 are still step 31.
+    trainer = spike_trainer(tmp_path, spike, weights, per_device_train_batch_size=1, gradient_accumulation_steps=2)
+    trainer.train()
+    assert spike.skipped_steps == [SPIKE_STEP]
+    assert same(weights.at[SPIKE_STEP - 1], weights.at[SPIKE_STEP])
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"policy": "ignore"}, "policy"),
+        ({"window": 1}, "window"),
+        ({"warmup": 1}, "warmup"),
+        ({"warmup": 200}, "warmup"),
+        ({"threshold": 0}, "threshold"),
+        ({"skip_batches": 0}, "skip_batches"),
+        ({"max_rollbacks": -1}, "max_rollbacks"),
+    ],
+)
+def test_bad_options_are_refused(kwargs: dict[str, Any], match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        SpikeGuard(**kwargs)
+
+
+# ------------------------------------------------------------------------------------------------- two ranks
+@pytest.mark.distributed
+@pytest.mark.slow
+@pytest.mark.parametrize("policy", ["alert", "skip", "rollback"])
+def test_two_ranks_agree_on_the_spike_and_act_together(tmp_path: Path, policy: str) -> None:
+    result = run_torchrun(TESTS_DIR / "scripts" / "spike_two_ranks.py", str(tmp_path), policy, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    # Only rank 0's batch holds the poisoned rows (136-137, step 35); both ranks see the spike at that step.
+    assert [r["spikes"] for r in ranks] == [[35], [35]]
+    assert ranks[0]["checksum"] == ranks[1]["checksum"]  # the replicas never diverged
+    assert all(r["finite"] and r["step"] == 40 and r["error"] is None for r in ranks)
+    expected = {"alert": ([], []), "skip": ([35], []), "rollback": ([35], [[35, "checkpoint-30"]])}[policy]
+    assert [(r["skipped"], r["rollbacks"]) for r in ranks] == [expected, expected]
+    events = records(tmp_path / "run")
+    assert [e["event"] for e in events if e["event"] != "skipped_batch"] == [policy]
+    assert {136, 137} <= set(events[0]["dataset_indices"]) and len(events[0]["sample_ids"]) == 4  # both ranks' rows
+
+
+# ---------------------------------------------------------------------------------------------- the detector
+def test_detector_defaults_are_the_published_ones() -> None:
+    detector = SpikeDetector()
+    assert (detector.window, detector.threshold, detector.warmup) == (128, 6.0, 64)
+
+
+def test_detector_judges_nothing_during_warmup() -> None:
+    detector = SpikeDetector(window=16, threshold=6, warmup=8)
+    for step in range(1, 8):
+        assert detector.observe(step, loss=1.0 + 0.01 * (step % 2)) is None
+    assert detector.observe(8, loss=100.0) is None  # 7 values in the window: still warming up
+
+
+def test_detector_flags_an_upward_jump_not_a_drop() -> None:
+    detector = SpikeDetector(window=16, threshold=6, warmup=8)
+    for step in range(1, 11):
+        detector.observe(step, loss=2.0 + 0.05 * (step % 3), grad_norm=1.0 + 0.02 * (step % 2))
+    assert detector.observe(11, loss=0.1, grad_norm=1.0) is None
+    finding = detector.observe(12, loss=2.05, grad_norm=9.0)
+    assert finding is not None and finding.metric == "grad_norm" and finding.step == 12 and finding.z > 6
+    assert set(finding.scores) == {"loss", "grad_norm"}
+
+
+def test_detector_ignores_non_finite_values() -> None:
+    detector = SpikeDetector(window=16, threshold=6, warmup=4)
+    for step in range(1, 6):
+        detector.observe(step, loss=1.0 + 0.01 * step)
+    assert detector.observe(6, loss=math.nan) is None
+    assert detector.observe(7, loss=math.inf) is None
+    assert detector.seen("loss") == 5
+
+
+def test_a_lasting_level_change_stops_being_a_spike() -> None:
+    detector = SpikeDetector(window=16, threshold=6, warmup=8)
+    for step in range(1, 17):
+        detector.observe(step, loss=1.0 + 0.01 * (step % 2))
+    flagged = [detector.observe(step, loss=3.0 + 0.01 * (step % 2)) is not None for step in range(17, 40)]
+    assert flagged[0] and not flagged[-1]
+
+
+def test_forget_after_drops_the_steps_after_the_checkpoint() -> None:
+    detector = SpikeDetector(window=16, threshold=6, warmup=2)
+    for step in range(1, 11):
+        detector.add(step, loss=float(step))
+    detector.forget_after(6)
+    assert detector.seen("loss") == 6
+
+
+def test_rollback_target_is_the_newest_checkpoint_before_every_skipped_batch() -> None:
+    assert rollback_target([10, 20, 30], spike_step=31, skip_batches=1) == 30
+    assert rollback_target([10, 20, 30], spike_step=31, skip_batches=2) == 20
+    assert rollback_target([10, 20, 30], spike_step=10, skip_batches=1) is None
+
+
+def test_sample_ids_ignore_padding_and_find_the_rows_in_the_dataset() -> None:
+    from datasets import Dataset
+
+    ds = Dataset.from_list([{"input_ids": [5, 6, 7]}, {"input_ids": [9, 9]}, {"input_ids": [5, 6, 7]}])
+    batch = torch.tensor([[5, 6, 7], [9, 9, 0]])
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
+    rows = rows_of(batch, mask)
+    assert rows == [[5, 6, 7], [9, 9]]
+    digests = [row_digest(r) for r in rows]
+    assert dataset_indices(digests, ds) == {digests[0]: [0, 2], digests[1]: [1]}
+    assert dataset_indices(digests, iter([])) == {}  # no length: no indices, no error
+
+
+def test_the_checks_import_neither_torch_nor_transformers() -> None:
+    code = (
+        "import sys; import trainguard.checks.spike; "
+        "assert 'torch' not in sys.modules and 'transformers' not in sys.modules, sorted(sys.modules)"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -30,6 +30,7 @@ class RunReporter(GuardCallback):
 
     Example::
 
+        # not run here: starts a W&B run (wandb installed, logged in or WANDB_MODE=offline)
         trainer = Trainer(..., report_to=["wandb"], callbacks=[trainguard.NanGuard(), RunReporter()])
     """
 

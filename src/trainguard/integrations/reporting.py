@@ -21,9 +21,10 @@ training. ``TRAINGUARD_REPORTING=0`` turns all of it off.
 
 Example::
 
-    from trainguard.integrations.reporting import WandbAlertSink
-    trainer = Trainer(..., report_to=["wandb"], callbacks=trainguard.all_guards())
-    # all_guards() attaches RunReporter; default sinks already include WandbAlertSink
+    # not run here: starts a W&B run (wandb installed, logged in or WANDB_MODE=offline)
+    from trainguard.callbacks.run_reporter import RunReporter
+    trainer = Trainer(..., report_to=["wandb"], callbacks=[trainguard.NanGuard(), RunReporter()])
+    trainer.train()  # warnings -> W&B alerts; a NaN stop -> run failed, trainguard/stopped_by = nan_guard
 """
 
 from __future__ import annotations
@@ -123,7 +124,9 @@ class WandbAlertSink:
 
     Example::
 
+        from trainguard.alerts import Alerter, LoggerSink
         alerter = Alerter([LoggerSink(), WandbAlertSink(min_interval=60)])
+        alerter.emit(Alert("nan_guard", "warning", "loss spiked", step=3))  # to W&B only while a run is active
     """
 
     def __init__(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import struct
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ import trainguard
 from trainguard.callbacks._base import GuardCallback
 from trainguard.callbacks.run_reporter import RunReporter
 from trainguard.errors import PreflightError
+from transformers import TrainerCallback
 from _rig import make_tiny_llama, make_trainer
 
 tracker, out, stop, handling = sys.argv[1:5]
@@ -56,8 +58,18 @@ class StopAfterTrain(GuardCallback):
         raise PreflightError("the disk filled up during the run", where={"step": trainer.state.global_step})
 
 
+class DeleteTrackerRun(TrainerCallback):
+    """Someone deletes the MLflow run while it trains (a cleanup script, the UI): every later write to it fails."""
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == 2:
+            import mlflow
+
+            mlflow.MlflowClient().delete_run(mlflow.active_run().info.run_id)
+
+
 model = make_tiny_llama()
-if stop == "nan":
+if stop.startswith("nan"):
     calls = [0]
 
     def hook(module, inputs, output):
@@ -69,6 +81,8 @@ dataset_guard = trainguard.DatasetGuard()
 guards = [dataset_guard, trainguard.CheckpointVerifier(), trainguard.NanGuard(), trainguard.HangWatchdog(), LossWatch()]
 if stop == "after_train":
     guards.append(StopAfterTrain())
+if stop == "nan-run-deleted":
+    guards.insert(0, DeleteTrackerRun())
 trainer = make_trainer(out, model=model, callbacks=[*guards, RunReporter()], max_steps=6, report_to=[tracker])
 result = {"error": None}
 try:
@@ -83,7 +97,9 @@ print("RESULT " + json.dumps(result))
 '''
 
 
-def _run(tmp_path: Path, tracker: str, stop: str, handling: str, env: dict[str, str]) -> tuple[int, dict[str, Any]]:
+def _run(
+    tmp_path: Path, tracker: str, stop: str, handling: str, env: dict[str, str]
+) -> tuple[subprocess.CompletedProcess[str], dict[str, Any]]:
     script = tmp_path / "train_child.py"
     script.write_text(CHILD)
     proc = run_python(
@@ -94,7 +110,7 @@ def _run(tmp_path: Path, tracker: str, stop: str, handling: str, env: dict[str, 
         assert proc.returncode == 0 and lines, proc.stdout[-3000:] + proc.stderr[-5000:]
     else:
         assert "TrainGuardError" in proc.stderr or "Error" in proc.stderr, proc.stderr[-5000:]
-    return proc.returncode, (json.loads(lines[-1][len("RESULT ") :]) if lines else {})
+    return proc, (json.loads(lines[-1][len("RESULT ") :]) if lines else {})
 
 
 # ------------------------------------------------------------------------------------------------------- W&B
@@ -164,7 +180,7 @@ def test_wandb_offline_run_holds_the_guard_warning_as_one_alert_and_the_guard_st
     pytest.importorskip("wandb", reason="wandb is not installed (pip install 'trainguard[wandb]')")
     # The script catches the guard's error and ends normally, as a script that saves notes would: wandb's own
     # exit hook then sees no exception, so only trainguard can say the run failed.
-    _code, result = _run(tmp_path, "wandb", "nan", "catch", _wandb_env(tmp_path))
+    _proc, result = _run(tmp_path, "wandb", "nan", "catch", _wandb_env(tmp_path))
     assert result["error"] == "NonFiniteError"
     records = _wandb_run_log(tmp_path)
 
@@ -227,8 +243,8 @@ def test_mlflow_run_stopped_by_a_guard_is_failed_with_the_guard_and_its_message(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, stop: str, handling: str, guard: str, error: str
 ) -> None:
     pytest.importorskip("mlflow", reason="mlflow is not installed (pip install 'trainguard[mlflow]')")
-    code, _result = _run(tmp_path, "mlflow", stop, handling, _mlflow_env(tmp_path))
-    assert (code != 0) == (handling == "raise")
+    proc, _result = _run(tmp_path, "mlflow", stop, handling, _mlflow_env(tmp_path))
+    assert (proc.returncode != 0) == (handling == "raise")
     runs = _mlflow_runs(tmp_path, monkeypatch)
     assert len(runs) == 1
     run = runs[0]
@@ -247,7 +263,7 @@ def test_tensorboard_event_files_hold_the_guards_counters_and_key_figures(tmp_pa
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     logdir = tmp_path / "tb"
-    _code, result = _run(tmp_path, "tensorboard", "nan", "catch", {"TENSORBOARD_LOGGING_DIR": str(logdir)})
+    _proc, result = _run(tmp_path, "tensorboard", "nan", "catch", {"TENSORBOARD_LOGGING_DIR": str(logdir)})
     # trainguard never imports a tracker (mlflow may be there all the same: deepspeed's autotuner imports it)
     assert "wandb" not in result["imported"]
 
@@ -282,3 +298,17 @@ def test_guards_on_a_trainer_send_warnings_to_wandb_unless_reporting_is_off(
     assert WandbAlertSink.__name__ in sinks()
     monkeypatch.setenv("TRAINGUARD_REPORTING", "0")
     assert WandbAlertSink.__name__ not in sinks()
+
+
+def test_a_tracker_that_fails_is_reported_once_and_the_guards_error_still_reaches_the_script(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pytest.importorskip("mlflow", reason="mlflow is not installed (pip install 'trainguard[mlflow]')")
+    proc, _result = _run(tmp_path, "mlflow", "nan-run-deleted", "raise", _mlflow_env(tmp_path))
+    assert proc.returncode != 0
+    raised = [line for line in proc.stderr.splitlines() if line.startswith("trainguard.errors.")]
+    assert raised and raised[-1].startswith("trainguard.errors.NonFiniteError: ")  # the guard's error, unchanged
+    failures = [line for line in proc.stderr.splitlines() if "trainguard could not mark the MLflow run FAILED" in line]
+    assert len(failures) == 1, proc.stderr[-5000:]
+    runs = _mlflow_runs(tmp_path, monkeypatch)
+    assert all("trainguard/stopped_by" not in run.data.tags for run in runs)

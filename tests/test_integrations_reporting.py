@@ -312,3 +312,41 @@ def test_a_tracker_that_fails_is_reported_once_and_the_guards_error_still_reache
     assert len(failures) == 1, proc.stderr[-5000:]
     runs = _mlflow_runs(tmp_path, monkeypatch)
     assert all("trainguard/stopped_by" not in run.data.tags for run in runs)
+
+
+FLOOD = r"""
+import wandb
+from trainguard.alerts import Alert
+from trainguard.integrations.reporting import WandbAlertSink
+
+now = [0.0]
+sink = WandbAlertSink(min_interval=300, max_alerts=3, clock=lambda: now[0])
+sink.send(Alert("spike_guard", "info", "not for W&B"))
+run = wandb.init()
+for t in (0, 1, 2):  # one guard, one level, within the interval: one alert, two held back
+    now[0] = t
+    sink.send(Alert("spike_guard", "warning", f"spike at t={t}"))
+now[0] = 400  # the interval has passed: sent, saying how many were held back
+sink.send(Alert("spike_guard", "warning", "spike at t=400"))
+sink.send(Alert("nan_guard", "error", "loss is NaN"))  # the third and last
+for _ in range(3):
+    sink.send(Alert("nan_guard", "critical", "still NaN"))  # over the limit: one notice, then nothing
+run.finish()
+print("RESULT", sink.sent, sink.held_back)
+"""
+
+
+def test_a_flood_of_alerts_reaches_wandb_as_a_few_with_the_count_held_back(tmp_path: Path) -> None:
+    pytest.importorskip("wandb", reason="wandb is not installed (pip install 'trainguard[wandb]')")
+    proc = run_python(FLOOD, timeout=120, env=_wandb_env(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    alerts = [r.alert for r in _wandb_run_log(tmp_path) if r.WhichOneof("record_type") == "alert"]
+    assert [(a.title, a.level) for a in alerts] == [
+        ("trainguard spike_guard: warning", "WARN"),
+        ("trainguard spike_guard: warning", "WARN"),
+        ("trainguard nan_guard: error", "ERROR"),
+        ("trainguard: alert limit reached", "WARN"),
+    ]
+    assert "spike at t=0" in alerts[0].text and "held back" not in alerts[0].text
+    assert "spike at t=400" in alerts[1].text and "2 more warning alert(s) of spike_guard held back" in alerts[1].text
+    assert "RESULT 3 5" in proc.stdout

@@ -11,6 +11,7 @@ from transformers import TrainerCallback
 
 from .. import distributed
 from ..alerts import Alert, Alerter, AlertSink, TrainerLogSink, WebhookSink, default_sinks, get_logger
+from ..errors import TrainGuardError
 from ._trainer_compat import find_trainer
 
 if TYPE_CHECKING:
@@ -50,10 +51,15 @@ def install_train_hook(trainer: Any) -> None:
                         get_logger().warning(
                             "trainguard %s.on_train_error failed: %s", type(callback).__name__, hook_exc
                         )
+            _report_stop(trainer, exc)
             raise
-        for callback in list(trainer.callback_handler.callbacks):
-            if isinstance(callback, GuardCallback):
-                callback.after_train(trainer, output)
+        try:
+            for callback in list(trainer.callback_handler.callbacks):
+                if isinstance(callback, GuardCallback):
+                    callback.after_train(trainer, output)
+        except TrainGuardError as exc:
+            _report_stop(trainer, exc)
+            raise
         for callback in list(trainer.callback_handler.callbacks):
             if isinstance(callback, GuardCallback):
                 again = callback.rerun_request(trainer)
@@ -65,6 +71,14 @@ def install_train_hook(trainer: Any) -> None:
 
     trainer.train = train
     setattr(trainer, _HOOK_MARK, True)
+
+
+def _report_stop(trainer: Any, exc: BaseException) -> None:
+    """A guard stopped the run: mark the W&B / MLflow run failed (a no-op unless the process uses them)."""
+    if isinstance(exc, TrainGuardError):
+        from ..integrations.reporting import report_stop  # never raises
+
+        report_stop(trainer, exc)
 
 
 class GuardCallback(TrainerCallback):

@@ -1,0 +1,52 @@
+"""``RunReporter``: the guards' key figures in W&B, MLflow and TensorBoard, beside the loss."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from ..integrations import reporting
+from ._base import GuardCallback
+
+if TYPE_CHECKING:
+    from transformers import TrainerControl, TrainerState, TrainingArguments
+
+__all__ = ["RunReporter"]
+
+
+class RunReporter(GuardCallback):
+    """Publish what the attached guards established to the experiment trackers the run already reports to.
+
+    At ``on_train_begin`` (user callbacks run after the Trainer's reporting integrations, so their runs exist by
+    then): the dataset fingerprint, the lineage id, the hang watchdog's step budget and each guard's one-line
+    summary go into the W&B config, the MLflow run's tags and TensorBoard text; the numeric ones also go through
+    ``trainer.log`` as ``trainguard/<guard>/<figure>`` keys (W&B, MLflow, TensorBoard and ``state.log_history``).
+    At ``on_train_end``: the final figures into the W&B summary and the MLflow tags. Put it after the other
+    guards so it reads what they found (``all_guards()`` does).
+
+    A guard's stop (failed run in W&B and MLflow) and the W&B alerts do not need this callback: every guard's train
+    hook and default sinks do them (see :mod:`trainguard.integrations.reporting`). Trackers are used only when the
+    process already imported them and has a run; ``TRAINGUARD_REPORTING=0`` turns all of it off. A failure is
+    logged once and never breaks training.
+
+    Example::
+
+        # not run here: starts a W&B run (wandb installed, logged in or WANDB_MODE=offline)
+        trainer = Trainer(..., report_to=["wandb"], callbacks=[trainguard.NanGuard(), RunReporter()])
+    """
+
+    guard_name = "run_reporter"
+
+    def on_train_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> Any:
+        if self.trainer is not None:
+            reporting.publish_start(self.trainer)
+        return control
+
+    def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> Any:
+        if self.trainer is not None:
+            reporting.publish_end(self.trainer)
+        return super().on_train_end(args, state, control, **kwargs)
+
+    def summary(self) -> str:
+        return "key figures published to the active trackers" if reporting.reporting_enabled() else "reporting off"

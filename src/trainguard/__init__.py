@@ -77,6 +77,7 @@ _LAZY: dict[str, str] = {
     "Watchdog": "trainguard.checks.watchdog",
     "NanGuard": "trainguard.callbacks.nan_guard",
     "SpikeGuard": "trainguard.callbacks.spike_guard",
+    "RunReporter": "trainguard.callbacks.run_reporter",
 }
 
 __all__ = [  # noqa: RUF022 - grouped: errors, then lazily loaded names
@@ -138,6 +139,7 @@ __all__ = [  # noqa: RUF022 - grouped: errors, then lazily loaded names
     "Watchdog",
     "NanGuard",
     "SpikeGuard",
+    "RunReporter",
 ]
 
 if TYPE_CHECKING:
@@ -155,6 +157,7 @@ if TYPE_CHECKING:
     from .callbacks.nan_guard import NanGuard
     from .callbacks.preflight_guard import PreflightGuard
     from .callbacks.run_lock import RunLock
+    from .callbacks.run_reporter import RunReporter
     from .callbacks.spike_guard import SpikeGuard
     from .checks.checkpoint import (
         CheckpointReport,

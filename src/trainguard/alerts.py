@@ -14,8 +14,7 @@ Sinks:
   thread so a slow endpoint never stalls a step.
 
 Guards attached to a Trainer use the logger, the Trainer's log and the JSONL file by default, plus a webhook when
-``webhook_url=`` or the ``TRAINGUARD_WEBHOOK_URL`` environment variable is set, plus W&B alerts
-(:class:`trainguard.integrations.reporting.WandbAlertSink`) while a W&B run is active.
+``webhook_url=`` or the ``TRAINGUARD_WEBHOOK_URL`` environment variable is set.
 
 Example::
 
@@ -456,20 +455,12 @@ def default_sinks(
     webhook_url: str | None = None,
 ) -> list[AlertSink]:
     """The sinks a guard attached to a Trainer uses: logger, Trainer log, JSONL in ``output_dir``, and a webhook
-    when ``webhook_url`` or ``TRAINGUARD_WEBHOOK_URL`` is set. With a ``trainer``, also
-    :class:`~trainguard.integrations.reporting.WandbAlertSink` (warnings and worse as W&B alerts when a W&B run is
-    active; off with ``TRAINGUARD_REPORTING=0``).
+    when ``webhook_url`` or ``TRAINGUARD_WEBHOOK_URL`` is set.
 
     Raises:
         WebhookConfigError: The webhook URL (naming where it came from) is not an http:// or https:// URL.
     """
     sinks: list[AlertSink] = [LoggerSink(), TrainerLogSink(trainer)]
-    if trainer is not None:
-        # Lazy: it never imports wandb, and sends only when the process has an active W&B run.
-        from .integrations.reporting import WandbAlertSink, reporting_enabled
-
-        if reporting_enabled():
-            sinks.append(WandbAlertSink())
     if output_dir is not None:
         sinks.append(JsonlSink(Path(output_dir) / EVENTS_FILE))
     url = webhook_url or os.environ.get(WEBHOOK_ENV)

@@ -45,6 +45,9 @@ _GUARDS: tuple[tuple[str, str], ...] = (
     # Last: its on_step_end reads the final should_evaluate/should_save flags (after every guard that sets or
     # clears them) to pick the budget of the evaluation or save that follows.
     ("hang_watchdog", "trainguard.callbacks.hang_watchdog:HangWatchdog"),
+    # After every guard (events at train begin and end only): publishes what they established (fingerprints,
+    # lineage, budgets) to the W&B config, MLflow tags and TensorBoard.
+    ("run_reporter", "trainguard.callbacks.run_reporter:RunReporter"),
 )
 
 

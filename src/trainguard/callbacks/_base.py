@@ -239,11 +239,17 @@ _SHARED_ALERTER = "_trainguard_alerter"
 
 def _shared_alerter(trainer: Any, args: Any) -> Alerter:
     """The alerter every guard with default sinks shares on ``trainer`` (made by the first one attached): the
-    logger, the Trainer's log stream, the JSONL event file, and the ``TRAINGUARD_WEBHOOK_URL`` webhook if set."""
+    logger, the Trainer's log stream, the JSONL event file, the ``TRAINGUARD_WEBHOOK_URL`` webhook if set, and W&B
+    alerts while a W&B run is active (off with ``TRAINGUARD_REPORTING=0``)."""
     shared = getattr(trainer, _SHARED_ALERTER, None)
     if isinstance(shared, Alerter):
         return shared
-    shared = Alerter(default_sinks(getattr(args, "output_dir", None), trainer=trainer))
+    sinks = default_sinks(getattr(args, "output_dir", None), trainer=trainer)
+    from ..integrations.reporting import WandbAlertSink, reporting_enabled
+
+    if reporting_enabled():
+        sinks.append(WandbAlertSink())  # never imports wandb; sends only while the process has an active W&B run
+    shared = Alerter(sinks)
     setattr(trainer, _SHARED_ALERTER, shared)
     return shared
 

@@ -95,7 +95,9 @@ class SpikeGuard(GuardCallback):
     values are copied to the host behind the step's work and judged one step later (no extra host synchronisation;
     a step that saves, evaluates or ends is judged at once, so a spike is never checkpointed); ``skip`` must decide
     before the update, so it reads two numbers per step. Several ranks share one two-number all-reduce per step.
-    Under DeepSpeed the update happens inside ``backward``: ``skip`` cannot withhold it and acts as ``alert``.
+    Under DeepSpeed (the update happens inside ``backward``) or with an fp16 ``GradScaler`` (its step needs the
+    gradients it unscaled) no update can be withheld: ``skip`` acts as ``alert``, a rollback's replay applies the
+    batches it would skip, and the guard says so at the start.
 
     Args:
         policy: ``"alert"``, ``"skip"`` or ``"rollback"``.
@@ -278,9 +280,17 @@ class SpikeGuard(GuardCallback):
 
         device = getattr(args, "device", None) or torch.device("cpu")
         self._sync = getattr(device, "type", "cpu") == "cpu" or self.policy == "skip"
-        self._can_skip = not getattr(trainer, "is_deepspeed_enabled", False)
-        if self.policy == "skip" and not self._can_skip and distributed.is_main_process():
-            self.alert("warning", "DeepSpeed applies the update inside backward: policy 'skip' can only alert")
+        scaler = getattr(getattr(trainer, "accelerator", None), "scaler", None)
+        enabled = getattr(scaler, "is_enabled", None)
+        fp16_scaler = scaler is not None and (bool(enabled()) if callable(enabled) else True)
+        self._can_skip = not getattr(trainer, "is_deepspeed_enabled", False) and not fp16_scaler
+        if self.policy != "alert" and not self._can_skip and distributed.is_main_process():
+            if fp16_scaler:
+                why = "an fp16 GradScaler needs the gradients it unscaled at its step, so no update can be withheld"
+            else:
+                why = "DeepSpeed applies the update inside backward, so no update can be withheld"
+            effect = "policy 'skip' only alerts" if self.policy == "skip" else "a rollback's replay cannot skip batches"
+            self.alert("warning", f"{why}: {effect} in this run (use bf16, or no DeepSpeed, to withhold updates)")
         group = None
         if distributed.world_size() > 1:
             import torch.distributed as dist

@@ -139,7 +139,7 @@ class SpikeDetector:
     Example::
 
         detector = SpikeDetector()
-        finding = detector.observe(step, loss=loss, grad_norm=grad_norm)   # None, or a SpikeFinding
+        finding = detector.observe(1, loss=2.31, grad_norm=0.9)   # None (warming up), or a SpikeFinding
     """
 
     def __init__(self, window: int = 128, threshold: float = 6.0, warmup: int = 64, min_std: float = 1e-3) -> None:

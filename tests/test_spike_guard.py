@@ -208,6 +208,34 @@ def test_a_corrupted_checkpoint_is_not_rolled_back_to(tmp_path: Path) -> None:
     assert trainer.state.global_step == 34
 
 
+def test_without_sync_the_spike_is_judged_one_step_later_with_its_own_batch(tmp_path: Path) -> None:
+    seen_at: list[int] = []
+
+    class AtStep:
+        def send(self, alert: Any) -> None:
+            seen_at.append(int(trainer.state.global_step))
+
+    spike = guard("alert", sync=False, alert_sinks=[AtStep()])
+    trainer = spike_trainer(tmp_path, spike, save_strategy="no")
+    trainer.train()
+    assert [f.step for f in spike.findings] == [SPIKE_STEP]
+    assert seen_at == [SPIKE_STEP]  # judged in step 32, before its update: global_step still reads 31
+    assert POISON in records(tmp_path)[0]["dataset_indices"]  # the spike step's batch, not the step judging it
+
+
+def test_without_sync_a_spike_at_a_save_step_is_judged_before_the_save_and_rolled_back(tmp_path: Path) -> None:
+    poison, step = 58, 30  # rows 58-59: step 30, which saves
+    spike = guard("rollback", sync=False)
+    rolled = spike_trainer(tmp_path / "rolled", spike, poison=(poison,))
+    rolled.train()
+    assert [(s, Path(c).name) for s, c in spike.rollbacks] == [(step, "checkpoint-20")]
+    assert spike.skipped_steps == [step]
+    direct = spike_trainer(tmp_path / "skipped", guard("skip"), poison=(poison,))
+    direct.train()
+    # checkpoint-30 of the spiked pass was never written: the replay's equals a run that never applied the batch.
+    assert same(list(rolled.model.parameters()), list(direct.model.parameters()))
+
+
 def test_a_healthy_run_has_no_spike(tmp_path: Path) -> None:
     spike = guard("skip")
     trainer = spike_trainer(tmp_path, spike, poison=())
@@ -252,6 +280,7 @@ def test_gradient_accumulation_judges_the_optimizer_step(tmp_path: Path) -> None
         ({"threshold": 0}, "threshold"),
         ({"skip_batches": 0}, "skip_batches"),
         ({"max_rollbacks": -1}, "max_rollbacks"),
+        ({"policy": "skip", "sync": False}, "sync"),
     ],
 )
 def test_bad_options_are_refused(kwargs: dict[str, Any], match: str) -> None:

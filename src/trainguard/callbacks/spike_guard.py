@@ -37,6 +37,8 @@ __all__ = ["SPIKES_FILE", "SpikeGuard"]
 SPIKES_FILE = "trainguard-spikes.jsonl"
 
 _CHECKPOINT_PREFIX = "checkpoint-"
+#: Micro-batches held for one optimizer step at most (gradient accumulation beyond this keeps the newest ones).
+_MAX_HELD = 1024
 
 
 def _is_tensor(value: Any) -> bool:
@@ -51,13 +53,16 @@ class _Pending:
     """One step's ``[loss, grad_norm]`` on an accelerator, copied to the host behind the step's work (pinned buffer
     and an event), so reading it one step later waits for nothing."""
 
-    def __init__(self, step: int, vector: Any) -> None:
+    def __init__(self, step: int, vector: Any, batches: list[tuple[Any, Any]]) -> None:
         import torch
 
         self.step = step
-        self.host = torch.empty(vector.shape, dtype=vector.dtype, pin_memory=True)
-        self.host.copy_(vector, non_blocking=True)
-        self.event = torch.cuda.Event() if vector.device.type == "cuda" else None
+        self.batches = batches  # the step's micro-batches, for the sample ids should it be a spike
+        cuda = vector.device.type == "cuda"
+        self.host = torch.empty(vector.shape, dtype=vector.dtype, pin_memory=cuda)
+        # Asynchronous only where an event can say when it landed (CUDA); elsewhere a plain copy.
+        self.host.copy_(vector, non_blocking=cuda)
+        self.event = torch.cuda.Event() if cuda else None
         if self.event is not None:
             self.event.record()
 
@@ -108,13 +113,17 @@ class SpikeGuard(GuardCallback):
             skipped a few hundred around each spike; the default skips the spike's own).
         max_rollbacks: With ``rollback``: rollbacks allowed in one ``train()`` call before giving up.
         lookup_rows: Rows of ``train_dataset`` searched for a spike batch's samples (only when a spike happens).
+        sync: Judge each step before its update (True) or one step later, from a copy made behind the step's work
+            (False: no host synchronisation on an accelerator). None (default): True on CPU and for ``skip``
+            (which must decide before the update), False elsewhere.
         alert_sinks: Replace the default alert sinks.
         webhook_url: Also POST warnings and worse to this URL.
 
     Raises:
         LossSpikeError: From ``trainer.train()`` with ``rollback``, when spikes persist past ``max_rollbacks`` or
             no verified checkpoint precedes the spike.
-        ValueError: An unknown ``policy`` or a window, threshold or warmup out of range.
+        ValueError: An unknown ``policy``, a window, threshold or warmup out of range, or ``skip`` with
+            ``sync=False``.
 
     Example::
 
@@ -134,6 +143,7 @@ class SpikeGuard(GuardCallback):
         skip_batches: int = 1,
         max_rollbacks: int = 3,
         lookup_rows: int = 200_000,
+        sync: bool | None = None,
         alert_sinks: list[AlertSink] | None = None,
         webhook_url: str | None = None,
     ) -> None:
@@ -149,6 +159,9 @@ class SpikeGuard(GuardCallback):
         self.skip_batches = int(skip_batches)
         self.max_rollbacks = int(max_rollbacks)
         self.lookup_rows = int(lookup_rows)
+        if sync is False and policy == "skip":
+            raise ValueError("SpikeGuard policy 'skip' decides before the update: it needs sync=True (or None)")
+        self.sync = sync
         #: Every spike seen (all policies), oldest first.
         self.findings: list[SpikeFinding] = []
         #: Steps whose update this guard withheld (spikes under ``skip``, replayed batches under ``rollback``).
@@ -175,6 +188,8 @@ class SpikeGuard(GuardCallback):
         if inputs is not None and hasattr(inputs, "get"):
             # References only: the rows are read (and hashed) when a step turns out to be a spike.
             self._batches.append((inputs.get("input_ids"), inputs.get("attention_mask")))
+            if len(self._batches) > _MAX_HELD:  # a loop that never reaches on_pre_optimizer_step: hold no more
+                del self._batches[0]
 
     def _on_loss(self, loss: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         if _is_tensor(loss):
@@ -183,6 +198,8 @@ class SpikeGuard(GuardCallback):
             else:
                 loss = loss.detach()  # stays on the device: read later, without a sync of its own
         self._losses.append(loss)
+        if len(self._losses) > _MAX_HELD:
+            del self._losses[0]
 
     def _on_grad_norm(self, norm: Any) -> None:
         if _is_tensor(norm) and _on_host(norm):
@@ -203,7 +220,7 @@ class SpikeGuard(GuardCallback):
         losses, grad, self._losses, self._grad = self._losses, self._grad, [], None
         if not losses and self._group is None:
             return None
-        if self._group is None and all(not _is_tensor(v) for v in losses) and not _is_tensor(grad):
+        if self._sync and self._group is None and all(not _is_tensor(v) for v in losses) and not _is_tensor(grad):
             loss = sum(losses) / len(losses)
             return loss, (float(grad) if grad is not None else None)
         import torch
@@ -228,10 +245,10 @@ class SpikeGuard(GuardCallback):
         else:
             norm = torch.tensor(float(grad), device=device)
         values = torch.stack([loss, norm])
-        if device.type == "cpu" or self._sync:
+        if self._sync:
             first, second = (float(v) for v in values.tolist())
             return (first if first == first else None), (second if second == second else None)
-        return _Pending(step, values)
+        return _Pending(step, values, self._batches)
 
     # ----------------------------------------------------------------------------------------------- events
     def before_train(self, trainer: Any, resume_from_checkpoint: Any) -> Any:
@@ -279,7 +296,10 @@ class SpikeGuard(GuardCallback):
         import torch
 
         device = getattr(args, "device", None) or torch.device("cpu")
-        self._sync = getattr(device, "type", "cpu") == "cpu" or self.policy == "skip"
+        if self.sync is not None:
+            self._sync = self.sync
+        else:
+            self._sync = getattr(device, "type", "cpu") == "cpu" or self.policy == "skip"
         scaler = getattr(getattr(trainer, "accelerator", None), "scaler", None)
         enabled = getattr(scaler, "is_enabled", None)
         fp16_scaler = scaler is not None and (bool(enabled()) if callable(enabled) else True)
@@ -308,9 +328,16 @@ class SpikeGuard(GuardCallback):
             return control
         step = int(state.global_step) + 1
         optimizer = kwargs.get("optimizer")
-        if self._pending is not None:  # an accelerator: last step's values, copied while this step ran
+        if self._pending is not None:  # sync=False: last step's values, copied while this step ran
             pending, self._pending = self._pending, None
-            self._judge(pending.step, *pending.read(), args, control, before_update=False)
+            self._judge_pending(pending, args, control)
+            if self._rollback_to is not None or self._give_up is not None:
+                # The run goes back to before the spike: this step's update is not applied either.
+                self._take(step)
+                self._batches = []
+                if self._can_skip:
+                    drop_gradients(optimizer)
+                return control
         taken = self._take(step)
         if step in self._skip_steps:
             # A batch a rollback decided to skip: withheld, and kept out of the window (it is the spike again).
@@ -336,7 +363,7 @@ class SpikeGuard(GuardCallback):
             or (state.max_steps and state.global_step >= state.max_steps)
         ):
             pending, self._pending = self._pending, None
-            self._judge(pending.step, *pending.read(), args, control, before_update=False)
+            self._judge_pending(pending, args, control)
         if self._rollback_to is not None or self._give_up is not None:
             # Nothing of the spike step is saved or evaluated: the run goes back to a checkpoint before it.
             control.should_save = False
@@ -367,6 +394,13 @@ class SpikeGuard(GuardCallback):
         self._give_up = None
 
     # ----------------------------------------------------------------------------------------------- acting
+    def _judge_pending(self, pending: _Pending, args: Any, control: Any) -> None:
+        held, self._batches = self._batches, pending.batches
+        try:
+            self._judge(pending.step, *pending.read(), args, control, before_update=False)
+        finally:
+            self._batches = held
+
     def _judge(
         self,
         step: int,

@@ -36,6 +36,7 @@ def test_an_oom_in_evaluation_on_every_rank_leaves_a_committed_verified_checkpoi
         assert report["error"] == "OutOfMemoryError" and report["same_object"] is True  # it still propagates
         assert report["saved_on_error"] == str(folder), report
         assert report["save"] is True and "all 2 ranks" in report["reason"]
+        assert report["verified_when_caught"] is True  # committed before the error reached this rank's caller
     assert sorted(p.name for p in run_dir.glob("checkpoint-*")) == ["checkpoint-3"]
     verified = trainguard.verify_checkpoint(folder)  # the manifest was committed before the error propagated
     assert verified.ok, verified

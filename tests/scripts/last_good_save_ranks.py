@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from transformers import Trainer, TrainerCallback
 
+import trainguard
 from trainguard import distributed
 from trainguard.alerts import Alert
 from trainguard.callbacks.checkpoint_verifier import CheckpointVerifier
@@ -101,6 +102,11 @@ except BaseException as err:
     report["error"] = type(err).__name__
     report["message"] = str(err)[:300]
     report["same_object"] = err is OOM
+    if stop.saved_on_error is not None:  # on every rank, the commit must have landed before the error got here
+        try:
+            report["verified_when_caught"] = trainguard.verify_checkpoint(stop.saved_on_error).ok
+        except trainguard.TrainGuardError as problem:
+            report["verified_when_caught"] = str(problem)[:300]
 report["step"] = int(trainer.state.global_step)
 report["saved_on_error"] = stop.saved_on_error
 report["save"] = stop.last_save.save if stop.last_save is not None else None

@@ -351,11 +351,29 @@ class GracefulStop(GuardCallback):
             step,
             step,
         )
-        saved = _trainer_compat.save_checkpoint_as_at_save_step(trainer)
-        for callback in trainer.callback_handler.callbacks:
-            wait = getattr(callback, "wait", None)
-            if callback is not self and isinstance(callback, GuardCallback) and callable(wait):
-                wait()  # CheckpointVerifier: the manifest is written before the error reaches the caller
+        try:
+            saved = _trainer_compat.save_checkpoint_as_at_save_step(trainer)
+            for callback in trainer.callback_handler.callbacks:
+                wait = getattr(callback, "wait", None)
+                if callback is not self and isinstance(callback, GuardCallback) and callable(wait):
+                    wait()  # CheckpointVerifier: the manifest is written before the error reaches the caller
+        except BaseException as err:
+            if world_size > 1:
+                self._post_done(f"failed: {type(err).__name__}: {err}"[:300])
+            raise
+        if world_size > 1:
+            # Only the writing rank commits the manifest, after the others have left the save: every rank waits
+            # for every other's "done" so the error reaches no caller before the checkpoint is committed.
+            problem = self._post_done("done") or self._wait_done(world_size)
+            if problem is not None:
+                self.alert(
+                    "error",
+                    f"training raised {error}; the ranks saved checkpoint-{step} together but {problem}: verify it "
+                    "(trainguard verify) before resuming from it",
+                    step=step,
+                    evidence={**evidence, "problem": problem},
+                )
+                return
         self.saved_on_error = saved
         self.alert(
             "warning",
@@ -364,6 +382,43 @@ class GracefulStop(GuardCallback):
             step=step,
             evidence=evidence,
         )
+
+    def _post_done(self, outcome: str) -> str | None:
+        """Tell the other ranks how this rank's part of the save ended; a sentence when the store failed."""
+        try:
+            distributed.store_set(f"{self._store_prefix}/done{distributed.rank()}", outcome)
+        except Exception as err:
+            return f"the c10d store failed ({type(err).__name__}: {err})"
+        return None
+
+    def _wait_done(self, world_size: int) -> str | None:
+        """Wait up to ``save_on_error_wait`` for every rank's part of the save (the writing rank's commit among
+        them); None when all are done, otherwise what is missing or failed."""
+        started, pause = time.monotonic(), 0.005
+        outcomes: dict[int, str] = {}
+        try:
+            while True:
+                for other in range(world_size):
+                    if other not in outcomes:
+                        text = distributed.store_get(f"{self._store_prefix}/done{other}")
+                        if text is not None:
+                            outcomes[other] = text
+                failed = {r: o for r, o in outcomes.items() if o != "done"}
+                if failed:
+                    return "; ".join(f"rank {r}'s part of the save {o}" for r, o in sorted(failed.items()))
+                if len(outcomes) == world_size:
+                    return None
+                waited = time.monotonic() - started
+                if waited >= self.save_on_error_wait:
+                    missing = ", ".join(str(r) for r in range(world_size) if r not in outcomes)
+                    return (
+                        f"rank(s) {missing} did not confirm their part (the writing rank's is the commit) within "
+                        f"{self.save_on_error_wait:g} s"
+                    )
+                time.sleep(min(pause, self.save_on_error_wait - waited))
+                pause = min(pause * 2, 0.1)
+        except Exception as err:
+            return f"the c10d store failed ({type(err).__name__}: {err})"
 
     def _agree(self, mine: _last_save.LastSaveDecision, phase: str) -> _last_save.LastSaveDecision:
         """This rank's decision made the ranks' common one, through the c10d store (never a collective)."""

@@ -425,12 +425,13 @@ def test_a_storage_error_anywhere_in_the_chain_rules_out_the_save() -> None:
     assert last_save.error_reason(trainguard.HangError("no progress")) is not None
 
 
-def test_a_sharded_engine_or_step_zero_never_saves_and_several_processes_need_every_ranks_agreement() -> None:
+def test_deepspeed_or_step_zero_never_saves_and_several_processes_need_every_ranks_agreement() -> None:
     common: dict[str, Any] = {"step": 3, "should_save": False, "should_evaluate": True, "existing": "absent"}
     on_two = last_save.decide(MemoryError(), "between", world_size=2, **common)
     assert on_two.save and "every rank to agree" in on_two.reason  # this rank's half; agree() decides
-    assert not last_save.decide(MemoryError(), "between", engine="deepspeed", **common).save
-    assert not last_save.decide(MemoryError(), "between", world_size=2, engine="fsdp_sharded", **common).save
+    assert last_save.decide(MemoryError(), "between", world_size=2, engine="fsdp_sharded", **common).save
+    assert not last_save.decide(MemoryError(), "between", engine="fsdp_full", **common).save  # one process: untested
+    assert not last_save.decide(MemoryError(), "between", world_size=2, engine="deepspeed", **common).save
     assert not last_save.decide(MemoryError(), "between", **{**common, "step": 0}).save
 
 

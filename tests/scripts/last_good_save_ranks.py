@@ -9,6 +9,8 @@ MODE:
   reports in time: rank 1 gives up the save, warns why, and exits; rank 0 then sees its collective fail.
 - ``update_all``: every rank's optimizer raises from inside its 4th update: no rank may save.
 
+``TRAINGUARD_TEST_ENGINE=<layout>`` in the environment runs the same scenario on FSDP (``tests/_engines.py``).
+
 Each rank writes REPORT_DIR/rank{r}.json and leaves with ``os._exit`` (no barrier: in ``eval_oom_rank1`` rank 0
 is still inside another collective).
 """
@@ -55,31 +57,36 @@ class OomInEval(TrainerCallback):
             raise OOM
 
 
-class ExplodingAdamW(torch.optim.AdamW):
-    """Raises from inside its 4th update, after changing part of the weights (as a fused update that died would)."""
+class ExplodeInUpdate(TrainerCallback):
+    """Makes the optimizer raise from inside its 4th update, after changing part of the weights (as a fused update
+    that died would). Wraps the optimizer the Trainer built (FSDP refuses ``optimizers=``)."""
 
     calls = 0
 
-    def step(self, closure: Any = None) -> Any:  # type: ignore[override]
-        ExplodingAdamW.calls += 1
-        if ExplodingAdamW.calls == 4:
-            with torch.no_grad():
-                self.param_groups[0]["params"][0].add_(1.0)
-            raise OOM
-        return super().step(closure)
+    def on_train_begin(self, args: Any, state: Any, control: Any, optimizer: Any = None, **kwargs: Any) -> None:
+        inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer wraps it
+        real_step = inner.step
+
+        def step(*a: Any, **k: Any) -> Any:
+            ExplodeInUpdate.calls += 1
+            if ExplodeInUpdate.calls == 4:
+                with torch.no_grad():
+                    inner.param_groups[0]["params"][0].add_(1.0)
+                raise OOM
+            return real_step(*a, **k)
+
+        inner.step = step
 
 
 sink = Sink()
 stop = GracefulStop(alert_sinks=[sink], save_on_error_wait=3 if mode == "eval_oom_rank1" else 30)
 callbacks: list[Any] = [stop, CheckpointVerifier(background=False)]
-model = make_tiny_llama()
-optimizers: Any = (None, None)
 if mode == "update_all":
-    optimizers = (ExplodingAdamW(model.parameters(), lr=1e-3), None)
+    callbacks.append(ExplodeInUpdate())
 else:
     callbacks.append(OomInEval((0, 1) if mode == "eval_oom_all" else (1,)))
 trainer = Trainer(
-    model=model,
+    model=make_tiny_llama(),
     args=training_args(
         run_dir,
         max_steps=6,
@@ -92,7 +99,6 @@ trainer = Trainer(
     train_dataset=make_lm_dataset(),
     eval_dataset=make_lm_dataset(8, seed=1),
     callbacks=callbacks,
-    optimizers=optimizers,
 )
 report: dict[str, Any] = {"rank": rank}
 try:

@@ -98,8 +98,8 @@ class GracefulStop(GuardCallback):
     optimizer update, never when the error came from a save or a full disk, never twice for one step: an alert
     says why. Recording the phase costs an attribute write per event.
 
-    With several processes (DDP; sharded FSDP and DeepSpeed are refused) a save is a collective, and a failing rank
-    cannot call one (the others may be inside another collective, or gone). Each failing rank posts where it failed
+    With several processes (DDP, FSDP; DeepSpeed is refused) a save is a collective, and a failing rank cannot
+    call one (the others may be inside another collective, or gone). Each failing rank posts where it failed
     to the c10d store (a side channel, no collective) and waits up to ``save_on_error_wait`` seconds for every rank
     to post; the ranks save together only when all reported, at the same step, after the same number of
     collectives, all eligible (one atomic verdict in the store, so they all act alike). Otherwise nothing is saved,

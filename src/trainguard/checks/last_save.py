@@ -248,9 +248,10 @@ def decide(
     Saves only when every rule says yes: an error a save can outlive (:func:`error_reason`), a state known to be
     one completed step's (:func:`phase_reason`), a step past 0, no folder of that step on disk (never a second save
     of a step: a committed one is the save already; an uncommitted one is a save that began and may have failed),
-    and a plain engine (single process or DDP: DeepSpeed updates inside ``backward``, so its "forward/backward"
-    phase is not consistent; sharded FSDP/ZeRO saves are not supported). With several processes a yes here is
-    this rank's only: the ranks save only when :func:`agree` says all of them may.
+    and an engine whose update is a phase of its own: plain (one process, DDP) or FSDP on several ranks (its save
+    is a collective like DDP's; FSDP in one process is untested and refused), never DeepSpeed (it updates inside
+    ``backward``, so its "forward/backward" phase is not consistent). With several processes a yes here is this
+    rank's only: the ranks save only when :func:`agree` says all of them may.
 
     Args:
         exc: What ``train()`` raised.
@@ -286,11 +287,8 @@ def decide(
         return no(f"checkpoint-{step} already exists without a commit: a save of this step began and may have failed")
     if engine == "deepspeed":
         return no("the deepspeed engine: its update runs inside backward, so no phase of its step is consistent")
-    if engine != "plain":
-        return no(
-            f"the {engine} engine: its save gathers or writes shards on every rank, and a last save of it is not "
-            "supported yet"
-        )
+    if engine != "plain" and not (engine.startswith("fsdp") and world_size > 1):
+        return no(f"the {engine} engine in one process: a last save of it is not supported (not tested)")
     if world_size > 1:
         return LastSaveDecision(
             save=True,

@@ -29,12 +29,16 @@ __all__ = [
     "any_rank",
     "barrier",
     "broadcast_object",
+    "collective_count",
     "gather_object",
     "is_distributed",
     "is_local_main_process",
     "is_main_process",
     "local_rank",
     "rank",
+    "store_compare_set",
+    "store_get",
+    "store_set",
     "world_size",
 ]
 
@@ -164,3 +168,65 @@ def gather_object(obj: Any) -> list[Any]:
     box: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(box, obj)
     return box
+
+
+# ------------------------------------------------------------------------------------------ the store side channel
+# A rank that failed cannot call a collective (the others may be inside another one, or gone), but it can still talk
+# to the c10d store that init_process_group rendezvoused through: a key-value server (torchrun's agent hosts it, so it
+# outlives the workers) whose calls involve no other rank. These helpers let such a rank post and read small strings.
+
+
+def _store() -> Any:
+    dist = _dist()
+    if dist is None:
+        raise RuntimeError("no torch.distributed process group is initialised: there is no c10d store")
+    return dist.distributed_c10d._get_default_store()
+
+
+def store_set(key: str, value: str) -> None:
+    """Write ``value`` under ``key`` in the process group's c10d store (never a collective: no other rank takes part).
+
+    Raises:
+        RuntimeError: No process group is initialised, or the store cannot be reached.
+    """
+    _store().set(key, value)
+
+
+def store_get(key: str) -> str | None:
+    """The value under ``key`` in the c10d store, or None when no rank has written it yet. Never waits for it.
+
+    Raises:
+        RuntimeError: No process group is initialised, or the store cannot be reached.
+    """
+    store = _store()
+    if not store.check([key]):
+        return None
+    return bytes(store.get(key)).decode()
+
+
+def store_compare_set(key: str, value: str) -> str:
+    """Write ``value`` under ``key`` unless some rank wrote the key first; return what the key holds now (``value``
+    or the first writer's). Atomic in the store, so ranks that each propose a value all read back the same one.
+
+    Raises:
+        RuntimeError: No process group is initialised, or the store cannot be reached.
+
+    Example::
+
+        from trainguard import distributed
+        # every rank: verdict = distributed.store_compare_set("job/verdict", my_proposal)   # the same on all
+    """
+    return bytes(_store().compare_set(key, "", value)).decode()
+
+
+def collective_count() -> int | None:
+    """How many collectives this rank has issued on the default process group (c10d's sequence number), or None
+    without a process group or where the backend does not count. Two ranks with equal counts have joined the same
+    collectives, so a next collective on both is matched, not paired with one the other never finished."""
+    dist = _dist()
+    if dist is None:
+        return None
+    try:
+        return int(dist.distributed_c10d._get_default_group()._get_sequence_number_for_group())
+    except Exception:  # a backend without sequence numbers
+        return None

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import itertools
+import json
 import os
 import signal
 import threading
+import time
 from collections.abc import Iterable
 from types import FrameType
 from typing import TYPE_CHECKING, Any
@@ -23,6 +26,18 @@ if TYPE_CHECKING:
 __all__ = ["GracefulStop"]
 
 _Handler = Any  # what signal.signal returns: a callable, SIG_DFL, SIG_IGN or None
+
+#: ``train()`` calls in this process: every rank runs the same script, so the n-th call is the same call on every
+#: rank, and its store keys never meet those of an earlier call.
+_TRAIN_CALLS = itertools.count()
+
+
+def _store_prefix(call: int) -> str:
+    # torchrun's agent store outlives a restart of the workers: the restart count keeps an earlier attempt's
+    # reports from being read as this one's.
+    run = os.environ.get("TORCHELASTIC_RUN_ID", "")
+    restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    return f"trainguard/last_save/{run}/{restart}/{call}"
 
 
 def _signal_number(value: int | str | signal.Signals) -> int:
@@ -80,9 +95,17 @@ class GracefulStop(GuardCallback):
     to be that of the last completed step (during a step's forward/backward, or between steps: logging, evaluation)
     and every weight is finite, ``checkpoint-N`` of that step is saved through the Trainer's own save and ``on_save``
     (so CheckpointVerifier commits it with its manifest) before the error propagates, unchanged. Never inside the
-    optimizer update, never when the error came from a save or a full disk, never twice for one step, and in a run
-    of several processes never (a save is a collective other ranks may never join): a warning says why. Recording
-    the phase costs an attribute write per event. See ``docs/graceful-stop.md``.
+    optimizer update, never when the error came from a save or a full disk, never twice for one step: an alert
+    says why. Recording the phase costs an attribute write per event.
+
+    With several processes (DDP, FSDP; DeepSpeed is refused) a save is a collective, and a failing rank cannot
+    call one (the others may be inside another collective, or gone). Each failing rank posts where it failed
+    to the c10d store (a side channel, no collective) and waits up to ``save_on_error_wait`` seconds for every rank
+    to post; the ranks save together only when all reported, at the same step, after the same number of
+    collectives, all eligible (one atomic verdict in the store, so they all act alike). Otherwise nothing is saved,
+    a warning names the ranks that did not report or disagreed, and the error propagates. A rank that does not
+    fail never waits for anything; a rank whose own error rules out the save posts it and does not wait either.
+    See ``docs/graceful-stop.md``.
 
     Args:
         signals: Signals to catch, as numbers or names. Default SIGTERM (Slurm, Kubernetes, torchrun, spot
@@ -90,6 +113,8 @@ class GracefulStop(GuardCallback):
         sync_every: With several ranks, share the flag every this many steps (default 1: a preemption grace period
             can be shorter than a few steps; raise it when steps are very short).
         save_on_error: Save the last completed step when training raises (see above). Default True.
+        save_on_error_wait: With several ranks, how many seconds a failing rank waits for the others to report
+            their failure before giving up the save (default 30; the error propagates after at most this long).
         alert_sinks: Replace the default alert sinks.
         webhook_url: Also POST warnings and worse to this URL.
 
@@ -107,6 +132,7 @@ class GracefulStop(GuardCallback):
         signals: Iterable[int | str | signal.Signals] = (signal.SIGTERM, signal.SIGUSR1),
         sync_every: int = 1,
         save_on_error: bool = True,
+        save_on_error_wait: float = 30.0,
         alert_sinks: list[AlertSink] | None = None,
         webhook_url: str | None = None,
     ) -> None:
@@ -118,6 +144,10 @@ class GracefulStop(GuardCallback):
             raise ValueError(f"GracefulStop(sync_every=...) must be >= 1, not {sync_every!r}")
         self.sync_every = int(sync_every)
         self.save_on_error = bool(save_on_error)
+        if not float(save_on_error_wait) >= 0:
+            raise ValueError(f"GracefulStop(save_on_error_wait=...) must be >= 0 seconds, not {save_on_error_wait!r}")
+        self.save_on_error_wait = float(save_on_error_wait)
+        self._store_prefix = _store_prefix(-1)
         #: Where in the loop training is (one of ``trainguard.checks.last_save.PHASES``), from the events.
         self._phase: str = "idle"
         #: What the last failed ``train()`` decided about saving (None before any failure).
@@ -187,6 +217,7 @@ class GracefulStop(GuardCallback):
         self._phase = "idle"
         self.last_save = None
         self.saved_on_error = None
+        self._store_prefix = _store_prefix(next(_TRAIN_CALLS))
         return resume_from_checkpoint
 
     def on_train_begin(
@@ -284,6 +315,7 @@ class GracefulStop(GuardCallback):
         step = int(trainer.state.global_step)
         control = trainer.control
         folder = os.path.join(_trainer_compat.output_dir_for(trainer), f"checkpoint-{step}")
+        world_size = distributed.world_size()
         decision = _last_save.decide(
             exc,
             phase,
@@ -291,7 +323,7 @@ class GracefulStop(GuardCallback):
             should_save=bool(getattr(control, "should_save", False)),
             should_evaluate=bool(getattr(control, "should_evaluate", False)),
             existing=_last_save.checkpoint_status(folder),
-            world_size=distributed.world_size(),
+            world_size=world_size,
             engine=_trainer_compat.engine_layout(trainer),
         )
         if decision.save:
@@ -300,12 +332,14 @@ class GracefulStop(GuardCallback):
                 decision = _last_save.LastSaveDecision(
                     save=False, step=step, reason=f"non-finite weights in memory ({', '.join(bad)})"
                 )
+        if world_size > 1:
+            decision = self._agree(decision, phase)
         self.last_save = decision
         error = f"{type(exc).__name__}: {exc}"[:300]
         evidence = {"error": type(exc).__name__, "phase": phase, "reason": decision.reason, "checkpoint": folder}
         if not decision.save:
             self.alert(
-                "warning" if decision.reason.startswith("a run of ") else "info",
+                "warning" if world_size > 1 else "info",
                 f"training raised {error}; no last save of step {step}: {decision.reason}",
                 step=step,
                 evidence=evidence,
@@ -317,11 +351,29 @@ class GracefulStop(GuardCallback):
             step,
             step,
         )
-        saved = _trainer_compat.save_checkpoint_as_at_save_step(trainer)
-        for callback in trainer.callback_handler.callbacks:
-            wait = getattr(callback, "wait", None)
-            if callback is not self and isinstance(callback, GuardCallback) and callable(wait):
-                wait()  # CheckpointVerifier: the manifest is written before the error reaches the caller
+        try:
+            saved = _trainer_compat.save_checkpoint_as_at_save_step(trainer)
+            for callback in trainer.callback_handler.callbacks:
+                wait = getattr(callback, "wait", None)
+                if callback is not self and isinstance(callback, GuardCallback) and callable(wait):
+                    wait()  # CheckpointVerifier: the manifest is written before the error reaches the caller
+        except BaseException as err:
+            if world_size > 1:
+                self._post_done(f"failed: {type(err).__name__}: {err}"[:300])
+            raise
+        if world_size > 1:
+            # Only the writing rank commits the manifest, after the others have left the save: every rank waits
+            # for every other's "done" so the error reaches no caller before the checkpoint is committed.
+            problem = self._post_done("done") or self._wait_done(world_size)
+            if problem is not None:
+                self.alert(
+                    "error",
+                    f"training raised {error}; the ranks saved checkpoint-{step} together but {problem}: verify it "
+                    "(trainguard verify) before resuming from it",
+                    step=step,
+                    evidence={**evidence, "problem": problem},
+                )
+                return
         self.saved_on_error = saved
         self.alert(
             "warning",
@@ -330,6 +382,93 @@ class GracefulStop(GuardCallback):
             step=step,
             evidence=evidence,
         )
+
+    def _post_done(self, outcome: str) -> str | None:
+        """Tell the other ranks how this rank's part of the save ended; a sentence when the store failed."""
+        try:
+            distributed.store_set(f"{self._store_prefix}/done{distributed.rank()}", outcome)
+        except Exception as err:
+            return f"the c10d store failed ({type(err).__name__}: {err})"
+        return None
+
+    def _wait_done(self, world_size: int) -> str | None:
+        """Wait up to ``save_on_error_wait`` for every rank's part of the save (the writing rank's commit among
+        them); None when all are done, otherwise what is missing or failed."""
+        started, pause = time.monotonic(), 0.005
+        outcomes: dict[int, str] = {}
+        try:
+            while True:
+                for other in range(world_size):
+                    if other not in outcomes:
+                        text = distributed.store_get(f"{self._store_prefix}/done{other}")
+                        if text is not None:
+                            outcomes[other] = text
+                failed = {r: o for r, o in outcomes.items() if o != "done"}
+                if failed:
+                    return "; ".join(f"rank {r}'s part of the save {o}" for r, o in sorted(failed.items()))
+                if len(outcomes) == world_size:
+                    return None
+                waited = time.monotonic() - started
+                if waited >= self.save_on_error_wait:
+                    missing = ", ".join(str(r) for r in range(world_size) if r not in outcomes)
+                    return (
+                        f"rank(s) {missing} did not confirm their part (the writing rank's is the commit) within "
+                        f"{self.save_on_error_wait:g} s"
+                    )
+                time.sleep(min(pause, self.save_on_error_wait - waited))
+                pause = min(pause * 2, 0.1)
+        except Exception as err:
+            return f"the c10d store failed ({type(err).__name__}: {err})"
+
+    def _agree(self, mine: _last_save.LastSaveDecision, phase: str) -> _last_save.LastSaveDecision:
+        """This rank's decision made the ranks' common one, through the c10d store (never a collective)."""
+        rank, world_size, prefix = distributed.rank(), distributed.world_size(), self._store_prefix
+        report = _last_save.RankReport(
+            rank=rank,
+            step=mine.step,
+            phase=phase,
+            save=mine.save,
+            reason=mine.reason,
+            collectives=distributed.collective_count(),
+        )
+        try:
+            distributed.store_set(f"{prefix}/rank{rank}", report.to_json())
+            if not mine.save:
+                return mine  # posted: the ranks waiting for it read the refusal and stop waiting
+            reports = self._collect(report, world_size)
+            proposal = _last_save.agree(reports, waited=self.save_on_error_wait)
+            # The first rank to propose wins, atomically: a rank that timed out a moment before the last report
+            # arrived and one that saw it cannot act differently (one saving alone would wait in the save's barrier).
+            text = json.dumps({"save": proposal.save, "reason": proposal.reason})
+            verdict = json.loads(distributed.store_compare_set(f"{prefix}/verdict", text))
+        except Exception as err:  # the store is gone (its host died): no agreement, so no save
+            return _last_save.LastSaveDecision(
+                save=False,
+                step=mine.step,
+                reason=f"the ranks could not agree through the c10d store ({type(err).__name__}: {err})",
+            )
+        return _last_save.LastSaveDecision(save=bool(verdict["save"]), step=mine.step, reason=str(verdict["reason"]))
+
+    def _collect(self, report: _last_save.RankReport, world_size: int) -> list[_last_save.RankReport | None]:
+        """The reports of every rank in rank order (None for a rank that did not report), waiting up to
+        ``save_on_error_wait`` for the missing ones; stops early when one refuses or a verdict is already in."""
+        prefix = self._store_prefix
+        reports: list[_last_save.RankReport | None] = [None] * world_size
+        reports[report.rank] = report
+        started = time.monotonic()
+        pause = 0.005
+        while True:
+            for other in range(world_size):
+                if reports[other] is None:
+                    text = distributed.store_get(f"{prefix}/rank{other}")
+                    if text is not None:
+                        reports[other] = _last_save.RankReport.from_json(text)
+            done = all(r is not None for r in reports) or any(r is not None and not r.save for r in reports)
+            waited = time.monotonic() - started
+            if done or waited >= self.save_on_error_wait or distributed.store_get(f"{prefix}/verdict") is not None:
+                return reports
+            time.sleep(min(pause, max(0.0, self.save_on_error_wait - waited)))
+            pause = min(pause * 2, 0.1)
 
     def summary(self) -> str:
         names = "/".join(signal.Signals(s).name for s in self.signals)

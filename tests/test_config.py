@@ -178,7 +178,8 @@ def test_a_bad_variable_is_refused_naming_it_and_what_to_do(
     with pytest.raises(ConfigError, match=said) as err:
         trainguard.all_guards()
     assert err.value.where["variable"] == name
-    assert err.value.next_step and isinstance(err.value, trainguard.TrainGuardError) and isinstance(err.value, ValueError)
+    assert isinstance(err.value, trainguard.TrainGuardError) and isinstance(err.value, ValueError)
+    assert err.value.next_step
 
 
 def test_a_value_the_guard_refuses_names_its_source(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -193,7 +194,7 @@ def test_a_value_the_guard_refuses_names_its_source(monkeypatch: pytest.MonkeyPa
     [
         ('[nan_guard]\naction = "stop"\npatince = 2\n', 3, "has no option 'patince'"),
         ('[nan_guard]\naction = "stop"\n\n[nan_gaurd]\naction = "stop"\n', 4, "neither a trainguard guard"),
-        ('\n[nan_guard]\naction = stop\n', 3, "not valid TOML"),
+        ("\n[nan_guard]\naction = stop\n", 3, "not valid TOML"),
         ("run_lock = 3\n", 1, "table of options or true/false"),
         ('[nan_guard]\naction = "stop"\npatience = -4\n', None, "NanGuard refused"),
     ],

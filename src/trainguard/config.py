@@ -173,9 +173,7 @@ def disabled(environ: Mapping[str, str] | None = None) -> bool:
     return raw is not None and _parse_bool(raw, {"variable": DISABLE_ENV})
 
 
-def env_layer(
-    table: Sequence[tuple[str, str]] | None = None, environ: Mapping[str, str] | None = None
-) -> Layer:
+def env_layer(table: Sequence[tuple[str, str]] | None = None, environ: Mapping[str, str] | None = None) -> Layer:
     """The settings of the ``TRAINGUARD_*`` environment variables.
 
     Raises:
@@ -217,7 +215,7 @@ def env_layer(
                 raise ConfigError(
                     f"{name} names no option after the two underscores",
                     where=where,
-                    next_step=f"Write TRAINGUARD_{guard.upper()}__<OPTION>=value, e.g. TRAINGUARD_NAN_GUARD__PATIENCE=2.",
+                    next_step=f"Write TRAINGUARD_{guard.upper()}__<OPTION>=value (TRAINGUARD_NAN_GUARD__ACTION=stop).",
                 )
             value = _parse_bool(raw, where) if option == ENABLED else _parse_scalar(raw)
             _set_once(layer, guard, option, value, where)
@@ -266,7 +264,9 @@ def _check_guard(guard: str, known: Iterable[str], where: dict[str, Any]) -> Non
         )
 
 
-def find_config_file(environ: Mapping[str, str] | None = None, cwd: str | os.PathLike[str] | None = None) -> Path | None:
+def find_config_file(
+    environ: Mapping[str, str] | None = None, cwd: str | os.PathLike[str] | None = None
+) -> Path | None:
     """The configuration file to read: ``TRAINGUARD_CONFIG``, else ``trainguard.toml`` in the working directory.
 
     Only the working directory is searched, never its parents: a training job should not pick up settings from a
@@ -371,7 +371,7 @@ def mapping_layer(
     locate = where or (lambda guard, option: {"source": name, "field": f"{guard}.{option}" if option else guard})
     layer = Layer(name)
     for key, value in (data or {}).items():
-        here = {**locate(key, None), "field": key}
+        here = {"field": key, **locate(key, None)}
         if key == "disable":
             if not isinstance(value, bool):
                 raise ConfigError(
@@ -389,7 +389,7 @@ def mapping_layer(
             layer.set(key, ENABLED, value, here)
         elif isinstance(value, Mapping):
             for option, option_value in value.items():
-                spot = {**locate(key, str(option)), "field": f"{key}.{option}"}
+                spot = {"field": f"{key}.{option}", **locate(key, str(option))}
                 if option == ENABLED and not isinstance(option_value, bool):
                     raise ConfigError(
                         f"{key}.enabled must be true or false, not {option_value!r}",
@@ -410,7 +410,7 @@ def option_names(cls: type) -> tuple[set[str], bool]:
     """The keyword options ``cls(...)`` takes, and whether it takes any other keyword (``**options``)."""
     names: set[str] = set()
     open_ended = False
-    for parameter in inspect.signature(cls.__init__).parameters.values():
+    for parameter in inspect.signature(cls).parameters.values():
         if parameter.name == "self":
             continue
         if parameter.kind is inspect.Parameter.VAR_KEYWORD:
@@ -423,7 +423,7 @@ def option_names(cls: type) -> tuple[set[str], bool]:
 
 
 def _typed_dict_keys(cls: type) -> set[str]:
-    annotation = inspect.signature(cls.__init__).parameters.get("options")
+    annotation = inspect.signature(cls).parameters.get("options")
     text = str(annotation.annotation) if annotation is not None else ""
     match = re.search(r"Unpack\[(\w+)\]", text)
     if not match:

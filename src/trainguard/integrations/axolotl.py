@@ -49,8 +49,8 @@ except ImportError as _exc:  # pragma: no cover - exercised in a venv without ax
 from pydantic import BaseModel, ConfigDict, field_validator
 
 from ..callbacks import _GUARDS
-from ..callbacks._base import GuardCallback
 from ..config import Layer, build_guards, check_options, mapping_layer
+from ._auto_resume import AutoResumeToVerified
 
 __all__ = ["TrainguardArgs", "TrainguardPlugin"]
 
@@ -95,32 +95,7 @@ class TrainguardArgs(BaseModel):
         return value
 
 
-class _AutoResume(GuardCallback):
-    """Hands axolotl's auto-resume pick to CheckpointVerifier: ``resume_from_checkpoint=True`` (the newest verified
-    checkpoint) instead of the highest-numbered folder."""
-
-    guard_name = "axolotl_auto_resume"
-
-    def __init__(self, output_dir: str) -> None:
-        super().__init__()
-        self.output_dir = output_dir
-
-    def before_train(self, trainer: Any, resume_from_checkpoint: Any) -> Any:
-        from pathlib import Path
-
-        if isinstance(resume_from_checkpoint, str) and Path(resume_from_checkpoint).parent.resolve() == Path(
-            self.output_dir
-        ).resolve():
-            self.alert(
-                "info",
-                f"axolotl auto-resume picked {Path(resume_from_checkpoint).name}; resuming from the newest verified "
-                "checkpoint instead",
-            )
-            return True
-        return resume_from_checkpoint
-
-
-class TrainguardPlugin(BasePlugin):  # type: ignore[misc]
+class TrainguardPlugin(BasePlugin):
     """Adds trainguard's guards to an axolotl run: ``plugins: [trainguard.integrations.axolotl.TrainguardPlugin]``.
 
     Raises:
@@ -149,5 +124,5 @@ class TrainguardPlugin(BasePlugin):  # type: ignore[misc]
         if cfg.get("auto_resume_from_checkpoints") and not cfg.get("resume_from_checkpoint"):
             verifier = any(g.guard_name == "checkpoint_verifier" for g in guards)
             if verifier:
-                guards.insert(0, _AutoResume(str(cfg.get("output_dir"))))
+                guards.insert(0, AutoResumeToVerified(str(cfg.get("output_dir")), "axolotl"))
         return guards

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import ConfigError, build_guards, mapping_layer
+from ._auto_resume import AutoResumeToVerified
 
 __all__ = ["KEY", "guards_for", "main", "read_config", "run"]
 
@@ -103,7 +104,13 @@ def guards_for(args: dict[str, Any], *, source: str = "LLaMA-Factory arguments")
         table=_GUARDS,
         where=lambda guard, option: {"file": source, "field": f"{KEY}.{guard}" + (f".{option}" if option else "")},
     )
-    return build_guards(_GUARDS, {}, tool_layer=layer)
+    guards = build_guards(_GUARDS, {}, tool_layer=layer)
+    # LLaMA-Factory resumes a non-empty output_dir from its highest-numbered checkpoint, unverified, unless told
+    # otherwise; let CheckpointVerifier pick the newest verified one instead.
+    auto_resume = not args.get("resume_from_checkpoint") and not args.get("overwrite_output_dir")
+    if auto_resume and args.get("output_dir") and any(g.guard_name == "checkpoint_verifier" for g in guards):
+        guards.insert(0, AutoResumeToVerified(str(args["output_dir"]), "LLaMA-Factory"))
+    return guards
 
 
 def run(args: dict[str, Any], callbacks: Sequence[Any] = (), *, source: str = "LLaMA-Factory arguments") -> None:

@@ -114,8 +114,10 @@ def test_auto_resume_skips_a_damaged_newest_checkpoint_and_sets_it_aside(tmp_pat
     assert run.returncode == 0, run.stderr[-4000:]
     events = [json.loads(line) for line in (out / "trainguard-events.jsonl").read_text().splitlines()]
     assert any(e["guard"] == "auto_resume" and "picked checkpoint-4" in e["message"] for e in events), events
-    verifier = " ".join(e["message"] for e in events if e["guard"] == "checkpoint_verifier")
-    assert "checkpoint-4" in verifier and "checkpoint-2" in verifier, events
+    verifier = [e for e in events if e["guard"] == "checkpoint_verifier"]
+    assert any("checkpoint-4 failed verification, set aside" in e["message"] for e in verifier), verifier
+    # The resume attestation (max_steps changed from 4 to 6) speaks at the step the run resumed from.
+    assert {e["step"] for e in verifier if "attestation" in e["message"]} == {2}, verifier
     assert (out / "checkpoint-6" / "trainguard-manifest.json").is_file()
     set_aside = [p for p in out.iterdir() if "checkpoint-4" in p.name and p.name != "checkpoint-4"]
     assert set_aside, sorted(p.name for p in out.iterdir())  # the damaged folder is kept, under another name

@@ -159,3 +159,11 @@ def test_kill_switch_runs_llamafactory_without_guards(tmp_path: Path, workdir: P
     assert run.returncode == 0, run.stderr[-4000:]
     assert (tmp_path / "out" / "checkpoint-2").is_dir()
     assert not (tmp_path / "out" / "checkpoint-2" / "trainguard-manifest.json").exists()
+
+
+def test_the_command_without_train_and_a_config_prints_usage_and_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
+    from trainguard.integrations.llamafactory import main
+
+    assert main(["export", "config.yaml"]) == 2
+    assert "usage: trainguard-llamafactory train CONFIG" in capsys.readouterr().err
+    assert main(["--help"]) == 0

@@ -102,7 +102,7 @@ class TrainguardPlugin(BasePlugin):
         trainguard.config.ConfigError: At config load, for an unknown guard or option under ``trainguard:``; when
             the guards are built, for a bad ``TRAINGUARD_*`` variable or ``trainguard.toml``.
 
-    Example::
+    Usage (an axolotl YAML, then the shell)::
 
         # config.yaml
         plugins: [trainguard.integrations.axolotl.TrainguardPlugin]

@@ -16,7 +16,7 @@ Several devices (or ``FORCE_TORCHRUN=1``): ``llamafactory-cli`` starts ``torchru
 would drop the guards; this wrapper starts ``torchrun`` on itself instead, with LLaMA-Factory's variables
 (``NPROC_PER_NODE``, ``NNODES``, ``NODE_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``).
 
-Example::
+From Python::
 
     from trainguard.integrations.llamafactory import run
     run({"stage": "sft", "model_name_or_path": "...", ..., "trainguard": {"nan_guard": {"action": "stop"}}})
@@ -171,9 +171,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         0 when training finished; 2 on a usage error. A guard's refusal propagates as its exception (exit 1).
     """
     argv = list(sys.argv[1:] if argv is None else argv)
-    if len(argv) < 2 or argv[0] != "train" or argv[1] in ("-h", "--help"):
-        print(_USAGE, file=sys.stderr if argv[:1] != ["-h"] else sys.stdout)
-        return 0 if argv[:1] in (["-h"], ["--help"]) else 2
+    if any(arg in ("-h", "--help") for arg in argv[:2]):
+        print(_USAGE)
+        return 0
+    if len(argv) < 2 or argv[0] != "train":
+        print(_USAGE, file=sys.stderr)
+        return 2
     _require_llamafactory()
     if _torchrun_wanted():
         return _torchrun(argv)

@@ -119,8 +119,8 @@ def test_auto_resume_skips_a_damaged_newest_checkpoint_and_sets_it_aside(tmp_pat
     # The resume attestation (max_steps changed from 4 to 6) speaks at the step the run resumed from.
     assert {e["step"] for e in verifier if "attestation" in e["message"]} == {2}, verifier
     assert (out / "checkpoint-6" / "trainguard-manifest.json").is_file()
-    set_aside = [p for p in out.iterdir() if "checkpoint-4" in p.name and p.name != "checkpoint-4"]
-    assert set_aside, sorted(p.name for p in out.iterdir())  # the damaged folder is kept, under another name
+    set_aside = list((out / "trainguard-quarantine").glob("checkpoint-4*"))
+    assert set_aside, sorted(str(p.relative_to(out)) for p in out.rglob("*"))  # the damaged folder, kept
     # Resumed after step 2: step 4 was trained again and saved anew, next to the damaged copy set aside.
     assert (out / "checkpoint-4" / "trainguard-manifest.json").is_file()
 

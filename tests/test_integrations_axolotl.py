@@ -158,3 +158,42 @@ def test_plugin_takes_sigint_for_graceful_stop_unless_the_yaml_says_otherwise(mo
     cfg = DictDefault({"output_dir": "out", "trainguard": {"graceful_stop": {"signals": ["SIGTERM"]}}})
     stop = next(g for g in plugin.add_callbacks_pre_trainer(cfg, model=None) if g.guard_name == "graceful_stop")
     assert signal.SIGINT not in stop.signals
+
+
+def test_ctrl_c_during_training_leaves_a_verified_checkpoint_instead_of_bare_weights(
+    tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    import signal
+    import time
+
+    config = write_config(tmp_path, tiny_model_dir, max_steps=5000, save_steps=10000)
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("TRAINGUARD_")}
+    environ.update(OFFLINE_ENV)
+    environ.update({"AXOLOTL_DO_NOT_TRACK": "1", "DO_NOT_TRACK": "1", "CUDA_VISIBLE_DEVICES": ""})
+    proc = subprocess.Popen(
+        [str(Path(sys.executable).with_name("axolotl")), "train", str(config), "--launcher", "python"],
+        cwd=tmp_path,
+        env=environ,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    assert proc.stdout is not None
+    seen = b""
+    deadline = time.monotonic() + 400
+    while b"'loss'" not in seen and proc.poll() is None and time.monotonic() < deadline:
+        seen += proc.stdout.read1(65536)  # the first logged loss: training (and GracefulStop's handler) is on
+    proc.send_signal(signal.SIGINT)
+    try:
+        rest, _ = proc.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        rest, _ = proc.communicate()
+        pytest.fail("axolotl did not exit within 240 s of SIGINT:\n" + (seen + rest).decode(errors="replace")[-4000:])
+    seen += rest
+    out = tmp_path / "out"
+    checkpoints = sorted(out.glob("checkpoint-*"))
+    assert len(checkpoints) == 1, seen.decode(errors="replace")[-4000:]
+    step = int(checkpoints[0].name.split("-")[1])
+    assert 1 <= step < 5000
+    for name in ("trainguard-manifest.json", "optimizer.pt", "scheduler.pt", "model.safetensors"):
+        assert (checkpoints[0] / name).is_file(), name

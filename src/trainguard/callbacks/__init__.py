@@ -54,37 +54,24 @@ _GUARDS: tuple[tuple[str, str], ...] = (
 def all_guards(**overrides: Any) -> list[GuardCallback]:
     """One of every trainguard guard, with careful defaults, in a working order.
 
+    Settings can also come without code (see :mod:`trainguard.config` and docs/integrations.md): ``TRAINGUARD_*``
+    environment variables and a ``trainguard.toml`` file. For each option the first of these wins: ``overrides``,
+    the environment, the file, the guard's default. ``TRAINGUARD_DISABLE=1`` makes this return no guards.
+
     Args:
         **overrides: For each guard, by its keyword (``checkpoint_verifier=``, ...): a dict of options for it,
             an instance to use as is, or ``False`` to leave it out.
 
     Raises:
         TypeError: A keyword names no guard.
+        trainguard.config.ConfigError: An environment variable or the configuration file names an unknown guard or
+            option, or holds a value the guard refuses.
 
     Example::
 
         trainer = Trainer(..., callbacks=trainguard.all_guards())
         trainer = Trainer(..., callbacks=trainguard.all_guards(checkpoint_verifier=False))
     """
-    import importlib
+    from ..config import build_guards
 
-    known = {key for key, _ in _GUARDS}
-    unknown = sorted(set(overrides) - known)
-    if unknown:
-        raise TypeError(
-            f"all_guards() got unknown guard keyword(s) {unknown}; known guards: {sorted(known) or 'none yet'}"
-        )
-    guards: list[GuardCallback] = []
-    for key, target in _GUARDS:
-        option = overrides.get(key, {})
-        if option is False or option is None:
-            continue
-        if isinstance(option, GuardCallback):
-            guards.append(option)
-            continue
-        if not isinstance(option, dict):
-            raise TypeError(f"all_guards({key}=...) takes a dict of options, a guard instance or False")
-        module_name, cls_name = target.split(":")
-        cls = getattr(importlib.import_module(module_name), cls_name)
-        guards.append(cls(**option))
-    return guards
+    return build_guards(_GUARDS, overrides)

@@ -18,6 +18,7 @@ from ._version import __version__
 from .errors import (
     AdapterError,
     CheckpointIntegrityError,
+    ConfigError,
     DatasetMismatchError,
     DataValidationError,
     HangError,
@@ -83,6 +84,7 @@ _LAZY: dict[str, str] = {
 __all__ = [  # noqa: RUF022 - grouped: errors, then lazily loaded names
     "AdapterError",
     "CheckpointIntegrityError",
+    "ConfigError",
     "DataValidationError",
     "DatasetMismatchError",
     "HangError",

@@ -53,10 +53,10 @@ import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 from .alerts import get_logger
-from .errors import TrainGuardError
+from .errors import ConfigError, TrainGuardError
 
 __all__ = [
     "CONFIG_ENV",
@@ -90,22 +90,21 @@ _NAMED: dict[str, tuple[str, str, tuple[str, ...] | None, str | None]] = {
     "TRAINGUARD_SPIKE_POLICY": ("spike_guard", "policy", ("alert", "skip", "rollback"), None),
 }
 # Variables other modules read; listed so they are not reported as unknown.
-_OTHER_KNOWN = {DISABLE_ENV, CONFIG_ENV, GUARDS_OFF_ENV, "TRAINGUARD_WEBHOOK_URL"}
+# Read elsewhere: the webhook (alerts), the reporting switch (integrations.reporting), the test rig's GPU and engine
+# switches (tests/_rig.py, tests/_engines.py).
+_OTHER_KNOWN = {
+    DISABLE_ENV,
+    CONFIG_ENV,
+    GUARDS_OFF_ENV,
+    "TRAINGUARD_WEBHOOK_URL",
+    "TRAINGUARD_REPORTING",
+    "TRAINGUARD_TEST_ON_GPU",
+    "TRAINGUARD_TEST_ENGINE",
+}
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
 # Pseudo-option that turns a guard on or off in every source (env, file, YAML).
 ENABLED = "enabled"
-
-
-class ConfigError(TrainGuardError, ValueError):
-    """A ``TRAINGUARD_*`` environment variable, ``trainguard.toml`` or a tool's ``trainguard:`` YAML key holds a
-    value trainguard cannot use: an unknown guard or option, a value of the wrong kind, a file that is not TOML.
-    Also a ``ValueError``. ``where`` names the variable, or the file, line and key."""
-
-    default_next_step: ClassVar[str] = (
-        "Fix or unset the setting named above; docs/integrations.md lists every variable and key, and the guard's "
-        "own page lists its options."
-    )
 
 
 @dataclass

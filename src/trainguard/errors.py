@@ -25,6 +25,7 @@ from typing import Any, ClassVar
 __all__ = [
     "AdapterError",
     "CheckpointIntegrityError",
+    "ConfigError",
     "DataValidationError",
     "DatasetMismatchError",
     "HangError",
@@ -277,4 +278,15 @@ class LossSpikeError(TrainGuardError):
     default_next_step = (
         "Read the spike records in trainguard-spikes.jsonl in the output_dir (steps, z-scores, the batches' samples): "
         "check those samples, lower the learning rate or raise warmup, then resume from the checkpoint it names."
+    )
+
+
+class ConfigError(TrainGuardError, ValueError):
+    """A ``TRAINGUARD_*`` environment variable, ``trainguard.toml`` or a tool's ``trainguard:`` YAML key holds a
+    value trainguard cannot use: an unknown guard or option, a value of the wrong kind, a file that is not TOML.
+    Also a ``ValueError``. ``where`` names the variable, or the file, line and key."""
+
+    default_next_step = (
+        "Fix or unset the setting named above; docs/integrations.md lists every variable and key, and the guard's "
+        "own page lists its options."
     )

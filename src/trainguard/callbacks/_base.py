@@ -140,6 +140,12 @@ class GuardCallback(TrainerCallback):
         self._alerter = Alerter(sinks)
 
     def on_init_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> Any:
+        from ..config import disabled
+
+        if disabled():  # the kill switch empties all_guards(); a guard built in code is the user's explicit choice
+            get_logger().warning(
+                "TRAINGUARD_DISABLE is set; %s was constructed in code and stays active", type(self).__name__
+            )
         self._attach(args)
         if self.trainer is not None:
             install_train_hook(self.trainer)

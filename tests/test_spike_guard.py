@@ -236,6 +236,27 @@ def test_without_sync_a_spike_at_a_save_step_is_judged_before_the_save_and_rolle
     assert same(list(rolled.model.parameters()), list(direct.model.parameters()))
 
 
+def test_rollback_with_every_guard_attached_resumes_through_their_checks_and_finishes(tmp_path: Path) -> None:
+    guards = trainguard.all_guards(spike_guard={"policy": "rollback", "window": 16, "warmup": 8})
+    (spike,) = [g for g in guards if isinstance(g, SpikeGuard)]
+    trainer = make_trainer(
+        tmp_path,
+        callbacks=guards,
+        train_dataset=make_spike_dataset(80, poison=(POISON,)),
+        max_steps=34,
+        learning_rate=3e-3,
+        train_sampling_strategy="sequential",
+        save_strategy="steps",
+        save_steps=10,
+    )
+    trainer.train()
+    assert [Path(c).name for _, c in spike.rollbacks] == ["checkpoint-30"]
+    assert spike.skipped_steps == [SPIKE_STEP] and trainer.state.global_step == 34
+    # The replay's checkpoint is committed by CheckpointVerifier like any other, in the run's own lineage.
+    assert trainguard.verify_checkpoint(tmp_path / "checkpoint-34").ok
+    assert trainguard.latest_verified_checkpoint(tmp_path) == tmp_path / "checkpoint-34"
+
+
 def test_a_healthy_run_has_no_spike(tmp_path: Path) -> None:
     spike = guard("skip")
     trainer = spike_trainer(tmp_path, spike, poison=())

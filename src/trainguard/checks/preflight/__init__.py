@@ -23,7 +23,7 @@ iterated (``named_parameters``).
 Example::
 
     from trainguard import check_disk_space
-    check_disk_space("out/", required_bytes=40 * 2**30)   # PreflightError naming needed and free when short
+    check_disk_space("out/", required_bytes=2 * 2**30)   # PreflightError naming needed and free when short
 """
 
 from __future__ import annotations

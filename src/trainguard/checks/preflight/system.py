@@ -10,7 +10,7 @@ Nothing here imports torch at import time (:func:`gpu_memory_summary` imports it
 Example::
 
     from trainguard import check_disk_space
-    check_disk_space("out/", required_bytes=40 * 2**30)   # PreflightError naming needed and free when short
+    check_disk_space("out/", required_bytes=2 * 2**30)   # PreflightError naming needed and free when short
 """
 
 from __future__ import annotations
@@ -136,7 +136,7 @@ def check_disk_space(
 
     Example::
 
-        check_disk_space("/data/run1", required_bytes=3 * 15 * 2**30, purpose="3 checkpoints")
+        check_disk_space("/data/run1", required_bytes=3 * 2**30, purpose="3 checkpoints of 1 GiB")
     """
     if required_bytes < 0 or margin < 0 or margin_bytes < 0:
         raise ValueError("required_bytes, margin and margin_bytes must not be negative")

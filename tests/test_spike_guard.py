@@ -257,6 +257,36 @@ def test_rollback_with_every_guard_attached_resumes_through_their_checks_and_fin
     assert trainguard.latest_verified_checkpoint(tmp_path) == tmp_path / "checkpoint-34"
 
 
+def test_rollback_waits_for_the_manifest_of_the_checkpoint_saved_just_before_the_spike(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import time
+
+    import trainguard.checks.checkpoint as ckpt
+
+    write = ckpt.write_manifest
+
+    def slow_write(folder: Any, *args: Any, **kwargs: Any) -> Any:
+        if Path(folder).name == "checkpoint-30":
+            time.sleep(2.0)  # a big checkpoint still hashing in the background when the spike comes at step 31
+        return write(folder, *args, **kwargs)
+
+    monkeypatch.setattr(ckpt, "write_manifest", slow_write)
+    spike = guard("rollback")
+    trainer = make_trainer(
+        tmp_path,
+        callbacks=[trainguard.CheckpointVerifier(), spike],
+        train_dataset=make_spike_dataset(80, poison=(POISON,)),
+        max_steps=34,
+        learning_rate=3e-3,
+        train_sampling_strategy="sequential",
+        save_strategy="steps",
+        save_steps=10,
+    )
+    trainer.train()
+    assert [Path(c).name for _, c in spike.rollbacks] == ["checkpoint-30"]  # not checkpoint-20
+
+
 def test_a_healthy_run_has_no_spike(tmp_path: Path) -> None:
     spike = guard("skip")
     trainer = spike_trainer(tmp_path, spike, poison=())

@@ -185,6 +185,14 @@ class GuardCallback(TrainerCallback):
             self._alerter.close()
         return control
 
+    def wait_for_other_guards(self, trainer: Any) -> None:
+        """Block until every other attached guard's background work is on disk (CheckpointVerifier: the manifests
+        of the saves so far), so a checkpoint just saved can be verified or named. Call it on every rank alike."""
+        for callback in list(getattr(getattr(trainer, "callback_handler", None), "callbacks", []) or []):
+            wait = getattr(callback, "wait", None)
+            if callback is not self and isinstance(callback, GuardCallback) and callable(wait):
+                wait()
+
     def summary(self) -> str:
         """One line on what this guard checked in the run so far (guards override it with their specifics)."""
         history = self._alerter.history if self._alerter is not None else []

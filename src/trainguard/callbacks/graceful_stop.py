@@ -353,10 +353,7 @@ class GracefulStop(GuardCallback):
         )
         try:
             saved = _trainer_compat.save_checkpoint_as_at_save_step(trainer)
-            for callback in trainer.callback_handler.callbacks:
-                wait = getattr(callback, "wait", None)
-                if callback is not self and isinstance(callback, GuardCallback) and callable(wait):
-                    wait()  # CheckpointVerifier: the manifest is written before the error reaches the caller
+            self.wait_for_other_guards(trainer)  # the manifest is written before the error reaches the caller
         except BaseException as err:
             if world_size > 1:
                 self._post_done(f"failed: {type(err).__name__}: {err}"[:300])

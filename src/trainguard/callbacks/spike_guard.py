@@ -462,6 +462,9 @@ class SpikeGuard(GuardCallback):
         """The newest checkpoint of this run at or before ``spike_step - skip_batches`` that verifies, chosen on
         rank 0 and shared, so every rank resumes from the same folder."""
         chosen: str | None = None
+        if self.trainer is not None:
+            # A checkpoint saved a step or two ago may still be hashing: its manifest must be in before it is judged.
+            self.wait_for_other_guards(self.trainer)
         if distributed.is_main_process():
             from ..checks.checkpoint import verify_checkpoint
 

@@ -23,6 +23,7 @@ from transformers import TrainerCallback
 
 import trainguard
 from trainguard.callbacks.spike_guard import SPIKES_FILE, SpikeGuard
+from trainguard.checks.lineage import checkpoint_origin
 from trainguard.checks.spike import SpikeDetector, dataset_indices, rollback_target, row_digest, rows_of
 from trainguard.errors import LossSpikeError
 
@@ -47,9 +48,8 @@ def same(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
     return all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
 
 
-def spike_trainer(
-    output_dir: Path, guard: SpikeGuard, *callbacks: Any, poison: tuple[int, ...] = (POISON,), **args: Any
-) -> Any:
+def spike_trainer(output_dir: Path, *callbacks: Any, poison: tuple[int, ...] = (POISON,), **args: Any) -> Any:
+    """A Trainer on the spike data (34 steps of 2 rows in order, a checkpoint every 10) with ``callbacks``, in order."""
     kwargs: dict[str, Any] = {
         "max_steps": 34,
         "learning_rate": 3e-3,
@@ -59,7 +59,7 @@ def spike_trainer(
     }
     kwargs.update(args)
     return make_trainer(
-        output_dir, callbacks=[guard, *callbacks], train_dataset=make_spike_dataset(80, poison=poison), **kwargs
+        output_dir, callbacks=list(callbacks), train_dataset=make_spike_dataset(80, poison=poison), **kwargs
     )
 
 
@@ -155,6 +155,19 @@ def test_a_later_resume_from_before_the_spike_skips_the_recorded_batch_again(tmp
     assert again.findings == []  # the poisoned batch never reached the optimizer, nor the window
 
 
+def test_a_recorded_skip_of_another_run_in_a_reused_output_dir_is_not_applied(tmp_path: Path) -> None:
+    spike_trainer(tmp_path, trainguard.CheckpointVerifier(), guard("alert"), poison=()).train()
+    lineage = checkpoint_origin(tmp_path / "checkpoint-20").lineage
+    assert lineage is not None
+    with (tmp_path / SPIKES_FILE).open("a") as history:  # what two rollbacks left behind in this output_dir
+        for owner, step in (("20260101T000000Z-000000", 25), (lineage, 27)):
+            history.write(json.dumps({"event": "rollback", "lineage": owner, "skip_steps": [step]}) + "\n")
+    again = guard("alert")
+    trainer = spike_trainer(tmp_path, trainguard.CheckpointVerifier(), again, poison=())
+    trainer.train(resume_from_checkpoint=str(tmp_path / "checkpoint-20"))
+    assert again.skipped_steps == [27]  # this run's record only; step 25 was another run's
+
+
 def test_rollback_without_a_checkpoint_before_the_spike_stops_with_loss_spike_error(tmp_path: Path) -> None:
     spike = guard("rollback")
     trainer = spike_trainer(tmp_path, spike, save_strategy="no")
@@ -192,16 +205,7 @@ def test_a_corrupted_checkpoint_is_not_rolled_back_to(tmp_path: Path) -> None:
             return control
 
     spike = guard("rollback")
-    trainer = make_trainer(
-        tmp_path,
-        callbacks=[verifier, spike, Corrupt()],
-        train_dataset=make_spike_dataset(80, poison=(POISON,)),
-        max_steps=34,
-        learning_rate=3e-3,
-        train_sampling_strategy="sequential",
-        save_strategy="steps",
-        save_steps=10,
-    )
+    trainer = spike_trainer(tmp_path, verifier, spike, Corrupt())
     trainer.train()
     assert [Path(c).name for _, c in spike.rollbacks] == ["checkpoint-20"]
     assert spike.skipped_steps == [SPIKE_STEP]
@@ -239,16 +243,7 @@ def test_without_sync_a_spike_at_a_save_step_is_judged_before_the_save_and_rolle
 def test_rollback_with_every_guard_attached_resumes_through_their_checks_and_finishes(tmp_path: Path) -> None:
     guards = trainguard.all_guards(spike_guard={"policy": "rollback", "window": 16, "warmup": 8})
     (spike,) = [g for g in guards if isinstance(g, SpikeGuard)]
-    trainer = make_trainer(
-        tmp_path,
-        callbacks=guards,
-        train_dataset=make_spike_dataset(80, poison=(POISON,)),
-        max_steps=34,
-        learning_rate=3e-3,
-        train_sampling_strategy="sequential",
-        save_strategy="steps",
-        save_steps=10,
-    )
+    trainer = spike_trainer(tmp_path, *guards)
     trainer.train()
     assert [Path(c).name for _, c in spike.rollbacks] == ["checkpoint-30"]
     assert spike.skipped_steps == [SPIKE_STEP] and trainer.state.global_step == 34
@@ -273,16 +268,7 @@ def test_rollback_waits_for_the_manifest_of_the_checkpoint_saved_just_before_the
 
     monkeypatch.setattr(ckpt, "write_manifest", slow_write)
     spike = guard("rollback")
-    trainer = make_trainer(
-        tmp_path,
-        callbacks=[trainguard.CheckpointVerifier(), spike],
-        train_dataset=make_spike_dataset(80, poison=(POISON,)),
-        max_steps=34,
-        learning_rate=3e-3,
-        train_sampling_strategy="sequential",
-        save_strategy="steps",
-        save_steps=10,
-    )
+    trainer = spike_trainer(tmp_path, trainguard.CheckpointVerifier(), spike)
     trainer.train()
     assert [Path(c).name for _, c in spike.rollbacks] == ["checkpoint-30"]  # not checkpoint-20
 
@@ -299,14 +285,7 @@ def test_all_guards_alerts_on_the_spike_by_default(tmp_path: Path) -> None:
     guards = trainguard.all_guards(spike_guard={"window": 16, "warmup": 8}, hang_watchdog=False)
     (spike,) = [g for g in guards if isinstance(g, SpikeGuard)]
     assert spike.policy == "alert"
-    trainer = make_trainer(
-        tmp_path,
-        callbacks=guards,
-        train_dataset=make_spike_dataset(80, poison=(POISON,)),
-        max_steps=34,
-        learning_rate=3e-3,
-        train_sampling_strategy="sequential",
-    )
+    trainer = spike_trainer(tmp_path, *guards, save_strategy="no")
     trainer.train()
     assert [f.step for f in spike.findings] == [SPIKE_STEP]
 

@@ -390,6 +390,16 @@ def engine_layout(trainer: Any) -> str:
     return "plain"
 
 
+def fp16_scaler_active(trainer: Any) -> bool:
+    """Whether an enabled fp16 ``GradScaler`` steps the optimizer (it skips overflowing steps by itself, and its step
+    needs the gradients it unscaled)."""
+    scaler = getattr(getattr(trainer, "accelerator", None), "scaler", None)
+    if scaler is None:
+        return False
+    is_enabled = getattr(scaler, "is_enabled", None)
+    return bool(is_enabled()) if callable(is_enabled) else True
+
+
 def engine_name(trainer: Any) -> str:
     """:func:`engine_layout` with the FSDP version: ``plain``, ``fsdp1_sharded``, ``fsdp2_full``, ``deepspeed``..."""
     layout = engine_layout(trainer)

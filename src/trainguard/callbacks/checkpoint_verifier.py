@@ -556,8 +556,13 @@ class CheckpointVerifier(GuardCallback):
         for _level, text, _step in self._committer.take_messages():
             get_logger().warning("[checkpoint_verifier] %s", text)
 
+    @property
+    def manifests_written(self) -> int:
+        """Manifests this guard has written so far (its saves committed)."""
+        return int(self._committer.manifests)
+
     def summary(self) -> str:
-        parts = [f"{self._committer.manifests} manifest(s) written"]
+        parts = [f"{self.manifests_written} manifest(s) written"]
         if self.lineage:
             parts.append(f"lineage {self.lineage}")
         if self._resumed_from:

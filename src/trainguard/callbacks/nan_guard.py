@@ -220,11 +220,7 @@ class NanGuard(GuardCallback):
 
     # -------------------------------------------------------------------------------------------- decisions
     def _scaler_active(self) -> bool:
-        scaler = getattr(getattr(self.trainer, "accelerator", None), "scaler", None)
-        if scaler is None:
-            return False
-        is_enabled = getattr(scaler, "is_enabled", None)
-        return bool(is_enabled()) if callable(is_enabled) else True
+        return _trainer_compat.fp16_scaler_active(self.trainer)
 
     def _judge(
         self,

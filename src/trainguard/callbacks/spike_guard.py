@@ -14,6 +14,8 @@ from .. import distributed
 from .._util import drop_gradients, utc_now
 from ..alerts import AlertSink, get_logger
 from ..atomic import append_line, read_jsonl
+from ..checks.lineage import checkpoint_origin
+from ..checks.nan import process_topology
 from ..checks.spike import (
     POLICIES,
     SpikeDetector,
@@ -265,10 +267,13 @@ class SpikeGuard(GuardCallback):
                 self._checkpoints[step] = folder
                 # The window keeps what this process saw up to the checkpoint (a rollback); a new process warms up.
                 self.detector.forget_after(step)
-                self._skip_steps |= self._recorded_skips(trainer, after=step)
+                self._skip_steps |= self._recorded_skips(trainer, folder, after=step)
         return resume_from_checkpoint
 
-    def _recorded_skips(self, trainer: Any, *, after: int) -> set[int]:
+    def _recorded_skips(self, trainer: Any, folder: str, *, after: int) -> set[int]:
+        """The steps a rollback of this checkpoint's run lineage decided to skip after ``after`` (records of another
+        run that used the same output_dir are not this run's)."""
+        lineage = checkpoint_origin(folder).lineage
         path = os.path.join(_trainer_compat.output_dir_for(trainer), SPIKES_FILE)
         if not os.path.exists(path):
             return set()
@@ -279,7 +284,7 @@ class SpikeGuard(GuardCallback):
             return set()
         steps: set[int] = set()
         for record in records:
-            if record.get("event") == "rollback":
+            if record.get("event") == "rollback" and record.get("lineage") == lineage:
                 for step in record.get("skip_steps") or []:
                     if isinstance(step, int) and step > after:
                         steps.add(step)
@@ -300,9 +305,7 @@ class SpikeGuard(GuardCallback):
             self._sync = self.sync
         else:
             self._sync = getattr(device, "type", "cpu") == "cpu" or self.policy == "skip"
-        scaler = getattr(getattr(trainer, "accelerator", None), "scaler", None)
-        enabled = getattr(scaler, "is_enabled", None)
-        fp16_scaler = scaler is not None and (bool(enabled()) if callable(enabled) else True)
+        fp16_scaler = _trainer_compat.fp16_scaler_active(trainer)
         self._can_skip = not getattr(trainer, "is_deepspeed_enabled", False) and not fp16_scaler
         if self.policy != "alert" and not self._can_skip and distributed.is_main_process():
             if fp16_scaler:
@@ -311,13 +314,7 @@ class SpikeGuard(GuardCallback):
                 why = "DeepSpeed applies the update inside backward, so no update can be withheld"
             effect = "policy 'skip' only alerts" if self.policy == "skip" else "a rollback's replay cannot skip batches"
             self.alert("warning", f"{why}: {effect} in this run (use bf16, or no DeepSpeed, to withhold updates)")
-        group = None
-        if distributed.world_size() > 1:
-            import torch.distributed as dist
-
-            if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-                group = dist
-        self._group = group
+        self._group = process_topology()[2]  # torch.distributed when several ranks take part, else None
         self._losses, self._grad, self._batches, self._pending = [], None, [], None
         return control
 
@@ -455,7 +452,7 @@ class SpikeGuard(GuardCallback):
             f"rolling back to {name} and skipping the batch(es) of step(s) {skip_steps[0]}..{skip_steps[-1]}",
             "rollback",
             samples,
-            extra={"checkpoint": target, "skip_steps": skip_steps},
+            extra={"checkpoint": target, "skip_steps": skip_steps, "lineage": checkpoint_origin(target).lineage},
         )
 
     def _verified_target(self, spike_step: int) -> str | None:

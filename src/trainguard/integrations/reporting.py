@@ -206,7 +206,7 @@ def _figures_of(guard: Any) -> dict[str, Any]:
     if name == "checkpoint_verifier":
         if getattr(guard, "lineage", None):
             out["lineage"] = str(guard.lineage)
-        manifests = getattr(getattr(guard, "_committer", None), "manifests", None)
+        manifests = getattr(guard, "manifests_written", None)
         if isinstance(manifests, int):
             out["manifests_written"] = manifests
     elif name == "dataset_guard":

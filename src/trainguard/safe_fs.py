@@ -30,6 +30,7 @@ import json
 import math
 import os
 import stat
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +44,7 @@ __all__ = [
     "display_name",
     "display_text",
     "ensure_dir",
+    "iter_files",
     "load_json",
     "open_append",
     "open_read",
@@ -51,6 +53,7 @@ __all__ = [
     "read_bytes",
     "read_tail_lines",
     "read_text",
+    "walk_tree",
 ]
 
 PathLike = str | os.PathLike[str]
@@ -80,6 +83,49 @@ def describe_kind(mode: int) -> str:
     if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
         return "a device"
     return "not a regular file"
+
+
+def walk_tree(top: PathLike) -> Iterator[tuple[Path, list[str], list[str]]]:
+    """``os.walk`` without recursion: ``(folder, subfolders, other entries)`` top-down, each list sorted.
+
+    A crafted checkpoint can nest folders thousands deep (still under ``PATH_MAX``); ``os.walk`` and
+    ``Path.rglob`` recurse once a level before Python 3.12 and die with ``RecursionError``. Links to folders are
+    never followed (they are listed with the other entries), folders that vanish or cannot be listed are passed
+    over, and removing a name from ``subfolders`` prunes it, as with ``os.walk``.
+
+    Example::
+
+        for folder, subfolders, files in walk_tree("out/checkpoint-50"):
+            ...
+    """
+    todo = [Path(top)]
+    while todo:
+        folder = todo.pop()
+        try:
+            with os.scandir(folder) as listing:
+                entries = list(listing)
+        except OSError:
+            continue  # removed while we walked, or not ours to read
+        subfolders: list[str] = []
+        others: list[str] = []
+        for entry in entries:
+            try:
+                is_folder = entry.is_dir(follow_symlinks=False)
+            except OSError:
+                is_folder = False
+            (subfolders if is_folder else others).append(entry.name)
+        subfolders.sort()
+        others.sort()
+        yield folder, subfolders, others
+        todo.extend(folder / name for name in reversed(subfolders))
+
+
+def iter_files(top: PathLike) -> Iterator[Path]:
+    """Every entry under ``top`` that is not a folder (regular files, links, special files), at any depth, without
+    recursion (:func:`walk_tree`); callers still check what each one is before opening it."""
+    for folder, _subfolders, others in walk_tree(top):
+        for name in others:
+            yield folder / name
 
 
 def display_name(name: str | os.PathLike[str]) -> str:

@@ -33,7 +33,7 @@ from ..checks._resume import checkpoint_dirs, checkpoint_step
 from ..checks.preflight import format_bytes
 from ..checks.run_lock import lock_status
 from ..errors import TrainGuardError
-from ..safe_fs import load_json
+from ..safe_fs import iter_files, load_json
 
 __all__ = ["inspect_output_dir", "register"]
 
@@ -66,7 +66,7 @@ def _read_json(path: Path) -> Any:
 
 def _size(folder: Path) -> tuple[int, int]:
     files = total = 0
-    for item in folder.rglob("*"):
+    for item in iter_files(folder):
         try:
             if item.is_file():
                 files += 1

@@ -155,6 +155,9 @@ def _zip_layout_issue(infos: list[zipfile.ZipInfo], size: int) -> str | None:
         return f"zip archive lists {len(infos):,} members, more than any torch file holds (crafted?)"
     spans = []
     for info in infos:
+        if info.flag_bits & 0x1:
+            # torch.save never encrypts, and reading such a member needs a password (zipfile raises RuntimeError)
+            return f"zip member {info.filename!r} is flagged encrypted: torch never writes one (crafted or damaged)"
         begin = info.header_offset
         end = begin + _ZIP_LOCAL_HEADER + len(info.filename.encode("utf-8", "surrogateescape")) + info.compress_size
         if begin < 0 or end > size:
@@ -211,7 +214,7 @@ def _check_zip(path: Path, size: int, *, crc: bool) -> str | None:
                 return issue
         except (
             zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, ValueError, NotImplementedError,
-            zlib.error, struct.error, OverflowError, KeyError, IndexError,
+            zlib.error, struct.error, OverflowError, KeyError, IndexError, RuntimeError,
         ) as err:  # fmt: skip
             return f"torch zip archive unreadable ({type(err).__name__}: {err}); truncated or damaged"
 

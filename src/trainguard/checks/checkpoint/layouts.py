@@ -19,12 +19,13 @@ import io
 import os
 import pickle
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ...errors import TrainGuardError
-from ...safe_fs import read_bytes, read_text
+from ...safe_fs import read_bytes, read_text, walk_tree
 from .._layout import checkpoint_step
 from .report import Problem
 
@@ -36,34 +37,59 @@ _DS_OPTIM = re.compile(r"^(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_(\d+)_optim_state
 _DS_MODEL = re.compile(r"^zero_pp_rank_(\d+)_mp_rank_(\d+)_model_states\.pt$")
 
 
+# Every global a DCP ``.metadata`` may name, as an exact ``(module, name)`` pair (torch 2.6 through 2.13 write these).
+# Never a module prefix: ``torch.distributed.checkpoint.filesystem`` imports ``os``, and pickle protocol 4 resolves a
+# dotted name such as ``os.system`` inside it. Every class here builds a plain record from its arguments, no more.
+_DCP = "torch.distributed.checkpoint"
 _ALLOWED = frozenset(
     {
+        (f"{_DCP}.metadata", "Metadata"),
+        (f"{_DCP}.metadata", "MetadataIndex"),
+        (f"{_DCP}.metadata", "ChunkStorageMetadata"),
+        (f"{_DCP}.metadata", "TensorProperties"),
+        (f"{_DCP}.metadata", "TensorStorageMetadata"),
+        (f"{_DCP}.metadata", "BytesStorageMetadata"),
+        (f"{_DCP}.metadata", "StorageMeta"),
+        (f"{_DCP}.metadata", "_MEM_FORMAT_ENCODING"),
+        (f"{_DCP}.filesystem", "_StorageInfo"),
+        (f"{_DCP}.filesystem", "_StoragePrefix"),
+        (f"{_DCP}.filesystem", "SerializationFormat"),
         ("torch", "Size"),
         ("torch._utils", "_get_layout"),
         ("torch.serialization", "_get_layout"),
         ("collections", "OrderedDict"),
+        ("pathlib", "Path"),
         ("pathlib", "PosixPath"),
         ("pathlib", "WindowsPath"),
         ("pathlib", "PurePosixPath"),
+        ("pathlib", "PureWindowsPath"),
     }
 )
 
 
 class _MetadataUnpickler(pickle.Unpickler):
-    """Builds DCP metadata and nothing else (no arbitrary callables from a file someone else may have written)."""
+    """Builds DCP metadata and nothing else: exact ``(module, name)`` pairs, looked up one attribute deep.
+
+    ``pickle.Unpickler.find_class`` itself is never called: it walks dotted names (``os.system`` reached through a
+    module that imported ``os``), which is how an allowed module becomes a way to any callable.
+    """
 
     def find_class(self, module: str, name: str) -> Any:
+        import importlib
+
         import torch
 
-        if module.startswith("torch.distributed.checkpoint"):
-            return super().find_class(module, name)
-        if (module, name) in _ALLOWED:
-            return super().find_class(module, name)
-        if module == "torch" and isinstance(getattr(torch, name, None), (torch.dtype, torch.layout)):
-            return getattr(torch, name)
-        if module == "torch" and name in {"contiguous_format", "channels_last", "preserve_format"}:
-            return getattr(torch, name)
-        raise pickle.UnpicklingError(f"{module}.{name} is not part of checkpoint metadata")
+        if "." not in name and (module, name) in _ALLOWED:
+            return getattr(importlib.import_module(module), name)
+        if module == "torch" and "." not in name:
+            value = torch.__dict__.get(name)
+            # dtypes, layouts and memory formats are plain values, and the only other torch globals metadata names
+            if isinstance(value, (torch.dtype, torch.layout, torch.memory_format)):
+                return value
+        raise pickle.UnpicklingError(f"{module}.{name} is not part of checkpoint metadata: refused, nothing was run")
+
+    def persistent_load(self, pid: Any) -> Any:
+        raise pickle.UnpicklingError("persistent ids are not part of checkpoint metadata")
 
 
 @dataclass
@@ -108,14 +134,23 @@ def read_dcp_metadata(folder: str | os.PathLike[str]) -> DcpIndex | str:
 
 def _dcp_folders(folder: Path) -> list[Path]:
     found = []
-    for root, _dirs, files in os.walk(folder):
+    for root, _dirs, files in walk_tree(folder):
         if DCP_METADATA in files or any(f.endswith(".distcp") for f in files):
             found.append(Path(root))
     return sorted(found)
 
 
-def _check_dcp(folder: Path, dcp: Path, problems: list[Problem]) -> None:
+def _check_dcp(folder: Path, dcp: Path, problems: list[Problem], readable: Callable[[str], bool] | None) -> None:
     relative = dcp.relative_to(folder).as_posix()
+    if readable is not None and (dcp / DCP_METADATA).exists() and not readable(f"{relative}/{DCP_METADATA}"):
+        problems.append(
+            Problem(
+                f"{relative}/{DCP_METADATA}", "unverified",
+                "not read: its bytes are not the ones the manifest committed, and a pickle is never opened before "
+                "its hash matched",
+            )
+        )  # fmt: skip
+        return
     index = read_dcp_metadata(dcp)
     if index == "missing":
         problems.append(
@@ -199,8 +234,16 @@ def _deepspeed_world(tagged: Path, names: list[str]) -> int | None:
     return world if isinstance(world, int) and world > 0 else None
 
 
-def check_layouts(folder: str | os.PathLike[str], *, world_size: int | None = None) -> list[Problem]:
+def check_layouts(
+    folder: str | os.PathLike[str], *, world_size: int | None = None, readable: Callable[[str], bool] | None = None
+) -> list[Problem]:
     """Every sharded layout in ``folder`` checked for completeness from its own index (cheap: small reads only).
+
+    Args:
+        folder: The checkpoint folder.
+        world_size: The run's number of ranks, when known (every rank's DeepSpeed shard must be there).
+        readable: Whether the index at a relative path may be parsed; a DCP ``.metadata`` it refuses is reported
+            "unverified" and never unpickled (in manifest mode: only files whose hash matched).
 
     Example::
 
@@ -209,7 +252,7 @@ def check_layouts(folder: str | os.PathLike[str], *, world_size: int | None = No
     path = Path(folder)
     problems: list[Problem] = []
     for dcp in _dcp_folders(path):
-        _check_dcp(path, dcp, problems)
+        _check_dcp(path, dcp, problems, readable)
     _check_deepspeed(path, world_size, problems)
     return problems
 

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from ...safe_fs import iter_files
 from .parts import SUPPORTED_SUFFIXES
 from .report import isatty
 
@@ -31,7 +32,7 @@ def _total_size(source: Any) -> tuple[int | None, str]:
             if path.is_dir():
                 return sum(
                     p.stat().st_size
-                    for p in path.rglob("*")
+                    for p in iter_files(path)
                     if p.is_file() and p.name.lower().endswith(SUPPORTED_SUFFIXES)
                 ), "bytes"
         except OSError:

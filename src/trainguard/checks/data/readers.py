@@ -22,6 +22,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sized
 from pathlib import Path
 from typing import Any
 
+from ...safe_fs import iter_files
 from .json_files import json_file_rows, jsonl_file_rows
 from .parts import (
     CHUNK_ROWS,
@@ -145,7 +146,7 @@ def _dataset_rows(dataset: Any, progress: Progress | None) -> Iterator[Chunk]:
 def _folder_parts(folder: Path, problem: ProblemSink, progress: Progress | None) -> Iterator[Part]:
     files: list[Path] = []
     skipped: list[str] = []
-    for path in sorted(folder.rglob("*")):
+    for path in sorted(iter_files(folder)):
         rel = path.relative_to(folder)
         if any(piece.startswith(".") for piece in rel.parts) or not path.is_file():
             continue  # hidden files (.git, editor swap files) are never data

@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from ...errors import DataValidationError
+from ...safe_fs import iter_files
 
 __all__ = [
     "RECORD_SCHEME",
@@ -299,7 +300,7 @@ def _expand_paths(items: Iterable[str | os.PathLike[str]]) -> list[Path]:
         elif path.is_dir():
             found = [
                 p
-                for p in path.rglob("*")
+                for p in iter_files(path)
                 if p.is_file()
                 and _is_data_file(p)
                 and not any(part.startswith(".") for part in p.relative_to(path).parts)

@@ -53,7 +53,7 @@ from ...errors import (
     TrainGuardError,
     UnsafeFileError,
 )
-from ...safe_fs import load_json
+from ...safe_fs import iter_files, load_json
 from ..preflight import DEFAULT_MARGIN, DEFAULT_MARGIN_BYTES, check_disk_space, format_bytes, tokenizer_size
 
 __all__ = [
@@ -172,7 +172,7 @@ def _write_manifest(folder: Path, source_step: int | None) -> Path:
 
 def _fsync_tree(folder: Path) -> None:
     # save_pretrained does not fsync: a power loss after the rename could publish zero-length files.
-    for path in folder.rglob("*"):
+    for path in iter_files(folder):
         if path.is_file():
             fd = os.open(path, os.O_RDONLY)
             try:

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from ...errors import PreflightError
+from ...safe_fs import walk_tree
 
 __all__ = [
     "DEFAULT_MARGIN",
@@ -176,7 +177,7 @@ def disk_space_error(space: DiskSpace, purpose: str = "this") -> PreflightError:
 def directory_size(path: PathLike) -> int:
     """Bytes a folder occupies on disk (whole blocks, like ``du``; at least the files' sizes). 0 when missing."""
     total = 0
-    for root, _dirs, files in os.walk(path):
+    for root, _dirs, files in walk_tree(path):
         for name in files:
             try:
                 st = os.lstat(os.path.join(root, name))

@@ -27,6 +27,16 @@ from trainguard.errors import TrainGuardError
 DEEP_LEVELS = 1_500  # deeper than the default recursion limit (1,000), well under PATH_MAX with one-letter names
 
 
+@pytest.fixture(autouse=True)
+def _remove_deep_trees(tmp_path: Path):
+    # pytest's own clean-up of old tmp_path folders uses shutil.rmtree, which recurses a level at a time before
+    # Python 3.12: a deep tree left behind would end a later pytest session with RecursionError.
+    from trainguard.safe_fs import remove_tree
+
+    yield
+    remove_tree(tmp_path)
+
+
 def _payload(module: str, name: str, argument: str) -> bytes:
     """A protocol-4 pickle that calls ``module``'s ``name`` (a dotted name allowed) with one string argument."""
     proto = b"\x80\x04"
@@ -299,3 +309,42 @@ def test_a_resume_with_all_guards_survives_a_deep_folder_in_the_checkpoint(tmp_p
     _deep(out / "checkpoint-2")
     trainer, _ = run_trainer(out, callbacks=trainguard.all_guards(), max_steps=4, resume_from_checkpoint=True)
     assert trainer.state.global_step == 4
+
+
+def test_removing_a_tree_deeper_than_the_recursion_limit_leaves_nothing(tmp_path: Path):
+    from trainguard.safe_fs import remove_tree
+
+    target = tmp_path / "checkpoint-1"
+    target.mkdir()
+    _deep(target)
+    outside = tmp_path / "kept.txt"
+    outside.write_text("not in the tree")
+    (target / "link-out").symlink_to(outside)
+    remove_tree(target)
+    assert not target.exists()
+    assert outside.read_text() == "not in the tree"  # a link is removed, never followed
+
+
+@pytest.mark.slow
+def test_rotation_removes_an_own_checkpoint_holding_a_deep_folder_and_training_goes_on(tmp_path: Path):
+    from transformers import TrainerCallback
+
+    from _rig import run_trainer
+
+    out = tmp_path / "run"
+
+    class PlantDeep(TrainerCallback):
+        planted = False
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            # checkpoint-1 is saved; save_total_limit=1 rotates it away at the next save
+            if state.global_step == 1 and not self.planted:
+                _deep(out / "checkpoint-1")
+                self.planted = True
+
+    guards = trainguard.all_guards()
+    trainer, _ = run_trainer(
+        out, callbacks=[*guards, PlantDeep()], max_steps=3, save_strategy="steps", save_steps=1, save_total_limit=1
+    )
+    assert trainer.state.global_step == 3
+    assert not (out / "checkpoint-1").exists()

@@ -29,6 +29,7 @@ import errno
 import json
 import math
 import os
+import shutil
 import stat
 from collections.abc import Iterator
 from pathlib import Path
@@ -53,6 +54,7 @@ __all__ = [
     "read_bytes",
     "read_tail_lines",
     "read_text",
+    "remove_tree",
     "walk_tree",
 ]
 
@@ -126,6 +128,29 @@ def iter_files(top: PathLike) -> Iterator[Path]:
     for folder, _subfolders, others in walk_tree(top):
         for name in others:
             yield folder / name
+
+
+def remove_tree(path: PathLike) -> None:
+    """``shutil.rmtree(path, ignore_errors=True)`` that also removes a tree nested deeper than the recursion limit.
+
+    ``shutil.rmtree`` (its link-safe, descriptor-based walk) is used first; it recurses once a level before Python
+    3.12, so a planted 1,500-deep folder would end a rotation with ``RecursionError``. What it left is then removed
+    bottom-up from :func:`walk_tree` (links are removed, never followed).
+    """
+    try:
+        shutil.rmtree(path, ignore_errors=True)
+        return
+    except RecursionError:
+        pass
+    folders = [folder for folder, _subfolders, _others in walk_tree(path)]
+    for folder in reversed(folders):  # deepest first: walk_tree yields parents before their children
+        with contextlib.suppress(OSError):
+            for name in os.listdir(folder):
+                with contextlib.suppress(OSError):
+                    if not os.path.isdir(folder / name) or os.path.islink(folder / name):
+                        os.unlink(folder / name)
+        with contextlib.suppress(OSError):
+            os.rmdir(folder)
 
 
 def display_name(name: str | os.PathLike[str]) -> str:

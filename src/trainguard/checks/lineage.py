@@ -31,7 +31,6 @@ import contextlib
 import os
 import platform
 import secrets
-import shutil
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -42,7 +41,7 @@ from .._util import utc_now, utc_stamp
 from ..alerts import get_logger
 from ..atomic import atomic_write_json, fsync_dir
 from ..errors import LineageError, TrainGuardError
-from ..safe_fs import ensure_dir, load_json
+from ..safe_fs import ensure_dir, load_json, remove_tree
 from ._layout import (
     ARCHIVE_DIR,
     JIT_SENTINEL,
@@ -514,7 +513,7 @@ def rotate(
     doomed = rotation_plan(run_dir, limit=limit, lineage=lineage, protect=protect, unfinished=unfinished)
     for path in doomed:
         get_logger().info("trainguard: deleting %s of this lineage (save_total_limit=%s)", path, limit)
-        shutil.rmtree(path, ignore_errors=True)
+        remove_tree(path)
     return doomed
 
 

@@ -311,7 +311,14 @@ def _expand_paths(items: Iterable[str | os.PathLike[str]]) -> list[Path]:
                 )
             files.extend(sorted(found, key=lambda p: p.relative_to(path).as_posix()))
         elif glob.has_magic(text):
-            matched = sorted(Path(p) for p in glob.glob(text, recursive=True) if Path(p).is_file())
+            try:
+                matched = sorted(Path(p) for p in glob.glob(text, recursive=True) if Path(p).is_file())
+            except RecursionError:  # glob recurses once a folder level: a tree nested deeper than the limit
+                raise DataValidationError(
+                    "the pattern reaches folders nested deeper than trainguard can search; name the files or a "
+                    "shallower folder",
+                    where={"file": text},
+                ) from None
             if not matched:
                 raise DataValidationError("the pattern matches no file", where={"file": text})
             files.extend(matched)

@@ -86,6 +86,30 @@ def test_logger_sink_logs_on_the_trainguard_logger_at_the_alert_level(caplog):
     assert "[hang_watchdog] critical at step 10 on rank 0: no progress" in record.getMessage()
 
 
+def test_an_alert_naming_a_hostile_file_is_escaped_on_the_terminal_and_exact_in_the_events_file(tmp_path: Path):
+    import io
+
+    from trainguard.alerts import get_logger
+
+    terminal = io.StringIO()
+    handler = logging.StreamHandler(terminal)  # what a user's logging.basicConfig() puts on stderr
+    logger = get_logger()
+    logger.addHandler(handler)
+    hostile = "checkpoint-9/\x1b]0;pwned\x07ok\r\x1b[2J\nfake line.bin"
+    try:
+        alerter = Alerter([LoggerSink(), JsonlSink(tmp_path / EVENTS_FILE)])
+        alerter.emit(Alert("checkpoint_verifier", "error", f"set aside: {hostile} changed", step=9, rank=0))
+        logger.warning("trainguard: set aside %s -> %s (%s)", Path(hostile), "quarantine", "multi\nline reason")
+    finally:
+        logger.removeHandler(handler)
+    shown = terminal.getvalue()
+    assert [ch for ch in shown if ch != "\n" and not ch.isprintable()] == [] and shown.count("\n") == 2, shown
+    assert "checkpoint-9/\\x1b]0;pwned\\x07ok\\r\\x1b[2J\\nfake line.bin" in shown
+    assert "multi\\nline reason" in shown
+    [event] = read_jsonl(tmp_path / EVENTS_FILE)
+    assert event["message"] == f"set aside: {hostile} changed"  # the events file keeps the exact text
+
+
 def test_jsonl_sink_appends_one_event_per_line_creating_the_folder(tmp_path: Path):
     path = tmp_path / "not-yet" / EVENTS_FILE
     alerter = Alerter([JsonlSink(path)])

@@ -218,3 +218,27 @@ def test_progress_bar_is_drawn_on_a_terminal_for_a_large_input(tmp_path: Path):
     os.close(primary)
     assert proc.returncode == 0 and json.loads(out)["stats"]["valid_rows"] == 3000
     assert b"validating" in drawn  # the bar went to the terminal on stderr, never into the JSON on stdout
+
+
+def test_the_terminal_table_shows_a_hostile_field_name_as_text_never_as_markup_or_escapes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    import io
+    import re
+
+    from trainguard.checks.data import validate_data
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    # A field name that is rich markup for a hyperlink (an OSC 8 sequence once rendered) and holds a raw OSC.
+    path = write(tmp_path / "m.jsonl", [{"[link=https://evil.example/]click[/link]\x1b]0;pwned\x07": "a"}])
+    monkeypatch.setenv("COLUMNS", "400")  # wide enough that rich folds no cell
+    term = Terminal()
+    validate_data(path).print(term)
+    drawn = term.getvalue()
+    assert "┃" in drawn or "│" in drawn  # still rich's table, with its own colours
+    beyond_colours = re.sub(r"\x1b\[[0-9;]*m", "", drawn)  # rich's SGR colour codes are the only escapes allowed
+    assert [ch for ch in beyond_colours if ch != "\n" and not ch.isprintable()] == []
+    assert "[link=https://evil.example/]click[/link]" in beyond_colours and "\\x1b]0;pwned\\x07" in beyond_colours

@@ -78,3 +78,15 @@ def test_errors_survive_pickling_with_their_fields():
 def test_catching_the_base_class_catches_every_trainguard_error():
     with pytest.raises(trainguard.TrainGuardError):
         raise errors.HangError("no progress for 600 s", where={"step": 10})
+
+
+def test_a_message_quoting_a_hostile_name_is_printable_lines_and_the_fields_stay_exact():
+    name = "out/\x1b]0;pwned\x07ok\r\x1b[2J\nfake: verified\u202e.bin"
+    err = errors.CheckpointIntegrityError(f"{name} changed", where={"file": name, "step": 5}, next_step="Look\x1b[2J.")
+    lines = str(err).split("\n")
+    assert len(lines) == 3  # what, where, next: a newline in the name forged no line
+    assert all(line.isprintable() for line in lines)
+    assert lines[0] == "out/\\x1b]0;pwned\\x07ok\\r\\x1b[2J\\nfake: verified\\u202e.bin changed"
+    assert lines[1] == "  where: file=" + lines[0].removesuffix(" changed") + ", step=5"
+    assert lines[2] == "  next: Look\\x1b[2J."
+    assert err.what == f"{name} changed" and err.to_dict()["where"]["file"] == name  # exact for code and JSON

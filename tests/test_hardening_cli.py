@@ -468,3 +468,135 @@ def test_display_text_shows_undecodable_bytes_as_xnn_and_other_lone_surrogates_a
     doc = display_json({name: [Path(name), ("a\ud800",)], "n": 1})
     assert doc == {"runs-\\xff": ["runs-\\xff", ["a\\ud800"]], "n": 1}
     json.dumps(doc, ensure_ascii=False).encode("utf-8")
+
+
+# ------------------------------------------------------------------------------------------- terminal injection
+# File names that drive a terminal when printed raw: a carriage return that overwrites the FAILED line, an OSC that
+# retitles the window, a screen clear, and a newline that forges a line of its own.
+HOSTILE_NAMES = {
+    "carriage return": "ok\rcheckpoint-1 verified.bin",
+    "osc title": "\x1b]0;pwned\x07.bin",
+    "clear screen": "\x1b[2J.bin",
+    "newline": "x\ncheckpoint-1 verified.bin",
+}
+
+
+def _raw_controls(text: str) -> list[str]:
+    """Every character of ``text`` a terminal could act on, except the line breaks the command writes itself."""
+    return [ch for ch in text if ch != "\n" and not ch.isprintable()]
+
+
+@pytest.fixture
+def hostile_run(tmp_path: Path) -> Path:
+    """A legacy checkpoint holding one damaged file under each hostile name (so each is a problem line)."""
+    run = tmp_path / "hostile"
+    folder = _checkpoint(run)
+    for name in HOSTILE_NAMES.values():
+        (folder / name).write_bytes(b"junk, not a torch file")
+    return run
+
+
+@pytest.mark.parametrize("command", ["verify", "manifest"])
+def test_a_planted_control_character_name_is_shown_escaped_the_failed_line_stays_and_json_keeps_it_exact(
+    hostile_run: Path, command: str, capsys: pytest.CaptureFixture[str]
+):
+    assert main([command, str(hostile_run)]) == 1
+    captured = capsys.readouterr()
+    assert _raw_controls(captured.out + captured.err) == []
+    assert ("FAILED" if command == "verify" else "refused") in captured.out
+    problem_lines = [line for line in captured.out.splitlines() if "torch.save format" in line]
+    assert len(problem_lines) == len(HOSTILE_NAMES)  # the newline in a name forged no line of its own
+    for escaped in ("ok\\rcheckpoint-1 verified.bin", "\\x1b]0;pwned\\x07.bin", "\\x1b[2J.bin", "x\\ncheckpoint-1"):
+        assert any(line.lstrip().startswith(escaped) for line in problem_lines), (escaped, problem_lines)
+
+    assert main([command, str(hostile_run), "--json"]) == 1
+    doc = json.loads(capsys.readouterr().out)
+    report = doc["checkpoints"][0] if command == "verify" else doc["checkpoints"][0]["before"]
+    assert {p["file"] for p in report["problems"]} == set(HOSTILE_NAMES.values())  # --json keeps them exact
+
+
+def test_a_hostile_output_dir_name_is_escaped_in_the_tree_table(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    _checkpoint(tmp_path / "tree" / "run\x1b]0;pwned\x07\nfake: 1 ok")
+    assert main(["verify", str(tmp_path / "tree")]) == 0
+    out = capsys.readouterr().out
+    assert _raw_controls(out) == [] and "run\\x1b]0;pwned\\x07\\nfake: 1 ok:" in out
+
+
+@pytest.mark.timeout(120)
+def test_a_real_process_writes_no_raw_control_byte_for_planted_names(hostile_run: Path):
+    for argv in (["verify", str(hostile_run)], ["manifest", str(hostile_run)]):
+        result = _python(*argv)
+        assert result.returncode == 1, (argv, result.stderr)
+        for stream in (result.stdout, result.stderr):
+            assert not [b for b in stream if (b < 0x20 and b != 0x0A) or b == 0x7F], (argv, stream)
+        assert b"FAILED" in result.stdout or b"refused" in result.stdout
+
+
+@pytest.mark.parametrize("command", ["verify", "manifest", "inspect", "validate-data"])
+def test_a_path_argument_holding_escape_sequences_is_escaped_on_stderr(
+    tmp_path: Path, command: str, capsys: pytest.CaptureFixture[str]
+):
+    path = tmp_path / "\x1b]0;pwned\x07\x1b[2J\nfake line"
+    assert main([command, str(path)]) == 2
+    captured = capsys.readouterr()
+    assert _raw_controls(captured.err) == [] and captured.err.count("\n") == 1, captured.err
+    assert "\\x1b]0;pwned\\x07\\x1b[2J\\nfake line" in captured.err
+
+
+def test_an_unknown_argument_holding_escape_sequences_is_escaped_in_the_usage_error(
+    good_run: Path, capsys: pytest.CaptureFixture[str]
+):
+    assert _status(["verify", str(good_run), "\x1b[2J\u202eexe.txt"]) == 2
+    err = capsys.readouterr().err
+    assert _raw_controls(err) == [] and "\\x1b[2J\\u202eexe.txt" in err
+
+
+@pytest.mark.timeout(60)
+def test_a_trainguard_error_naming_a_hostile_fifo_is_escaped_on_stderr(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+):
+    path = tmp_path / "\x1b[2Jpipe\n.jsonl"
+    os.mkfifo(path)
+    assert main(["validate-data", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert _raw_controls(err) == [] and "\\x1b[2Jpipe\\n.jsonl" in err and "FIFO" in err
+    assert main(["validate-data", str(path), "--json"]) == 2
+    assert json.loads(capsys.readouterr().out)["where"]["file"] == str(path)  # exact
+
+
+def test_validate_data_escapes_hostile_fields_and_lines_in_text_and_keeps_them_in_json(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+):
+    path = tmp_path / "d.jsonl"
+    # A field named by an escape sequence (the report lists the fields it saw) and a broken line holding a raw ESC
+    # (the report quotes it).
+    record = '{"te\\u001b]0;pwned\\u0007xt": "a"}\n'
+    path.write_text(record * 2 + "{oops\x1b[2J\n")
+    assert main(["validate-data", str(path)]) == 1
+    out = capsys.readouterr().out
+    assert _raw_controls(out) == [] and "te\\x1b]0;pwned\\x07xt" in out and "{oops\\x1b[2J" in out
+    assert main(["validate-data", str(path), "--json"]) == 1
+    errors = json.loads(capsys.readouterr().out)["errors"]
+    assert any("te\x1b]0;pwned\x07xt" in e["message"] for e in errors)  # exact
+    assert any(e["excerpt"] == "{oops\x1b[2J" for e in errors)
+
+
+def test_inspect_escapes_crafted_crash_records_and_checkpoint_problems(
+    hostile_run: Path, capsys: pytest.CaptureFixture[str]
+):
+    from trainguard.checks import crash_loop as cl
+
+    forged = "\x1b]0;pwned\x07boom\nruns:        0 failed"
+    records = [
+        {"event": "start", "run_id": "r1", "step": 0, "utc": "2026-01-01T00:00:00Z", "host": "h", "pid": 1},
+        {"event": "failure", "run_id": "r1", "step": 3, "exception": "RuntimeError", "message": forged, "rank": 0},
+    ]
+    (hostile_run / cl.CRASH_LOG).write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert main(["inspect", str(hostile_run)]) == 0
+    out = capsys.readouterr().out
+    assert _raw_controls(out) == [] and "RuntimeError: \\x1b]0;pwned\\x07boom\\nruns:        0 failed" in out
+    assert sum(line.startswith("runs:") for line in out.splitlines()) == 1  # no forged line
+    assert "FAILED" in out  # the hostile checkpoint's status is still shown
+    assert main(["inspect", str(hostile_run), "--json"]) == 0
+    runs = json.loads(capsys.readouterr().out)["runs"]
+    assert runs[0]["failures"][0]["message"] == forged  # exact

@@ -43,6 +43,7 @@ from urllib.parse import urlsplit
 from . import distributed
 from ._util import utc_now
 from .atomic import append_line
+from .display import printable
 from .errors import UnsafeFileError, WebhookConfigError, _jsonable
 from .redact import redact_text, redact_url
 
@@ -123,12 +124,15 @@ class Alert:
         }
 
     def format(self) -> str:
-        """One line for logs: ``[nan_guard] error at step 7 on rank 1: loss is NaN``."""
+        """One printable line for logs and terminals: ``[nan_guard] error at step 7 on rank 1: loss is NaN``.
+
+        A control character or newline in the message (a file name it quotes) is shown escaped
+        (:func:`~trainguard.display.printable`); :meth:`to_dict` (the JSONL events file, webhooks) keeps it exact."""
         where = []
         if self.step is not None:
             where.append(f"step {self.step}")
         where.append(f"rank {self.rank}")
-        return f"[{self.guard}] {self.level} at {' on '.join(where)}: {self.message}"
+        return printable(f"[{self.guard}] {self.level} at {' on '.join(where)}: {self.message}")
 
 
 @runtime_checkable

@@ -19,7 +19,10 @@ An internal error is never exit 1, so "the check failed" always means the check 
 a usage error, an I/O error, an internal error, even ``--help``. Errors are ``{"ok": false, "error": <name>,
 "what": ..., ...}``. ``--debug`` (before or after the subcommand) prints the full traceback of an error on stderr.
 Text that is not valid UTF-8 (a file name with undecodable bytes, a lone surrogate in data) is printed escaped
-(``\\xff``, ``\\ud800``), never crashing the output. The command never imports torch unless a subcommand needs
+(``\\xff``, ``\\ud800``), never crashing the output. Every text output and message passes one display function,
+:func:`trainguard.display.printable`, where it is written: a control character, bidi override or line break in a
+file name, a data field or an argument is shown as ``\\x1b``, ``\\u202e``, ``\\n``, never obeyed by the terminal;
+``--json`` output keeps the exact text (JSON escapes it). The command never imports torch unless a subcommand needs
 it, so it answers in well under a second.
 
 Example::
@@ -42,6 +45,7 @@ from typing import IO, Any, TextIO
 
 from ._version import __version__
 from .atomic import TEMP_MARKER
+from .display import PrintableWriter, printable
 from .errors import TrainGuardError, UnsafeFileError
 from .redact import redact_text
 from .safe_fs import display_json, display_text
@@ -100,7 +104,8 @@ class _Parser(argparse.ArgumentParser):
             emit_json({"ok": False, "error": "UsageError", "what": f"{self.prog}: {message}"})
             self.exit(EXIT_USAGE)
         self.print_usage(sys.stderr)
-        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+        # The message may quote an argument (a PATH holding ESC or a newline): one escaped line.
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {printable(message)}\n")
 
     def _print_message(self, message: str, file: Any = None) -> None:
         # --help and --version print to stdout; with --json that stdout must still be one JSON document.
@@ -153,38 +158,9 @@ def _dumps(document: Any) -> str:
     return json.dumps(display_json(document), indent=2, ensure_ascii=False, default=lambda o: display_text(str(o)))
 
 
-class _EscapingWriter(io.TextIOBase):
-    """stdout for text output: text the stream cannot encode is written escaped, never raising mid-report."""
-
-    def __init__(self, stream: IO[str]) -> None:
-        super().__init__()
-        self._stream = stream
-
-    def write(self, text: str) -> int:
-        _write_escaped(self._stream, text)
-        return len(text)
-
-    def flush(self) -> None:
-        self._stream.flush()
-
-    def isatty(self) -> bool:  # validate-data draws a rich table on a terminal
-        return bool(getattr(self._stream, "isatty", lambda: False)())
-
-    def fileno(self) -> int:
-        return self._stream.fileno()
-
-    @property
-    def encoding(self) -> str:  # type: ignore[override]
-        return getattr(self._stream, "encoding", None) or "utf-8"
-
-
 def _write_escaped(stream: IO[str], text: str) -> None:
-    text = display_text(text)
-    try:
-        stream.write(text)
-    except UnicodeEncodeError:  # a stream that is not UTF-8 (PYTHONIOENCODING=ascii, a latin-1 locale)
-        encoding = getattr(stream, "encoding", None) or "ascii"
-        stream.write(text.encode(encoding, "backslashreplace").decode(encoding))
+    # Outside main()'s redirection (an error reported after it ends): the same display function, by hand.
+    PrintableWriter(stream).write(text)
 
 
 def _write_json_text(stream: IO[str], text: str) -> None:
@@ -222,8 +198,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     stdout = sys.stdout
     # JSON output is held until the command ends, so an error after partial output still leaves one document.
     buffer = io.StringIO()
-    target: TextIO = buffer if as_json else _EscapingWriter(stdout)  # type: ignore[assignment]
-    with contextlib.redirect_stdout(target):
+    # Every text the command writes passes the one display function here, at the boundary, so no subcommand, no
+    # argparse message and no warning can print a raw control character; --json output stays exact.
+    target: TextIO = buffer if as_json else PrintableWriter(stdout)  # type: ignore[assignment]
+    errors: TextIO = PrintableWriter(sys.stderr)  # type: ignore[assignment]
+    with contextlib.redirect_stdout(target), contextlib.redirect_stderr(errors):
         status, error, parse_exit = _dispatch(tokens, as_json)
     if error is not None:
         return _report_error(error, as_json=as_json, debug=debug, command=_command_of(tokens), stdout=stdout)
@@ -305,7 +284,7 @@ def _report_error(err: BaseException, *, as_json: bool, debug: bool, command: st
         document = {"ok": False, "error": type(err).__name__, "what": what, "next_step": next_step}
         if file is not None:
             document["where"] = {"file": file}
-        text = f"{prefix}: {what}"
+        text = f"{prefix}: {printable(what)}"  # one line, even for a file name holding a newline
     else:
         status = EXIT_ERROR
         detail = _one_line(redact_text(f"{type(err).__name__}: {err}"))

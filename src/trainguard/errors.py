@@ -22,6 +22,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
+from .display import printable
+
 __all__ = [
     "AdapterError",
     "CheckpointIntegrityError",
@@ -82,13 +84,15 @@ class TrainGuardError(Exception):
         super().__init__(self._render())
 
     def _render(self) -> str:
-        lines = [self.what]
+        # The message reaches terminals (the CLI, a traceback, a log): each part is one printable line, so a file
+        # name holding ESC or a newline cannot drive the terminal or forge a line. The fields keep the exact text.
+        lines = [printable(self.what)]
         if self.where:
             keys = [k for k in _WHERE_ORDER if k in self.where]
             keys += [k for k in self.where if k not in _WHERE_ORDER]
-            lines.append("  where: " + ", ".join(f"{k}={self.where[k]}" for k in keys))
+            lines.append("  where: " + ", ".join(printable(f"{k}={self.where[k]}") for k in keys))
         if self.next_step:
-            lines.append("  next: " + self.next_step)
+            lines.append("  next: " + printable(self.next_step))
         return "\n".join(lines)
 
     def __reduce__(self) -> tuple[Any, ...]:

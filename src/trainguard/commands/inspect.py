@@ -9,7 +9,9 @@ run lineage wrote each checkpoint. Reads only; never imports torch. Exit status 
 Hostile or broken records never hang or crash it: a FIFO, device or link at the lock, its holder record or the
 crash log is reported (never opened through, never blocked on), a holder record that cannot be parsed or has
 fields of the wrong type is shown as unreadable, malformed crash-log lines are skipped and counted, and the
-command line and exception text it shows are redacted (``--hub_token ***``).
+command line and exception text it shows are redacted (``--hub_token ***``). Every field of the text output is
+passed through :func:`~trainguard.display.printable` first: a holder record, crash message or file name holding ESC
+or a newline is shown escaped, on its own line; ``--json`` keeps the exact text.
 
 Example::
 
@@ -32,6 +34,7 @@ from ..checks._layout import ARCHIVE_DIR, QUARANTINE_DIR
 from ..checks._resume import checkpoint_dirs, checkpoint_step
 from ..checks.preflight import format_bytes
 from ..checks.run_lock import lock_status
+from ..display import printable, printable_tree
 from ..errors import TrainGuardError
 from ..safe_fs import iter_files, load_json
 
@@ -351,11 +354,12 @@ def run(args: argparse.Namespace) -> int:
         if args.json:
             emit_json({"ok": False, "error": "FileNotFoundError", "what": what})
         else:
-            sys.stderr.write(f"trainguard inspect: {what}\n")
+            sys.stderr.write(f"trainguard inspect: {printable(what)}\n")
         return EXIT_USAGE
     report = inspect_output_dir(folder, verify=not args.no_verify)
     if args.json:
         emit_json(report)
     else:
-        _print(report)
+        # Every string of the report came from files anyone with write access could craft: one printable line each.
+        _print(printable_tree(report))
     return EXIT_OK

@@ -20,6 +20,7 @@ import sys
 from typing import Any
 
 from ..checks.data import FORMATS, load_tokenizer, validate_data
+from ..display import printable
 from ..errors import UnsafeFileError
 from ..safe_fs import describe_kind, display_name, display_text, open_read
 
@@ -79,7 +80,7 @@ def _usage_error(message: str, as_json: bool) -> int:
 
         emit_json({"ok": False, "error": "UsageError", "what": display_text(message)})
     else:
-        sys.stderr.write(f"trainguard validate-data: {display_text(message)}\n")
+        sys.stderr.write(f"trainguard validate-data: {printable(message)}\n")
     return 2
 
 

@@ -3,7 +3,8 @@
 ``verify`` checks one checkpoint folder, every ``checkpoint-N`` of an output_dir (a table: status, run lineage, and
 which one a resume would use), or every output_dir and checkpoint found below a folder. ``manifest`` adopts
 existing checkpoints: it writes the manifest of each one that has none, after its structural checks pass.
-Exit status: 0 all good, 1 a check failed (or a checkpoint was refused), 2 usage or I/O error.
+Exit status: 0 all good, 1 a check failed (or a checkpoint was refused), 2 usage or I/O error. Every name in the
+text output is one printable line (:func:`~trainguard.display.printable`); ``--json`` keeps names exact.
 
 Example::
 
@@ -25,6 +26,7 @@ from ..checks import lineage as _lineage
 from ..checks._layout import ARCHIVE_DIR, TRAINER_STATE, checkpoint_step
 from ..checks._resume import checkpoint_dirs
 from ..checks.preflight import format_bytes
+from ..display import printable
 from ..safe_fs import describe_kind, display_name
 
 __all__ = ["adopt", "register"]
@@ -77,8 +79,8 @@ def _usage_error(message: str, as_json: bool, command: str) -> int:
 
     if as_json:
         emit_json({"ok": False, "error": "UsageError", "what": message})
-    else:
-        sys.stderr.write(f"trainguard {command}: {message}\n")
+    else:  # one line, whatever the PATH argument holds (ESC, a newline)
+        sys.stderr.write(f"trainguard {command}: {printable(message)}\n")
     return EXIT_USAGE
 
 
@@ -161,9 +163,10 @@ def _print_table(rows: list[dict[str, Any]]) -> None:
         r: ckpt.CheckpointReport = row["report"]
         origin: _lineage.CheckpointOrigin = row["origin"]
         step = "" if r.step is None else str(r.step)
-        lineage = _short(origin.lineage) + ("*" if row.get("current") else "")
+        # The lineage comes from a file in the checkpoint: anyone who could write there chose it.
+        lineage = printable(_short(origin.lineage)) + ("*" if row.get("current") else "")
         w(
-            f"{display_name(r.path.name):<22} {step:>7} {r.files:>5} {format_bytes(r.bytes):>10} {r.seconds:>7.2f}s  "
+            f"{printable(r.path.name):<22} {step:>7} {r.files:>5} {format_bytes(r.bytes):>10} {r.seconds:>7.2f}s  "
             f"{lineage:<8} {r.status}\n"
         )
         for p in r.problems:
@@ -172,7 +175,7 @@ def _print_table(rows: list[dict[str, Any]]) -> None:
             w(f"    warning: {p.format()}\n")
     notes = sorted({n for row in rows for n in row["report"].notes})
     for note in notes:
-        w(f"note: {note}\n")
+        w(f"note: {printable(note)}\n")
 
 
 def _check(path: Path, workers: int | None, require_manifest: bool | None) -> ckpt.CheckpointReport:
@@ -251,20 +254,20 @@ def run_verify(args: argparse.Namespace) -> int:
         return EXIT_OK if ok else EXIT_FAILED
     for g in groups:
         if kind == "tree":
-            name = display_name(g["output_dir"]) if g["output_dir"] is not None else "checkpoints"
+            name = printable(g["output_dir"]) if g["output_dir"] is not None else "checkpoints"
             sys.stdout.write(f"\n{name}:\n")
         _print_table(g["rows"])
         if g["output_dir"] is not None:
             scope = g["scope"]
             if scope.lineage is not None:
-                sys.stdout.write(f"current lineage: {scope.lineage} (marked *)\n")
+                sys.stdout.write(f"current lineage: {printable(scope.lineage)} (marked *)\n")
             resume = g["resume"]
-            name = display_name(resume.name) if resume is not None else "none (no checkpoint of it verifies)"
+            name = printable(resume.name) if resume is not None else "none (no checkpoint of it verifies)"
             sys.stdout.write(f"resume from: {name}\n")
     if kind == "tree":
         failed = sum(1 for g in groups for row in g["rows"] if not row["report"].ok)
         total = sum(len(g["rows"]) for g in groups)
-        sys.stdout.write(f"\n{total} checkpoint(s) under {display_name(path)}: {total - failed} ok, {failed} FAILED\n")
+        sys.stdout.write(f"\n{total} checkpoint(s) under {printable(path)}: {total - failed} ok, {failed} FAILED\n")
     return EXIT_OK if ok else EXIT_FAILED
 
 
@@ -346,7 +349,7 @@ def run_manifest(args: argparse.Namespace) -> int:
         )
     else:
         for folder, r in results:
-            line = f"{display_name(folder.name):<22} {r['action']}"
+            line = f"{printable(folder.name):<22} {r['action']}"
             if r["action"] == "refused":
                 line += f": {r['why']}"
             sys.stdout.write(line + "\n")

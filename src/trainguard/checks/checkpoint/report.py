@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ...display import printable
 from ...safe_fs import display_name
 
 __all__ = ["CheckpointReport", "Problem"]
@@ -22,7 +23,9 @@ class Problem:
     checkpoint holds), ``special`` (a FIFO, socket, device, a link to a folder or a broken link) or ``link`` (a link
     leading outside the folder); in :attr:`CheckpointReport.warnings`, ``extra`` (a file the Trainer never loads),
     ``stale`` (a leftover marker or temporary file) or ``nested`` (a commit marker in a subfolder). ``file`` is the
-    name as the filesystem gives it; :meth:`to_dict` and :meth:`format` show a name that is not UTF-8 escaped.
+    name as the filesystem gives it; :meth:`to_dict` shows a name that is not UTF-8 escaped (and is otherwise
+    exact), :meth:`format` is one printable line (:func:`~trainguard.display.printable`: a control character or a
+    newline in the name or the detail is shown escaped, never obeyed by a terminal).
     """
 
     file: str
@@ -33,7 +36,7 @@ class Problem:
         return {"file": display_name(self.file), "kind": self.kind, "detail": self.detail}
 
     def format(self) -> str:
-        return f"{display_name(self.file) or '.'}: {self.detail}"
+        return printable(f"{self.file or '.'}: {self.detail}")
 
 
 @dataclass
@@ -71,11 +74,12 @@ class CheckpointReport:
         return any(p.kind == "interrupted" for p in self.problems)
 
     def describe(self) -> str:
-        """One line: the status and, when it failed, every problem."""
+        """One printable line: the status and, when it failed, every problem."""
+        name = printable(self.path.name)
         if self.ok:
             extra = f"; warning: {'; '.join(w.format() for w in self.warnings)}" if self.warnings else ""
-            return f"{display_name(self.path.name)}: {self.status} ({self.files} files, {self.mode} checks){extra}"
-        return f"{display_name(self.path.name)}: " + "; ".join(p.format() for p in self.problems)
+            return f"{name}: {self.status} ({self.files} files, {self.mode} checks){extra}"
+        return f"{name}: " + "; ".join(p.format() for p in self.problems)
 
     def to_dict(self) -> dict[str, Any]:
         return {

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from ...display import terminal_of
 from ...safe_fs import iter_files
 from .parts import SUPPORTED_SUFFIXES
 from .report import isatty
@@ -61,7 +62,9 @@ class ProgressBar:
         columns: list[Any] = [TextColumn("{task.description}"), BarColumn()]
         columns.append(DownloadColumn() if unit == "bytes" else TextColumn("{task.completed}/{task.total} rows"))
         columns.append(TimeRemainingColumn())
-        self.bar = Progress(*columns, console=Console(file=sys.stderr), transient=True)
+        # The bar moves the cursor with escape sequences of its own: it writes to the terminal under the CLI's
+        # escaping stderr (its description is trainguard's own text).
+        self.bar = Progress(*columns, console=Console(file=terminal_of(sys.stderr)), transient=True)
         self.task = self.bar.add_task(description, total=total)
         self.bar.start()
 

@@ -15,8 +15,9 @@ from dataclasses import dataclass
 from dataclasses import field as dc_field
 from typing import IO, Any
 
+from ...display import printable, terminal_of
 from ...errors import DataValidationError, _jsonable
-from ...safe_fs import display_json, display_text
+from ...safe_fs import display_json
 
 __all__ = ["DataIssue", "DataReport", "Issues", "format_where", "isatty"]
 
@@ -190,7 +191,8 @@ class DataReport:
             )
         if "eval_overlap" in s:
             out.append(f"eval rows also in train: {s['eval_overlap']}")
-        return [display_text(line) for line in out]
+        # Source names, fields and excerpts come from the data: each line is one printable line.
+        return [printable(line) for line in out]
 
     def _rows(self) -> list[tuple[str, str, str, str, str, str]]:
         rows = []
@@ -202,7 +204,7 @@ class DataReport:
             if more:
                 msg += "  | also: " + ", ".join(more)
             # Escaped before the widths are measured, so the columns stay aligned.
-            where, field, msg = display_text(issue.where), display_text(issue.field or "-"), display_text(msg)
+            where, field, msg = printable(issue.where), printable(issue.field or "-"), printable(msg)
             rows.append((issue.level, issue.code, where, field, str(issue.count), msg))
         return rows
 
@@ -225,8 +227,10 @@ class DataReport:
             return
         from rich.console import Console
         from rich.table import Table
+        from rich.text import Text
 
-        console = Console(file=stream, highlight=False)
+        # Every cell is escaped already; rich's own colours must reach the terminal, not the CLI's escaping stream.
+        console = Console(file=terminal_of(stream), highlight=False)
         for i, line in enumerate(self._summary_lines()):
             if i == 0:
                 console.print(line, style="bold green" if self.ok else "bold red", markup=False)
@@ -239,7 +243,8 @@ class DataReport:
                 table.add_column(name, overflow="fold", justify="right" if name == "count" else "left")
             for r in rows:
                 style = "red" if r[0] == "error" else "yellow"
-                table.add_row(*r, style=style)
+                # Text, not str: a field named "[link=https://…]x[/]" is shown as written, never parsed as markup.
+                table.add_row(*(Text(cell) for cell in r), style=style)
             console.print(table)
 
 

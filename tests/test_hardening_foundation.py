@@ -156,6 +156,18 @@ def test_watchdog_start_does_not_block_on_a_fifo_left_under_a_live_file_name(tmp
     assert (out / "trainguard-hang-rank0-pid999999-live.txt").exists()  # not ours to remove
 
 
+def test_a_file_under_a_live_file_name_without_the_watchdogs_header_is_neither_removed_nor_renamed(
+    tmp_path: Path,
+) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    planted = out / "trainguard-hang-rank0-pid999999-live.txt"  # a dead PID: a leftover it would claim
+    planted.write_text("notes someone keeps here\n")
+    assert list(claim_earlier_dumps(out, 0)) == []
+    assert planted.read_text() == "notes someone keeps here\n"  # the name alone is no reason to delete it
+    assert sorted(p.name for p in out.iterdir()) == [planted.name]
+
+
 @pytest.mark.parametrize(
     "content", ["[" * 5000 + "]" * 5000, '{"global_step": 1e999}', '{"global_step": "x"}', "[1]", "\xff"]
 )

@@ -146,26 +146,136 @@ def test_rollback_replay_equals_training_without_the_poisoned_batch(tmp_path: Pa
     assert same(list(rolled.model.parameters()), list(direct.model.parameters()))
 
 
-def test_a_later_resume_from_before_the_spike_skips_the_recorded_batch_again(tmp_path: Path) -> None:
-    spike_trainer(tmp_path, guard("rollback")).train()
-    again = guard("alert")  # a new process, another policy: the recorded skip still holds for this output_dir
-    trainer = spike_trainer(tmp_path, again)
+def committed_spike_record(checkpoint: Path) -> dict[str, Any]:
+    """What SpikeGuard committed in ``checkpoint``'s manifest (lineage record, ``guards`` -> ``spike_guard``)."""
+    meta = json.loads((checkpoint / "trainguard-manifest.json").read_text())
+    return dict(meta["lineage"].get("guards", {}).get("spike_guard", {}))
+
+
+def forge_manifest(checkpoint: Path, rollbacks: list[dict[str, Any]]) -> None:
+    """Someone who can write the folder puts ``rollbacks`` into a committed manifest and re-hashes its commit marker
+    (the strongest planted record: the marker vouches for it again)."""
+    from trainguard.checks.checkpoint.manifest import format_sha256_lines, parse_sha256_file, sha256_file
+
+    meta_path = checkpoint / "trainguard-manifest.json"
+    meta = json.loads(meta_path.read_text())
+    meta["lineage"]["guards"] = {"spike_guard": {"rollbacks": rollbacks}}
+    meta_path.write_text(json.dumps(meta))
+    marker = checkpoint / "trainguard-manifest.sha256"
+    digests = parse_sha256_file(marker)
+    digests["trainguard-manifest.json"] = sha256_file(meta_path)
+    marker.write_text(format_sha256_lines(digests))
+
+
+def history_warnings(spike: SpikeGuard) -> list[Any]:
+    return [a for a in spike.alerter.history if a.guard == "spike_guard" and "nothing committed confirms" in a.message]
+
+
+def test_a_rollback_commits_its_skips_in_the_manifest_of_every_later_checkpoint(tmp_path: Path) -> None:
+    spike = guard("rollback")
+    spike_trainer(tmp_path, trainguard.CheckpointVerifier(), spike).train()
+    lineage = checkpoint_origin(tmp_path / "checkpoint-34").lineage
+    assert committed_spike_record(tmp_path / "checkpoint-34") == {
+        "rollbacks": [
+            {
+                "lineage": lineage,
+                "spike_step": SPIKE_STEP,
+                "checkpoint": "checkpoint-30",
+                "checkpoint_step": 30,
+                "skip_steps": [SPIKE_STEP],
+            }
+        ]
+    }
+    assert committed_spike_record(tmp_path / "checkpoint-30") == {}  # saved before the spike: nothing to carry
+    assert trainguard.verify_checkpoint(tmp_path / "checkpoint-34").ok  # the record is inside what the marker hashes
+
+
+def test_a_genuine_rollback_is_skipped_again_by_a_resume_in_a_new_process_with_an_alert_naming_the_steps(
+    tmp_path: Path,
+) -> None:
+    spike_trainer(tmp_path, trainguard.CheckpointVerifier(), guard("rollback")).train()
+    again = guard("rollback")  # a new process resuming from before the spike
+    weights = Weights()
+    trainer = spike_trainer(tmp_path, trainguard.CheckpointVerifier(), again, weights)
     trainer.train(resume_from_checkpoint=str(tmp_path / "checkpoint-20"))
     assert again.skipped_steps == [SPIKE_STEP]
     assert again.findings == []  # the poisoned batch never reached the optimizer, nor the window
+    assert same(weights.at[SPIKE_STEP - 1], weights.at[SPIKE_STEP])
+    (announced,) = [a for a in again.alerter.history if a.guard == "spike_guard" and "resuming from" in a.message]
+    assert f"step(s) {SPIKE_STEP} will be withheld again" in announced.message
+    assert "checkpoint-34" in announced.message and announced.evidence["skip_steps"] == [SPIKE_STEP]
+    assert history_warnings(again) == []  # the jsonl's rollback line is the committed one
+    # The replay's checkpoints carry the rollback on, so a resume from them or before them still knows it.
+    assert committed_spike_record(tmp_path / "checkpoint-34")["rollbacks"][0]["skip_steps"] == [SPIKE_STEP]
 
 
-def test_a_recorded_skip_of_another_run_in_a_reused_output_dir_is_not_applied(tmp_path: Path) -> None:
+def test_a_committed_rollback_is_announced_but_not_applied_under_policy_alert(tmp_path: Path) -> None:
+    spike_trainer(tmp_path, trainguard.CheckpointVerifier(), guard("rollback")).train()
+    again = guard("alert")  # alert cannot have written a rollback: it re-applies none
+    weights = Weights()
+    trainer = spike_trainer(tmp_path, trainguard.CheckpointVerifier(), again, weights)
+    trainer.train(resume_from_checkpoint=str(tmp_path / "checkpoint-20"))
+    assert again.skipped_steps == []
+    assert not same(weights.at[SPIKE_STEP - 1], weights.at[SPIKE_STEP])
+    (announced,) = [a for a in again.alerter.history if a.guard == "spike_guard" and "resuming from" in a.message]
+    assert f"step(s) {SPIKE_STEP} are NOT skipped: policy 'alert'" in announced.message
+
+
+@pytest.mark.parametrize("policy", ["alert", "rollback"])
+def test_an_appended_rollback_line_is_not_obeyed_on_resume(tmp_path: Path, policy: str) -> None:
+    # Issue #25: one line appended to the history made a resume withhold every update, with no word.
+    overrides: dict[str, Any] = {"window": 16, "warmup": 8}
+    if policy != "alert":
+        overrides["policy"] = policy
+    spike_trainer(tmp_path, *trainguard.all_guards(spike_guard=overrides, hang_watchdog=False), poison=()).train()
+    lineage = checkpoint_origin(tmp_path / "checkpoint-10").lineage
+    assert lineage is not None
+    history = tmp_path / SPIKES_FILE
+    line = {"event": "rollback", "lineage": lineage, "skip_steps": list(range(11, 100_000))}
+    history.write_text(json.dumps({"event": "alert", "step": 5}) + "\n" + json.dumps(line) + "\n")
+    guards = trainguard.all_guards(spike_guard=overrides, hang_watchdog=False)
+    (spike,) = [g for g in guards if isinstance(g, SpikeGuard)]
+    assert spike.policy == policy
+    weights = Weights()
+    trainer = spike_trainer(tmp_path, *guards, weights, poison=())
+    trainer.train(resume_from_checkpoint=str(tmp_path / "checkpoint-10"))
+    assert spike.skipped_steps == []
+    assert all(not same(weights.at[n], weights.at[n + 1]) for n in range(11, 34))  # every update applied
+    (warning,) = history_warnings(spike)
+    assert f"{history} line 2" in warning.message and "ignored" in warning.message
+    assert warning.level == "warning" and warning.evidence["line"] == 2
+
+
+def test_a_rollback_line_without_lineage_is_never_applied_to_a_checkpoint_written_without_trainguard(
+    tmp_path: Path,
+) -> None:
+    spike_trainer(tmp_path, guard("alert"), poison=()).train()  # no CheckpointVerifier: no lineage anywhere
+    assert checkpoint_origin(tmp_path / "checkpoint-20").lineage is None
+    (tmp_path / SPIKES_FILE).write_text(json.dumps({"event": "rollback", "skip_steps": [21, 22]}) + "\n")
+    again = guard("rollback")
+    spike_trainer(tmp_path, again, poison=()).train(resume_from_checkpoint=str(tmp_path / "checkpoint-20"))
+    assert again.skipped_steps == []  # None == None is no match
+    (warning,) = history_warnings(again)
+    assert "line 1" in warning.message and "names no lineage" in warning.message
+
+
+def test_a_committed_rollback_record_out_of_its_bounds_is_refused(tmp_path: Path) -> None:
     spike_trainer(tmp_path, trainguard.CheckpointVerifier(), guard("alert"), poison=()).train()
     lineage = checkpoint_origin(tmp_path / "checkpoint-20").lineage
-    assert lineage is not None
-    with (tmp_path / SPIKES_FILE).open("a") as history:  # what two rollbacks left behind in this output_dir
-        for owner, step in (("20260101T000000Z-000000", 25), (lineage, 27)):
-            history.write(json.dumps({"event": "rollback", "lineage": owner, "skip_steps": [step]}) + "\n")
-    again = guard("alert")
+    huge = {"lineage": lineage, "spike_step": 99_999, "checkpoint_step": 20, "skip_steps": list(range(21, 100_000))}
+    early = {"lineage": lineage, "spike_step": 25, "checkpoint_step": 20, "skip_steps": [12]}
+    forge_manifest(tmp_path / "checkpoint-30", [huge, early])
+    with (tmp_path / SPIKES_FILE).open("a") as history:  # and the matching lines, as a genuine rollback writes them
+        for record in (huge, early):
+            history.write(json.dumps({"event": "rollback", "step": record["spike_step"], **record}) + "\n")
+    again = guard("rollback")  # skip_batches=1: no record may skip more than one step
     trainer = spike_trainer(tmp_path, trainguard.CheckpointVerifier(), again, poison=())
     trainer.train(resume_from_checkpoint=str(tmp_path / "checkpoint-20"))
-    assert again.skipped_steps == [27]  # this run's record only; step 25 was another run's
+    assert again.skipped_steps == []
+    refused = [a.message for a in again.alerter.history if "is refused" in a.message]
+    assert any("checkpoint-30" in m and "more than skip_batches=1" in m for m in refused)
+    assert any("not all whole steps after checkpoint-20" in m for m in refused)
+    assert len(history_warnings(again)) == 2  # neither line is confirmed by an accepted record
 
 
 def test_rollback_without_a_checkpoint_before_the_spike_stops_with_loss_spike_error(tmp_path: Path) -> None:
@@ -309,6 +419,8 @@ def test_gradient_accumulation_judges_the_optimizer_step(tmp_path: Path) -> None
         ({"warmup": 200}, "warmup"),
         ({"threshold": 0}, "threshold"),
         ({"skip_batches": 0}, "skip_batches"),
+        ({"skip_batches": 1.5}, "skip_batches"),
+        ({"skip_batches": True}, "skip_batches"),
         ({"max_rollbacks": -1}, "max_rollbacks"),
         ({"policy": "skip", "sync": False}, "sync"),
     ],

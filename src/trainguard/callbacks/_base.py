@@ -185,6 +185,15 @@ class GuardCallback(TrainerCallback):
             self._alerter.close()
         return control
 
+    def manifest_record(self) -> Mapping[str, Any] | None:
+        """Facts this guard commits with every checkpoint saved from now on, or None (default).
+
+        :class:`~trainguard.CheckpointVerifier` puts them into the checkpoint's manifest (lineage record, key
+        ``"guards"`` → this guard's name), which the commit marker hashes: what a later resume reads back from there
+        is what the run committed, not a line anyone could append to a log beside it. Called on the writing rank at
+        every save; return new JSON-able values (they are written on a background thread)."""
+        return None
+
     def wait_for_other_guards(self, trainer: Any) -> None:
         """Block until every other attached guard's background work is on disk (CheckpointVerifier: the manifests
         of the saves so far), so a checkpoint just saved can be verified or named. Call it on every rank alike."""

@@ -490,6 +490,9 @@ class CheckpointVerifier(GuardCallback):
         facts = self._auditor.facts(trainer)
         if facts is not None:
             record["resume"] = facts
+        guards = self._guard_records(trainer)
+        if guards:
+            record["guards"] = guards
         step = save["step"]
         after = functools.partial(self._after_commit, rotation, step) if rotation is not None else None
         note = (
@@ -505,6 +508,21 @@ class CheckpointVerifier(GuardCallback):
             check=self._auditor.pre_commit_check(),
             known=save.get("known"),
         )
+
+    def _guard_records(self, trainer: Any) -> dict[str, Any]:
+        """What the other guards on this trainer commit with this save (:meth:`GuardCallback.manifest_record`)."""
+        records: dict[str, Any] = {}
+        for callback in list(getattr(getattr(trainer, "callback_handler", None), "callbacks", []) or []):
+            if callback is self or not isinstance(callback, GuardCallback):
+                continue
+            try:
+                value = callback.manifest_record()
+            except Exception as err:  # a guard's record must never cost the commit
+                get_logger().warning("[checkpoint_verifier] %s gave no manifest record: %s", callback.guard_name, err)
+                continue
+            if value:
+                records[callback.guard_name] = dict(value)
+        return records
 
     def _late_audit_failures(self) -> list[Any]:
         self._committer.wait_checked()  # the optimizer check of the last save: milliseconds, not the hashing

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from .. import distributed
 from .._util import drop_gradients, utc_now
 from ..alerts import AlertSink, get_logger
-from ..atomic import append_line, read_jsonl
+from ..atomic import append_line
 from ..checks.lineage import checkpoint_origin
 from ..checks.nan import process_topology
 from ..checks.spike import (
@@ -25,6 +25,15 @@ from ..checks.spike import (
     row_digest,
     rows_of,
     spike_message,
+)
+from ..checks.spike_history import (
+    MAX_RECORDS,
+    ResumeSkips,
+    Rollback,
+    committed_rollbacks,
+    describe_steps,
+    plan_resume_skips,
+    read_history,
 )
 from ..errors import LossSpikeError
 from . import _trainer_compat
@@ -93,8 +102,11 @@ class SpikeGuard(GuardCallback):
       dropped before ``optimizer.step()``; the learning-rate schedule still advances, the batch counts as seen).
     - ``"rollback"``: stop at the spike before its update, resume from the newest verified checkpoint at or before
       ``spike_step - skip_batches`` (``trainer.train()`` runs again from it, in the same call), and skip the updates
-      of the ``skip_batches`` batches ending at the spike. The skipped steps are recorded, and a later resume from
-      an older checkpoint of the same output_dir skips them again, so the run is reproducible. After
+      of the ``skip_batches`` batches ending at the spike. Every checkpoint committed after that carries the
+      rollback in its manifest (with :class:`~trainguard.CheckpointVerifier`), and a later resume with policy
+      ``rollback`` from an older checkpoint of that lineage skips the same steps again, with an alert naming them,
+      so the run is reproducible. Lines in ``trainguard-spikes.jsonl`` are never obeyed: one that no committed
+      manifest confirms is reported (file and line) and ignored. After
       ``max_rollbacks`` rollbacks, or with no verified checkpoint to go back to, the run stops with
       :class:`~trainguard.LossSpikeError`.
 
@@ -152,8 +164,9 @@ class SpikeGuard(GuardCallback):
         super().__init__(alert_sinks=alert_sinks, webhook_url=webhook_url)
         if policy not in POLICIES:
             raise ValueError(f"SpikeGuard policy must be one of {POLICIES}, got {policy!r}")
-        if int(skip_batches) < 1:
-            raise ValueError(f"SpikeGuard skip_batches must be >= 1, got {skip_batches!r}")
+        if isinstance(skip_batches, bool) or not isinstance(skip_batches, int) or skip_batches < 1:
+            # Also the bound on what a recorded rollback may skip on a resume: a whole number, never a float or True.
+            raise ValueError(f"SpikeGuard skip_batches must be a whole number >= 1, got {skip_batches!r}")
         if int(max_rollbacks) < 0:
             raise ValueError(f"SpikeGuard max_rollbacks must be >= 0, got {max_rollbacks!r}")
         self.policy = policy
@@ -171,6 +184,9 @@ class SpikeGuard(GuardCallback):
         #: Rollbacks done in this ``train()`` call, as ``(spike_step, checkpoint)``.
         self.rollbacks: list[tuple[int, str]] = []
         self._skip_steps: set[int] = set()
+        #: This lineage's rollbacks (confirmed on resume, or done here), carried into every manifest committed next.
+        self._history: list[Rollback] = []
+        self._announced: set[tuple[str, int, tuple[int, ...]]] = set()
         self._losses: list[Any] = []
         self._grad: Any = None
         self._batches: list[tuple[Any, Any]] = []
@@ -257,9 +273,11 @@ class SpikeGuard(GuardCallback):
         self._checkpoints = {}
         self._rollback_to = None
         self._give_up = None
-        if not self._rerunning:  # a new train() call from the user: its own rollback budget
+        rerun, self._rerunning = self._rerunning, False
+        if not rerun:  # a new train() call from the user: its own rollback budget, and history from what it resumes
             self.rollbacks = []
-        self._rerunning = False
+            self._skip_steps = set()
+            self._history = []
         if resume_from_checkpoint and not isinstance(resume_from_checkpoint, bool):
             folder = os.fspath(resume_from_checkpoint)
             step = _step_of(folder)
@@ -271,24 +289,88 @@ class SpikeGuard(GuardCallback):
         return resume_from_checkpoint
 
     def _recorded_skips(self, trainer: Any, folder: str, *, after: int) -> set[int]:
-        """The steps a rollback of this checkpoint's run lineage decided to skip after ``after`` (records of another
-        run that used the same output_dir are not this run's)."""
-        lineage = checkpoint_origin(folder).lineage
+        """The steps after ``after`` whose updates a committed rollback of this checkpoint's lineage withheld, to be
+        withheld again (policy ``rollback`` only; announced under the others). Only manifests the commit marker
+        vouches for count (:mod:`trainguard.checks.spike_history`); ``trainguard-spikes.jsonl`` is read only to
+        report its ``rollback`` lines that nothing committed confirms."""
+        lineage, committed, problems = committed_rollbacks(folder)
         path = os.path.join(_trainer_compat.output_dir_for(trainer), SPIKES_FILE)
-        if not os.path.exists(path):
-            return set()
         try:
-            records = read_jsonl(path)
-        except Exception as exc:  # an unreadable history must not stop a resume; say so
-            get_logger().warning("[spike_guard] could not read %s (%s): recorded skips not re-applied", path, exc)
-            return set()
-        steps: set[int] = set()
-        for record in records:
-            if record.get("event") == "rollback" and record.get("lineage") == lineage:
-                for step in record.get("skip_steps") or []:
-                    if isinstance(step, int) and step > after:
-                        steps.add(step)
-        return steps
+            history = read_history(path)
+        except FileNotFoundError:
+            history = []
+        except Exception as exc:  # the history only feeds a report: an unreadable one never stops a resume
+            get_logger().warning("[spike_guard] could not read %s (%s); it decides nothing", path, exc)
+            history = []
+        plan = plan_resume_skips(
+            committed=committed,
+            history=history,
+            lineage=lineage,
+            after=after,
+            skip_batches=self.skip_batches,
+            apply=self.policy == "rollback",
+            known=self._history,
+        )
+        name = os.path.basename(os.path.normpath(folder))
+        # Carried on: this checkpoint's own history, and what this resume re-applies (a skip not applied is not
+        # this branch's history: it trains those batches).
+        for record in plan.confirmed:
+            if record.key not in {r.key for r in self._history} and (plan.applied or max(record.skip_steps) <= after):
+                self._history.append(record)
+        self._report_history(name, path, plan, problems)
+        return set(plan.skips) if plan.applied else set()
+
+    def _report_history(self, name: str, path: str, plan: ResumeSkips, problems: list[tuple[str, str]]) -> None:
+        if not distributed.is_main_process():
+            return
+        for line, why in plan.unconfirmed:
+            self.alert(
+                "warning",
+                f"{path} line {line}: a rollback record that nothing committed confirms ({why}); ignored: no step is "
+                "skipped on its word (a rollback's skips are re-applied only from the manifests of the checkpoints "
+                "its run committed after it)",
+                evidence={"file": path, "line": line, "reason": why},
+            )
+        for source, why in [*problems, *plan.refused]:
+            self.alert(
+                "warning",
+                f"{source}'s manifest holds a rollback record that is refused ({why}); ignored",
+                evidence={"checkpoint": source, "reason": why},
+            )
+        fresh = [
+            r for r in plan.confirmed if r.key not in self._announced and any(s in plan.skips for s in r.skip_steps)
+        ]
+        if not fresh:
+            return
+        self._announced.update(r.key for r in fresh)
+        steps = sorted(plan.skips)
+        sources = sorted(set(plan.skips.values()))
+        spikes = ", ".join(f"step {r.spike_step} (back to checkpoint-{r.checkpoint_step})" for r in fresh)
+        if plan.applied:
+            what = f"the updates of step(s) {describe_steps(steps)} will be withheld again"
+        else:
+            what = (
+                f"step(s) {describe_steps(steps)} are NOT skipped: policy {self.policy!r} does not re-apply a "
+                "rollback's skips (only policy 'rollback' does)"
+            )
+        self.alert(
+            "warning",
+            f"resuming from {name}: the rollback(s) at {spikes} committed in {', '.join(sources)}'s manifest; {what}",
+            step=steps[0],
+            evidence={
+                "skip_steps": steps,
+                "applied": plan.applied,
+                "sources": sources,
+                "rollbacks": [r.to_dict() for r in fresh],
+            },
+        )
+
+    def manifest_record(self) -> dict[str, Any] | None:
+        """This lineage's rollbacks, for the manifest of every checkpoint committed from now on (the newest
+        :data:`~trainguard.checks.spike_history.MAX_RECORDS`)."""
+        if not self._history:
+            return None
+        return {"rollbacks": [r.to_dict() for r in self._history[-MAX_RECORDS:]]}
 
     def on_train_begin(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
@@ -447,12 +529,19 @@ class SpikeGuard(GuardCallback):
         self.rollbacks.append((finding.step, target))
         self._skip_steps |= set(skip_steps)
         name = os.path.basename(target)
+        lineage = checkpoint_origin(target).lineage
+        back = _step_of(target)
+        if lineage is not None and back is not None:
+            # What the checkpoints committed after this rollback carry: the only record a later resume obeys.
+            record = Rollback(lineage, finding.step, back, tuple(skip_steps))
+            self._history.append(record)
+            self._announced.add(record.key)
         self._report(
             finding,
             f"rolling back to {name} and skipping the batch(es) of step(s) {skip_steps[0]}..{skip_steps[-1]}",
             "rollback",
             samples,
-            extra={"checkpoint": target, "skip_steps": skip_steps, "lineage": checkpoint_origin(target).lineage},
+            extra={"checkpoint": target, "checkpoint_step": back, "skip_steps": skip_steps, "lineage": lineage},
         )
 
     def _verified_target(self, spike_step: int) -> str | None:

@@ -165,7 +165,8 @@ class EarlierDump:
 def claim_earlier_dumps(output_dir: Path, rank: int) -> Iterator[EarlierDump]:
     """Turn the pending files of earlier processes of ``rank`` (ended by faulthandler's exit, or killed while stuck)
     into dump files named after the time they were written, one at a time; remove their empty pending files.
-    Files of this process and of processes still alive are left alone."""
+    Files of this process and of processes still alive, and files without the header every live file starts with,
+    are left alone."""
     try:
         leftovers = sorted(p for p in output_dir.iterdir() if (m := _LIVE_RE.match(p.name)) and int(m.group(1)) == rank)
     except OSError:
@@ -184,6 +185,13 @@ def claim_earlier_dumps(output_dir: Path, rank: int) -> Iterator[EarlierDump]:
             continue
         except UnsafeFileError as exc:
             get_logger().warning("trainguard hang watchdog: %s", exc.what)
+            continue
+        if _PENDING_MARK not in content:
+            # Not a file trainguard wrote (it begins every live file with this header): the name alone is no reason
+            # to remove or rename someone's file.
+            get_logger().warning(
+                "trainguard hang watchdog: %s has a live file's name but not its header; left as it is", path
+            )
             continue
         _, _, body = content.partition(_PENDING_MARK)
         if not body.strip():

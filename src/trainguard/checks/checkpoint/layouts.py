@@ -3,7 +3,8 @@
 - **DCP** (FSDP ``SHARDED_STATE_DICT``: ``pytorch_model_fsdp_0/``, ``optimizer_0/``): ``.metadata`` names every
   shard file and the byte range each tensor chunk takes in it; every named file must be there and long enough, and a
   folder of ``*.distcp`` shards without its ``.metadata`` cannot be loaded at all. ``.metadata`` is a pickle: it is
-  read with an unpickler that only builds DCP's own metadata classes, ``torch.Size`` and dtypes, never arbitrary code.
+  read with an unpickler that only builds an exact list of DCP's own metadata classes, ``torch.Size`` and dtypes,
+  never arbitrary code, and (in manifest mode) only once the file's hash matched.
 - **DeepSpeed** (``global_stepN/``, ``latest``): ``latest`` names the tag folder DeepSpeed will load; it must be
   there and be this checkpoint's step; every data-parallel rank's ``*_optim_states.pt`` (and, for ZeRO-3, its
   ``*_model_states.pt``) must be there.

@@ -20,7 +20,15 @@ import trainguard
 from trainguard.alerts import WEBHOOK_ENV, Alert, Alerter, WebhookConfigError, WebhookSink, default_sinks
 from trainguard.checks import crash_loop as cl
 from trainguard.checks import run_lock as rl
-from trainguard.redact import MARK, redact_argv, redact_command, redact_text, redact_url
+from trainguard.redact import (
+    MARK,
+    redact_argv,
+    redact_command,
+    redact_json,
+    redact_text,
+    redact_url,
+    secret_env_values,
+)
 
 from _rig import free_port, holding_run_lock, make_trainer, run_python
 
@@ -209,7 +217,7 @@ def test_a_webhook_url_without_a_scheme_is_a_trainguard_error_that_shows_it_reda
         default_sinks(output_dir)
     err = info.value
     assert isinstance(err, trainguard.TrainGuardError) and isinstance(err, ValueError)
-    assert err.where == {"field": WEBHOOK_ENV} and "hooks.example.com/hook?token=***" in err.what
+    assert err.where == {"field": WEBHOOK_ENV} and "hooks.example.com/***" in err.what  # the value: host only
     _assert_no_secret(str(err))
     # the same when a real Trainer sets up its guards' alerts: a clear error at construction, no raw ValueError
     with pytest.raises(WebhookConfigError) as info:
@@ -220,16 +228,17 @@ def test_a_webhook_url_without_a_scheme_is_a_trainguard_error_that_shows_it_reda
 
 
 class _Server:
-    """A real HTTP server on 127.0.0.1 that records every request's method and headers."""
+    """A real HTTP server on 127.0.0.1 that records every request's method and headers (and body, in ``bodies``)."""
 
     def __init__(self, redirect_to: str | None = None) -> None:
         self.requests: list[tuple[str, dict[str, str]]] = []
+        self.bodies: list[bytes] = []
         server = self
 
         class Handler(BaseHTTPRequestHandler):
             def _answer(self) -> None:
                 length = int(self.headers.get("Content-Length") or 0)
-                self.rfile.read(length)
+                server.bodies.append(self.rfile.read(length))
                 server.requests.append((self.command, dict(self.headers)))
                 if redirect_to is not None and self.path.startswith("/hook"):
                     self.send_response(302)
@@ -298,3 +307,97 @@ def test_the_holder_record_is_private_even_under_a_permissive_umask(output_dir: 
     result = run_python(code, str(output_dir), timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     assert stat.S_IMODE(os.stat(output_dir / rl.INFO_NAME).st_mode) == 0o600
+
+
+# ------------------------------------------------------------------ one choke point for alerts; environment values
+ENV_SECRET = "correcthorsebatterystaple9"  # no prefix, no secret-looking flag: only the environment says it is one
+WANDB_KEY = "a1b2c3d4e5f6" + "0718293a4b5c6d7e8f90" + "12345678"  # a W&B API key: 40 hex digits
+AWS_SECRET = "wJalrXUtnFEMI/K7MDENG/" + "bPxRfiCYEXAMPLEKEY"  # AWS's documented example secret access key
+GIT_SHA = "c3327cb" + "0" * 33  # a git commit: also 40 hex digits
+SLACK_KEY = "Zx9Yw8Vu7Ts6Rq5Po4Nm3Lk2"
+SLACK_HOOK = f"https://hooks.slack.com/services/T0ABC/B0DEF/{SLACK_KEY}"
+_HEAD = f"upload failed: Authorization: Bearer {HF} while posting to {SLACK_HOOK} with key {WANDB_KEY}; context "
+# The environment secret straddles the 300th character of "RuntimeError: <message>": a guard that cuts the text
+# before redacting it would leave a prefix no exact match finds.
+ISSUE_ERROR = _HEAD + "." * (290 - len("RuntimeError: ") - len(_HEAD)) + f" {ENV_SECRET}"
+RUN_SECRETS = (HF, SLACK_KEY, WANDB_KEY, ENV_SECRET[:8], AWS_SECRET)
+
+
+def _assert_none_of(secrets: tuple[str, ...], text: str) -> None:
+    for secret in secrets:
+        assert secret not in text, f"{secret} leaked"
+
+
+def test_values_of_secret_environment_variables_are_hidden_wherever_they_appear_and_short_switches_are_not(
+    monkeypatch: pytest.MonkeyPatch,
+):
+    monkeypatch.setenv("HF_TOKEN", ENV_SECRET)  # set after trainguard was imported: read when redacting
+    monkeypatch.setenv("SHORT_TOKEN", ENV_SECRET[:12])  # a prefix of it: the longer value must win
+    monkeypatch.setenv("MY_TEAM_API_KEY", "teamkey-plain-1")  # any *_API_KEY, not only well-known names
+    monkeypatch.setenv("SLACK_WEBHOOK_URL", "https://hooks.example.com/path/lowercasesecret")
+    monkeypatch.setenv("HF_HUB_DISABLE_IMPLICIT_TOKEN", "1")  # a switch, not a credential
+    values = secret_env_values()
+    assert values.index(ENV_SECRET) < values.index(ENV_SECRET[:12]) and "1" not in values  # longest first
+    text = f"error {ENV_SECRET} (teamkey-plain-1) at https://hooks.example.com/path/lowercasesecret step 1"
+    assert redact_text(text) == f"error {MARK} ({MARK}) at https://hooks.example.com/{MARK} step 1"
+    assert redact_text(redact_text(text)) == redact_text(text)
+    assert redact_argv(["train.py", "--model", ENV_SECRET, f"--note={ENV_SECRET}", "--lr", "1"]) == [
+        "train.py",
+        "--model",
+        MARK,
+        f"--note={MARK}",
+        "--lr",
+        "1",
+    ]
+    assert redact_json({"message": f"x {ENV_SECRET}", "steps": [1]}) == {"message": f"x {MARK}", "steps": [1]}
+    assert ENV_SECRET not in redact_url(f"https://example.com/{ENV_SECRET}/x")
+    monkeypatch.delenv("HF_TOKEN")
+    monkeypatch.delenv("SHORT_TOKEN")
+    assert redact_text(ENV_SECRET) == ENV_SECRET  # only while it is a secret of this environment
+
+
+def test_a_secret_environment_value_with_no_shape_never_reaches_the_lock_record_or_its_error(
+    output_dir: Path, monkeypatch: pytest.MonkeyPatch
+):
+    monkeypatch.setenv("HF_TOKEN", ENV_SECRET)  # the holder (a child process) inherits it, as a real job would
+    with holding_run_lock(output_dir, "--model_name", ENV_SECRET, f"--note={ENV_SECRET}", "--lr", "1e-4") as holder:
+        raw = (output_dir / rl.INFO_NAME).read_text()
+        with pytest.raises(trainguard.RunLockedError) as info:
+            rl.acquire_run_lock(output_dir)
+    assert ENV_SECRET not in raw and ENV_SECRET not in str(info.value)
+    command = json.loads(raw)["command"]
+    assert "--model_name '***'" in command and "--lr 1e-4" in command
+    assert f"PID {holder.pid}" in str(info.value)
+
+
+def test_a_bare_wandb_key_and_an_aws_secret_on_the_command_line_never_reach_the_lock_record(
+    output_dir: Path, monkeypatch: pytest.MonkeyPatch
+):
+    for name in ("WANDB_API_KEY", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.delenv(name, raising=False)  # by shape alone, not because the environment names them
+    argv = (WANDB_KEY, "--aws", AWS_SECRET, f"--wandb={WANDB_KEY}", f"KEY_FOR_WANDB={WANDB_KEY}", "--revision", GIT_SHA)
+    with holding_run_lock(output_dir, *argv):
+        raw = (output_dir / rl.INFO_NAME).read_text()
+    command = json.loads(raw)["command"]
+    _assert_none_of((WANDB_KEY, AWS_SECRET), raw)
+    assert f"--revision {GIT_SHA}" in command  # a git commit after --revision is kept: the command says what ran
+    assert "--aws '***'" in command
+    # an older record holding the command as one string is redacted the same way when read
+    assert redact_command(f"python t.py {WANDB_KEY} --x {AWS_SECRET}") == "python t.py '***' --x '***'"
+
+
+def test_tokenizer_special_token_fields_are_not_mistaken_for_credentials():
+    # the tokenizer check's evidence and message (an alert is redacted whole): "eos_token" names no secret
+    evidence = {"eos_token": {"token": "</s>", "id": 2}, "pad_token_id": 0, "hub_token": "hub-1", "token": "abc"}
+    assert redact_json(evidence) == {
+        "eos_token": {"token": "</s>", "id": 2},
+        "pad_token_id": 0,
+        "hub_token": MARK,
+        "token": MARK,
+    }
+    phrase = 'eos_token: checkpoint "</s>" (id 2), this one "<|endoftext|>" (id 0)'
+    assert redact_text(phrase) == phrase
+    assert Alert("dataset_guard", "error", phrase, evidence=evidence).evidence["eos_token"] == {
+        "token": "</s>",
+        "id": 2,
+    }

@@ -15,9 +15,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from transformers import TrainerCallback
 
 import trainguard
-from trainguard.alerts import WEBHOOK_ENV, Alert, Alerter, WebhookConfigError, WebhookSink, default_sinks
+from trainguard.alerts import EVENTS_FILE, WEBHOOK_ENV, Alert, Alerter, WebhookConfigError, WebhookSink, default_sinks
+from trainguard.callbacks import GuardCallback
 from trainguard.checks import crash_loop as cl
 from trainguard.checks import run_lock as rl
 from trainguard.redact import (
@@ -326,6 +328,102 @@ RUN_SECRETS = (HF, SLACK_KEY, WANDB_KEY, ENV_SECRET[:8], AWS_SECRET)
 def _assert_none_of(secrets: tuple[str, ...], text: str) -> None:
     for secret in secrets:
         assert secret not in text, f"{secret} leaked"
+
+
+class _UserCallbackBug(TrainerCallback):
+    """A user's callback that raises the issue's error at the start of step 3 (after two completed steps)."""
+
+    def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if state.global_step == 2:
+            raise RuntimeError(ISSUE_ERROR)
+
+
+class _WandbRunStandIn:
+    """Stands in for the active W&B run: records what ``run.alert(...)`` was given."""
+
+    def __init__(self) -> None:
+        self.alerts: list[dict[str, Any]] = []
+
+    def alert(self, **kwargs: Any) -> None:
+        self.alerts.append(kwargs)
+
+
+@pytest.mark.timeout(300)
+def test_a_callbacks_exception_carrying_credentials_reaches_no_alert_sink_raw(
+    output_dir: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+):
+    from trainguard.integrations import reporting
+
+    run = _WandbRunStandIn()
+    monkeypatch.setattr(reporting, "_wandb_run", lambda: run)
+    monkeypatch.setenv("HF_TOKEN", ENV_SECRET)
+    monkeypatch.setenv("WANDB_API_KEY", WANDB_KEY)
+    hook = _Server()
+    try:
+        monkeypatch.setenv(WEBHOOK_ENV, f"http://127.0.0.1:{hook.port}/hook")
+        stop = trainguard.GracefulStop()
+        trainer = make_trainer(
+            output_dir,
+            callbacks=[trainguard.CrashLoopGuard(), stop, _UserCallbackBug()],
+            max_steps=6,
+            save_strategy="steps",
+            save_steps=100,
+        )
+        with caplog.at_level(logging.INFO, logger="trainguard"), pytest.raises(RuntimeError) as info:
+            trainer.train()
+        stop.alerter.close(timeout=30)  # the webhook queue: train() raised, so on_train_end never closed it
+    finally:
+        hook.close()
+    assert str(info.value) == ISSUE_ERROR  # the user's own exception propagates unchanged
+    assert stop.saved_on_error is not None  # GracefulStop saved and alerted, with the error in its message
+
+    events = [json.loads(line) for line in (output_dir / EVENTS_FILE).read_text().splitlines()]
+    [alert] = [e for e in events if e["guard"] == "graceful_stop" and "training raised" in e["message"]]
+    assert "Authorization: Bearer ***" in alert["message"] and "https://hooks.slack.com/" in alert["message"]
+    _assert_none_of(RUN_SECRETS, json.dumps(events))
+
+    logged = "\n".join(r.getMessage() for r in caplog.records if r.name.startswith("trainguard"))
+    assert "training raised RuntimeError: upload failed" in logged
+    _assert_none_of(RUN_SECRETS, logged)
+
+    bodies = [body.decode("utf-8") for body in hook.bodies]
+    assert any("training raised RuntimeError" in body for body in bodies)
+    _assert_none_of(RUN_SECRETS, "\n".join(bodies))
+
+    assert any("training raised RuntimeError" in a["text"] for a in run.alerts)
+    _assert_none_of(RUN_SECRETS, json.dumps(run.alerts))
+
+    _assert_none_of(RUN_SECRETS, (output_dir / cl.CRASH_LOG).read_text())  # the crash record, as before
+
+
+def test_a_sink_registered_by_a_user_only_ever_sees_redacted_text(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("HF_TOKEN", ENV_SECRET)
+    monkeypatch.setenv("WANDB_API_KEY", WANDB_KEY)  # 40 hex digits in free text: hidden as this run's W&B key
+    seen: list[str] = []
+
+    class UserSink:
+        def send(self, alert: Alert) -> None:
+            seen.append("\n".join([alert.message, alert.format(), json.dumps(alert.to_dict()), repr(alert.evidence)]))
+
+    class UserGuard(GuardCallback):
+        guard_name = "user_guard"
+
+    evidence = {
+        "argv": ["train.py", "--hub_token", HF, "--model", ENV_SECRET],
+        "error": RuntimeError(f"401 for {SLACK_HOOK}: Bearer {GITHUB}"),
+        "nested": [{"api_key": "plainvalue1", "path": Path(f"/data/{ENV_SECRET}/x")}],
+    }
+    message = f"sync failed: {ISSUE_ERROR}"
+    alerter = Alerter([])
+    alerter.sinks.append(UserSink())  # registered after the alerter was made
+    alerter.emit(Alert("user_guard", "error", message, evidence=evidence))
+    UserGuard(alert_sinks=[UserSink()]).alert("warning", message, step=3, evidence=evidence)
+    UserSink().send(Alert("user_guard", "info", message, evidence=evidence))  # even handed to a sink by hand
+    assert len(seen) == 3
+    for text in seen:
+        _assert_none_of((*RUN_SECRETS, GITHUB, "plainvalue1"), text)
+        assert "sync failed: upload failed: Authorization: Bearer ***" in text and "--hub_token" in text
+    assert evidence["argv"][2] == HF  # the caller's own objects are left as they were: the alert holds a copy
 
 
 def test_values_of_secret_environment_variables_are_hidden_wherever_they_appear_and_short_switches_are_not(

@@ -15,12 +15,22 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from transformers import TrainerCallback
 
 import trainguard
-from trainguard.alerts import WEBHOOK_ENV, Alert, Alerter, WebhookConfigError, WebhookSink, default_sinks
+from trainguard.alerts import EVENTS_FILE, WEBHOOK_ENV, Alert, Alerter, WebhookConfigError, WebhookSink, default_sinks
+from trainguard.callbacks import GuardCallback
 from trainguard.checks import crash_loop as cl
 from trainguard.checks import run_lock as rl
-from trainguard.redact import MARK, redact_argv, redact_command, redact_text, redact_url
+from trainguard.redact import (
+    MARK,
+    redact_argv,
+    redact_command,
+    redact_json,
+    redact_text,
+    redact_url,
+    secret_env_values,
+)
 
 from _rig import free_port, holding_run_lock, make_trainer, run_python
 
@@ -209,7 +219,7 @@ def test_a_webhook_url_without_a_scheme_is_a_trainguard_error_that_shows_it_reda
         default_sinks(output_dir)
     err = info.value
     assert isinstance(err, trainguard.TrainGuardError) and isinstance(err, ValueError)
-    assert err.where == {"field": WEBHOOK_ENV} and "hooks.example.com/hook?token=***" in err.what
+    assert err.where == {"field": WEBHOOK_ENV} and "hooks.example.com/***" in err.what  # the value: host only
     _assert_no_secret(str(err))
     # the same when a real Trainer sets up its guards' alerts: a clear error at construction, no raw ValueError
     with pytest.raises(WebhookConfigError) as info:
@@ -220,16 +230,17 @@ def test_a_webhook_url_without_a_scheme_is_a_trainguard_error_that_shows_it_reda
 
 
 class _Server:
-    """A real HTTP server on 127.0.0.1 that records every request's method and headers."""
+    """A real HTTP server on 127.0.0.1 that records every request's method and headers (and body, in ``bodies``)."""
 
     def __init__(self, redirect_to: str | None = None) -> None:
         self.requests: list[tuple[str, dict[str, str]]] = []
+        self.bodies: list[bytes] = []
         server = self
 
         class Handler(BaseHTTPRequestHandler):
             def _answer(self) -> None:
                 length = int(self.headers.get("Content-Length") or 0)
-                self.rfile.read(length)
+                server.bodies.append(self.rfile.read(length))
                 server.requests.append((self.command, dict(self.headers)))
                 if redirect_to is not None and self.path.startswith("/hook"):
                     self.send_response(302)
@@ -298,3 +309,193 @@ def test_the_holder_record_is_private_even_under_a_permissive_umask(output_dir: 
     result = run_python(code, str(output_dir), timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     assert stat.S_IMODE(os.stat(output_dir / rl.INFO_NAME).st_mode) == 0o600
+
+
+# ------------------------------------------------------------------ one choke point for alerts; environment values
+ENV_SECRET = "correcthorsebatterystaple9"  # no prefix, no secret-looking flag: only the environment says it is one
+WANDB_KEY = "a1b2c3d4e5f6" + "0718293a4b5c6d7e8f90" + "12345678"  # a W&B API key: 40 hex digits
+AWS_SECRET = "wJalrXUtnFEMI/K7MDENG/" + "bPxRfiCYEXAMPLEKEY"  # AWS's documented example secret access key
+GIT_SHA = "c3327cb" + "0" * 33  # a git commit: also 40 hex digits
+SLACK_KEY = "Zx9Yw8Vu7Ts6Rq5Po4Nm3Lk2"
+SLACK_HOOK = f"https://hooks.slack.com/services/T0ABC/B0DEF/{SLACK_KEY}"
+_HEAD = f"upload failed: Authorization: Bearer {HF} while posting to {SLACK_HOOK} with key {WANDB_KEY}; context "
+# The environment secret straddles the 300th character of "RuntimeError: <message>": a guard that cuts the text
+# before redacting it would leave a prefix no exact match finds.
+ISSUE_ERROR = _HEAD + "." * (290 - len("RuntimeError: ") - len(_HEAD)) + f" {ENV_SECRET}"
+RUN_SECRETS = (HF, SLACK_KEY, WANDB_KEY, ENV_SECRET[:8], AWS_SECRET)
+
+
+def _assert_none_of(secrets: tuple[str, ...], text: str) -> None:
+    for secret in secrets:
+        assert secret not in text, f"{secret} leaked"
+
+
+class _UserCallbackBug(TrainerCallback):
+    """A user's callback that raises the issue's error at the start of step 3 (after two completed steps)."""
+
+    def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if state.global_step == 2:
+            raise RuntimeError(ISSUE_ERROR)
+
+
+class _WandbRunStandIn:
+    """Stands in for the active W&B run: records what ``run.alert(...)`` was given."""
+
+    def __init__(self) -> None:
+        self.alerts: list[dict[str, Any]] = []
+
+    def alert(self, **kwargs: Any) -> None:
+        self.alerts.append(kwargs)
+
+
+@pytest.mark.timeout(300)
+def test_a_callbacks_exception_carrying_credentials_reaches_no_alert_sink_raw(
+    output_dir: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+):
+    from trainguard.integrations import reporting
+
+    run = _WandbRunStandIn()
+    monkeypatch.setattr(reporting, "_wandb_run", lambda: run)
+    monkeypatch.setenv("HF_TOKEN", ENV_SECRET)
+    monkeypatch.setenv("WANDB_API_KEY", WANDB_KEY)
+    hook = _Server()
+    try:
+        monkeypatch.setenv(WEBHOOK_ENV, f"http://127.0.0.1:{hook.port}/hook")
+        stop = trainguard.GracefulStop()
+        trainer = make_trainer(
+            output_dir,
+            callbacks=[trainguard.CrashLoopGuard(), stop, _UserCallbackBug()],
+            max_steps=6,
+            save_strategy="steps",
+            save_steps=100,
+        )
+        with caplog.at_level(logging.INFO, logger="trainguard"), pytest.raises(RuntimeError) as info:
+            trainer.train()
+        stop.alerter.close(timeout=30)  # the webhook queue: train() raised, so on_train_end never closed it
+    finally:
+        hook.close()
+    assert str(info.value) == ISSUE_ERROR  # the user's own exception propagates unchanged
+    assert stop.saved_on_error is not None  # GracefulStop saved and alerted, with the error in its message
+
+    events = [json.loads(line) for line in (output_dir / EVENTS_FILE).read_text().splitlines()]
+    [alert] = [e for e in events if e["guard"] == "graceful_stop" and "training raised" in e["message"]]
+    assert "Authorization: Bearer ***" in alert["message"] and "https://hooks.slack.com/" in alert["message"]
+    _assert_none_of(RUN_SECRETS, json.dumps(events))
+
+    logged = "\n".join(r.getMessage() for r in caplog.records if r.name.startswith("trainguard"))
+    assert "training raised RuntimeError: upload failed" in logged
+    _assert_none_of(RUN_SECRETS, logged)
+
+    bodies = [body.decode("utf-8") for body in hook.bodies]
+    assert any("training raised RuntimeError" in body for body in bodies)
+    _assert_none_of(RUN_SECRETS, "\n".join(bodies))
+
+    assert any("training raised RuntimeError" in a["text"] for a in run.alerts)
+    _assert_none_of(RUN_SECRETS, json.dumps(run.alerts))
+
+    _assert_none_of(RUN_SECRETS, (output_dir / cl.CRASH_LOG).read_text())  # the crash record, as before
+
+
+def test_a_sink_registered_by_a_user_only_ever_sees_redacted_text(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("HF_TOKEN", ENV_SECRET)
+    monkeypatch.setenv("WANDB_API_KEY", WANDB_KEY)  # 40 hex digits in free text: hidden as this run's W&B key
+    seen: list[str] = []
+
+    class UserSink:
+        def send(self, alert: Alert) -> None:
+            seen.append("\n".join([alert.message, alert.format(), json.dumps(alert.to_dict()), repr(alert.evidence)]))
+
+    class UserGuard(GuardCallback):
+        guard_name = "user_guard"
+
+    evidence = {
+        "argv": ["train.py", "--hub_token", HF, "--model", ENV_SECRET],
+        "error": RuntimeError(f"401 for {SLACK_HOOK}: Bearer {GITHUB}"),
+        "nested": [{"api_key": "plainvalue1", "path": Path(f"/data/{ENV_SECRET}/x")}],
+    }
+    message = f"sync failed: {ISSUE_ERROR}"
+    alerter = Alerter([])
+    alerter.sinks.append(UserSink())  # registered after the alerter was made
+    alerter.emit(Alert("user_guard", "error", message, evidence=evidence))
+    UserGuard(alert_sinks=[UserSink()]).alert("warning", message, step=3, evidence=evidence)
+    UserSink().send(Alert("user_guard", "info", message, evidence=evidence))  # even handed to a sink by hand
+    assert len(seen) == 3
+    for text in seen:
+        _assert_none_of((*RUN_SECRETS, GITHUB, "plainvalue1"), text)
+        assert "sync failed: upload failed: Authorization: Bearer ***" in text and "--hub_token" in text
+    assert evidence["argv"][2] == HF  # the caller's own objects are left as they were: the alert holds a copy
+
+
+def test_values_of_secret_environment_variables_are_hidden_wherever_they_appear_and_short_switches_are_not(
+    monkeypatch: pytest.MonkeyPatch,
+):
+    monkeypatch.setenv("HF_TOKEN", ENV_SECRET)  # set after trainguard was imported: read when redacting
+    monkeypatch.setenv("SHORT_TOKEN", ENV_SECRET[:12])  # a prefix of it: the longer value must win
+    monkeypatch.setenv("MY_TEAM_API_KEY", "teamkey-plain-1")  # any *_API_KEY, not only well-known names
+    monkeypatch.setenv("SLACK_WEBHOOK_URL", "https://hooks.example.com/path/lowercasesecret")
+    monkeypatch.setenv("HF_HUB_DISABLE_IMPLICIT_TOKEN", "1")  # a switch, not a credential
+    values = secret_env_values()
+    assert values.index(ENV_SECRET) < values.index(ENV_SECRET[:12]) and "1" not in values  # longest first
+    text = f"error {ENV_SECRET} (teamkey-plain-1) at https://hooks.example.com/path/lowercasesecret step 1"
+    assert redact_text(text) == f"error {MARK} ({MARK}) at https://hooks.example.com/{MARK} step 1"
+    assert redact_text(redact_text(text)) == redact_text(text)
+    assert redact_argv(["train.py", "--model", ENV_SECRET, f"--note={ENV_SECRET}", "--lr", "1"]) == [
+        "train.py",
+        "--model",
+        MARK,
+        f"--note={MARK}",
+        "--lr",
+        "1",
+    ]
+    assert redact_json({"message": f"x {ENV_SECRET}", "steps": [1]}) == {"message": f"x {MARK}", "steps": [1]}
+    assert ENV_SECRET not in redact_url(f"https://example.com/{ENV_SECRET}/x")
+    monkeypatch.delenv("HF_TOKEN")
+    monkeypatch.delenv("SHORT_TOKEN")
+    assert redact_text(ENV_SECRET) == ENV_SECRET  # only while it is a secret of this environment
+
+
+def test_a_secret_environment_value_with_no_shape_never_reaches_the_lock_record_or_its_error(
+    output_dir: Path, monkeypatch: pytest.MonkeyPatch
+):
+    monkeypatch.setenv("HF_TOKEN", ENV_SECRET)  # the holder (a child process) inherits it, as a real job would
+    with holding_run_lock(output_dir, "--model_name", ENV_SECRET, f"--note={ENV_SECRET}", "--lr", "1e-4") as holder:
+        raw = (output_dir / rl.INFO_NAME).read_text()
+        with pytest.raises(trainguard.RunLockedError) as info:
+            rl.acquire_run_lock(output_dir)
+    assert ENV_SECRET not in raw and ENV_SECRET not in str(info.value)
+    command = json.loads(raw)["command"]
+    assert "--model_name '***'" in command and "--lr 1e-4" in command
+    assert f"PID {holder.pid}" in str(info.value)
+
+
+def test_a_bare_wandb_key_and_an_aws_secret_on_the_command_line_never_reach_the_lock_record(
+    output_dir: Path, monkeypatch: pytest.MonkeyPatch
+):
+    for name in ("WANDB_API_KEY", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.delenv(name, raising=False)  # by shape alone, not because the environment names them
+    argv = (WANDB_KEY, "--aws", AWS_SECRET, f"--wandb={WANDB_KEY}", f"KEY_FOR_WANDB={WANDB_KEY}", "--revision", GIT_SHA)
+    with holding_run_lock(output_dir, *argv):
+        raw = (output_dir / rl.INFO_NAME).read_text()
+    command = json.loads(raw)["command"]
+    _assert_none_of((WANDB_KEY, AWS_SECRET), raw)
+    assert f"--revision {GIT_SHA}" in command  # a git commit after --revision is kept: the command says what ran
+    assert "--aws '***'" in command
+    # an older record holding the command as one string is redacted the same way when read
+    assert redact_command(f"python t.py {WANDB_KEY} --x {AWS_SECRET}") == "python t.py '***' --x '***'"
+
+
+def test_tokenizer_special_token_fields_are_not_mistaken_for_credentials():
+    # the tokenizer check's evidence and message (an alert is redacted whole): "eos_token" names no secret
+    evidence = {"eos_token": {"token": "</s>", "id": 2}, "pad_token_id": 0, "hub_token": "hub-1", "token": "abc"}
+    assert redact_json(evidence) == {
+        "eos_token": {"token": "</s>", "id": 2},
+        "pad_token_id": 0,
+        "hub_token": MARK,
+        "token": MARK,
+    }
+    phrase = 'eos_token: checkpoint "</s>" (id 2), this one "<|endoftext|>" (id 0)'
+    assert redact_text(phrase) == phrase
+    assert Alert("dataset_guard", "error", phrase, evidence=evidence).evidence["eos_token"] == {
+        "token": "</s>",
+        "id": 2,
+    }

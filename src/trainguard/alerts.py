@@ -16,6 +16,10 @@ Sinks:
 Guards attached to a Trainer use the logger, the Trainer's log and the JSONL file by default, plus a webhook when
 ``webhook_url=`` or the ``TRAINGUARD_WEBHOOK_URL`` environment variable is set.
 
+An :class:`Alert` is redacted when it is made (:mod:`trainguard.redact`: token shapes, secret flags and keys, URL
+credentials, the values of secret environment variables), message and evidence alike, so every sink, including one
+a user registers, only ever receives redacted text; no guard has to remember.
+
 Example::
 
     from trainguard.alerts import Alert, Alerter, JsonlSink, LoggerSink
@@ -45,7 +49,7 @@ from ._util import utc_now
 from .atomic import append_line
 from .display import printable
 from .errors import UnsafeFileError, WebhookConfigError, _jsonable
-from .redact import redact_text, redact_url
+from .redact import redact_json, redact_text, redact_url
 
 __all__ = [
     "EVENTS_FILE",
@@ -89,6 +93,11 @@ def _utc_now() -> str:
 class Alert:
     """What a guard saw.
 
+    The one choke point for secrets on every alert path: ``message`` and ``evidence`` are redacted here
+    (:func:`trainguard.redact.redact_text` / :func:`~trainguard.redact.redact_json`), before any sink can see
+    them; ``evidence`` is kept as a JSON-ready copy (paths and other objects as strings), so the caller's dict and
+    what the sinks get can never differ.
+
     Args:
         guard: The guard's name, ``snake_case`` (``"nan_guard"``).
         level: One of ``"info"``, ``"warning"``, ``"error"``, ``"critical"``.
@@ -97,6 +106,11 @@ class Alert:
         rank: The global rank that saw it; defaults to this process's rank.
         evidence: JSON-able facts behind the alert (values, paths, fingerprints).
         time: UTC time in ISO 8601; defaults to now.
+
+    Example::
+
+        Alert("graceful_stop", "warning", "training raised RuntimeError: Bearer hf_abc...").message
+        # 'training raised RuntimeError: Bearer ***'
     """
 
     guard: str
@@ -110,6 +124,9 @@ class Alert:
     def __post_init__(self) -> None:
         if self.level not in LEVELS:
             raise ValueError(f"Alert level must be one of {LEVELS}, not {self.level!r}")
+        # frozen: set through object.__setattr__, once, before anyone holds the alert
+        object.__setattr__(self, "message", redact_text(str(self.message)))
+        object.__setattr__(self, "evidence", redact_json(_jsonable(dict(self.evidence or {}))))
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict with every field."""
@@ -137,7 +154,8 @@ class Alert:
 
 @runtime_checkable
 class AlertSink(Protocol):
-    """Anything with ``send(alert)``; ``close(timeout)`` is optional."""
+    """Anything with ``send(alert)``; ``close(timeout)`` is optional. ``send`` only ever receives a redacted
+    :class:`Alert` (it is redacted when made), so a sink needs no redaction of its own."""
 
     def send(self, alert: Alert) -> None: ...
 

@@ -17,6 +17,7 @@ from ..alerts import AlertSink, get_logger
 from ..checks import crash_loop
 from ..checks import last_save as _last_save
 from ..checks.nan.values import nonfinite_parameters
+from ..redact import redact_text
 from . import _trainer_compat
 from ._base import GuardCallback
 
@@ -335,7 +336,8 @@ class GracefulStop(GuardCallback):
         if world_size > 1:
             decision = self._agree(decision, phase)
         self.last_save = decision
-        error = f"{type(exc).__name__}: {exc}"[:300]
+        # Redact before cutting: a secret cut in two is no longer recognised by the alert's own redaction.
+        error = redact_text(f"{type(exc).__name__}: {exc}")[:300]
         evidence = {"error": type(exc).__name__, "phase": phase, "reason": decision.reason, "checkpoint": folder}
         if not decision.save:
             self.alert(
@@ -356,7 +358,7 @@ class GracefulStop(GuardCallback):
             self.wait_for_other_guards(trainer)  # the manifest is written before the error reaches the caller
         except BaseException as err:
             if world_size > 1:
-                self._post_done(f"failed: {type(err).__name__}: {err}"[:300])
+                self._post_done(redact_text(f"failed: {type(err).__name__}: {err}")[:300])
             raise
         if world_size > 1:
             # Only the writing rank commits the manifest, after the others have left the save: every rank waits

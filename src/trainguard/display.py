@@ -40,6 +40,7 @@ from __future__ import annotations
 import io
 import logging
 import os
+from collections.abc import Callable
 from typing import IO, Any
 
 __all__ = ["PrintableWriter", "printable", "printable_tree", "terminal_of"]
@@ -78,20 +79,26 @@ def printable(text: str | os.PathLike[str], *, keep_newlines: bool = False) -> s
     return "".join(ch if ch.isprintable() else _escape(ch) for ch in text)
 
 
+def map_strings(value: Any, convert: Callable[[str], str]) -> Any:
+    """``value`` (a JSON-like tree) with every string, path and key in it passed through ``convert``; numbers,
+    booleans and ``None`` are left as they are, tuples become lists."""
+    if isinstance(value, str):
+        return convert(value)
+    if isinstance(value, os.PathLike):
+        return convert(os.fsdecode(value))
+    if isinstance(value, dict):
+        return {convert(k) if isinstance(k, str) else k: map_strings(v, convert) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [map_strings(v, convert) for v in value]
+    return value
+
+
 def printable_tree(value: Any) -> Any:
     """``value`` (a JSON-like tree) with every string, path and key in it passed through :func:`printable`.
 
     For a command that formats a whole report for the terminal: each field then fits on its line, whatever the
-    files it came from held. Numbers, booleans and ``None`` are left as they are."""
-    if isinstance(value, str):
-        return printable(value)
-    if isinstance(value, os.PathLike):
-        return printable(os.fsdecode(value))
-    if isinstance(value, dict):
-        return {printable(k) if isinstance(k, str) else k: printable_tree(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [printable_tree(v) for v in value]
-    return value
+    files it came from held."""
+    return map_strings(value, printable)
 
 
 # ------------------------------------------------------------------------------------------- the output boundary

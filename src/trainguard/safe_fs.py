@@ -35,6 +35,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from .display import map_strings
 from .errors import MalformedFileError, UnsafeFileError
 
 __all__ = [
@@ -360,12 +361,4 @@ def display_text(text: str) -> str:
 def display_json(value: Any) -> Any:
     """A JSON-ready value with every string and path in it (keys too) passed through :func:`display_text`, so
     ``json.dumps(..., ensure_ascii=False)`` of it always encodes as UTF-8. Other values are left as they are."""
-    if isinstance(value, str):
-        return display_text(value)
-    if isinstance(value, os.PathLike):
-        return display_text(os.fsdecode(value))
-    if isinstance(value, dict):
-        return {display_text(k) if isinstance(k, str) else k: display_json(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [display_json(v) for v in value]
-    return value
+    return map_strings(value, display_text)

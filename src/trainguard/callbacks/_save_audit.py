@@ -58,6 +58,7 @@ class SaveAuditor:
         self.absent_ok: tuple[str, ...] = ()
         self.audited = 0
         self.hollow = 0
+        self._unmapped_said = False  # the weights' names step aside once per run, said in one warning
         self.findings: list[attest.Finding] = []
         # The first step after a save or a resume: ("save" | "resume", checkpoint name, run id, records)
         self._armed: tuple[str, str, str | None, Any] | None = None
@@ -92,12 +93,27 @@ class SaveAuditor:
         self._spec = None
         if self.audit != "off" and trainer is not None and trainer.args.should_save:
             self._spec = dataclasses.replace(_trainer_compat.save_spec(trainer), absent_ok=self.absent_ok)
+            self._say_unmapped(self._spec.unmapped, step)
             problems = audit_checkpoint(folder, self._spec, optimizer=False)
             self.audited += 1
         if not distributed.any_rank(bool(problems)):
             return True
         self._fail(folder, step, problems)
         return False
+
+    def _say_unmapped(self, reason: str, step: int) -> None:
+        """One warning per run when the saved weights' names cannot be mapped to the run's: that part of the audit
+        steps aside (a run is never stopped for what trainguard cannot read), the rest still runs."""
+        if not reason or self._unmapped_said:
+            return
+        self._unmapped_said = True
+        if distributed.is_main_process():
+            self._alert(
+                "warning",
+                f"save audit: the saved weights' names are not compared with the run's ({reason}); the files are "
+                "still checked to be present, readable and not empty",
+                step=step,
+            )
 
     def pre_commit_check(self) -> Callable[[Path], list[Any]] | None:
         """The part of the audit that runs on the hashing thread before the commit marker, for the save just

@@ -18,7 +18,9 @@ What goes through it, and why there is no public way:
   ``_load_from_checkpoint``.
 - :func:`save_spec`: what a save of the live run must hold, as ``save_pretrained`` will write it (5.x: the tie
   removal of ``transformers.modeling_utils.remove_tied_weights_from_state_dict``, which also raises the first-save
-  "shared tensors" crash in advance; 4.x: storage-sharing names dropped).
+  "shared tensors" crash in advance; 4.x: storage-sharing names dropped), under the names and shapes it writes them
+  (5.x: ``transformers.core_model_loading.revert_weight_conversion`` replayed on meta tensors; 4.52+: the model's
+  ``_checkpoint_conversion_mapping`` reversed).
 - :func:`resume_facts`: the run's step, optimizer step count, learning rates and the settings that define them.
 
 Every touch is:
@@ -38,6 +40,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib
 import sys
 from collections.abc import Callable, Iterator, Mapping
 from contextvars import ContextVar
@@ -46,6 +49,7 @@ from typing import Any, Protocol
 
 __all__ = [
     "CheckpointHooks",
+    "as_saved",
     "engine_layout",
     "engine_name",
     "find_trainer",
@@ -346,9 +350,10 @@ def _storage_key(tensor: Any) -> Any:
         return id(tensor)
 
 
-def saved_weights(model: Any) -> tuple[dict[str, Any], str, dict[str, str]]:
-    """The tensors ``save_pretrained`` writes for ``model`` (name -> :class:`TensorSpec`), ``"adapter"`` or
-    ``"model"``, and the names it drops because they share memory with a saved one (name -> saved name).
+def saved_weights(model: Any) -> tuple[dict[str, Any], str, dict[str, str], str]:
+    """The tensors ``save_pretrained`` writes for ``model`` (saved name -> :class:`TensorSpec`, see :func:`as_saved`),
+    ``"adapter"`` or ``"model"``, the names it drops because they share memory with a saved one (the run's name -> the
+    run's name of the saved one), and why the saved names could not be mapped (``""``: they could).
 
     Raises:
         RuntimeError: The model has shared tensors ``save_pretrained`` will refuse ("contained shared tensors ...
@@ -359,7 +364,7 @@ def saved_weights(model: Any) -> tuple[dict[str, Any], str, dict[str, str]]:
         from peft import get_peft_model_state_dict
 
         adapter = get_peft_model_state_dict(model)
-        return {name: _tensor_spec(t) for name, t in adapter.items()}, "adapter", {}
+        return {name: _tensor_spec(t) for name, t in adapter.items()}, "adapter", {}, ""
     full = dict(model.state_dict())
     import transformers.modeling_utils as modeling
 
@@ -376,7 +381,64 @@ def saved_weights(model: Any) -> tuple[dict[str, Any], str, dict[str, str]]:
                 kept[name] = tensor
     by_storage = {_storage_key(t): n for n, t in kept.items()}
     tied = {n: by_storage.get(_storage_key(t), "") for n, t in full.items() if n not in kept}
-    return {name: _tensor_spec(t) for name, t in kept.items()}, "model", tied
+    weights, unmapped = as_saved(model, kept)
+    return weights, "model", tied, unmapped
+
+
+def as_saved(model: Any, tensors: Mapping[str, Any]) -> tuple[dict[str, Any], str]:
+    """``tensors`` (the run's names -> tensors or parameters) as ``save_pretrained`` writes them: name ->
+    :class:`TensorSpec` after transformers' key conversion (5.x saves Mixtral's fused ``mlp.experts.gate_up_proj``
+    per expert, ViT's ``vit.layers.N.attention.q_proj`` as ``vit.encoder.layer.N.attention.attention.query``), and
+    ``""``; or the unconverted specs and why the conversion could not be replayed.
+
+    The conversion runs on meta tensors of the same shapes and dtypes: names and shapes, no data, a few milliseconds.
+
+    Example::
+
+        specs, unmapped = as_saved(model, model.state_dict())   # unmapped == "" when the names are the saved ones
+    """
+    specs = {name: _tensor_spec(t) for name, t in tensors.items()}
+    loading: Any
+    try:
+        loading = importlib.import_module("transformers.core_model_loading")
+    except ImportError:  # 4.x: no conversion machinery
+        loading = None
+    revert = getattr(loading, "revert_weight_conversion", None)
+    if loading is not None and not callable(revert):
+        return specs, "this transformers converts weight names at save through an API trainguard does not know"
+    if callable(revert):
+        import torch
+
+        meta = {
+            name: torch.empty(specs[name].shape, dtype=getattr(t, "dtype", None), device="meta")
+            for name, t in tensors.items()
+        }
+        try:
+            converted = revert(model, meta)
+        except Exception as err:  # an unknown conversion op, or one that needs the data: names cannot be mapped
+            first = str(err).splitlines()[0][:200] if str(err) else ""
+            return (
+                specs,
+                f"{type(model).__name__}'s key conversion could not be replayed ({type(err).__name__}: {first})",
+            )
+        return {name: _tensor_spec(t) for name, t in converted.items()}, ""
+    mapping = getattr(model, "_checkpoint_conversion_mapping", None)
+    if isinstance(mapping, Mapping) and mapping:
+        return {_reverse_key(name, mapping): spec for name, spec in specs.items()}, ""
+    return specs, ""
+
+
+def _reverse_key(name: str, mapping: Mapping[str, str]) -> str:
+    """transformers 4.52-4.57 ``save_pretrained``: the first of the model's ``_checkpoint_conversion_mapping``
+    patterns, reversed, that matches renames the key."""
+    import re
+
+    for pattern, replacement in {v: k for k, v in mapping.items()}.items():
+        replacement = re.sub(r"\(.*\)", "", replacement.lstrip("^"))
+        name, count = re.subn(pattern, replacement, name)
+        if count:
+            break
+    return name
 
 
 def engine_layout(trainer: Any) -> str:
@@ -444,12 +506,15 @@ def save_spec(trainer: Any) -> Any:
     model = trainer.model
     peft_config = getattr(model, "peft_config", None)
     fsdp1 = layout.startswith("fsdp") and not getattr(trainer.accelerator, "is_fsdp2", False)
+    unmapped = ""
     if layout == "plain":
-        weights, kind, tied = saved_weights(model)
+        weights, kind, tied, unmapped = saved_weights(model)
     elif (isinstance(peft_config, dict) and peft_config) or fsdp1:
         weights, kind, tied = {}, "model", {}  # partitioned adapters and flat parameters: files and shards only
-    else:
+    elif layout == "fsdp_sharded":  # DCP writes the module names, no conversion
         weights, kind, tied = _sharded_weights(model), "model", {}
+    else:  # gathered full weights go through save_pretrained and its key conversion
+        (weights, unmapped), kind, tied = as_saved(model, dict(model.named_parameters())), "model", {}
     optimizer = getattr(trainer, "optimizer", None)
     inner = getattr(optimizer, "optimizer", optimizer)
     groups = getattr(inner, "param_groups", None)
@@ -465,6 +530,7 @@ def save_spec(trainer: Any) -> Any:
         fp16_scaler=bool(enabled()) if callable(enabled) else scaler is not None,
         optimizer_params=sum(len(g.get("params", [])) for g in groups) if groups else None,
         optimizer_states=len(getattr(inner, "state", {}) or {}) if groups else None,
+        unmapped=unmapped,
     )
 
 

@@ -7,7 +7,9 @@ with a :class:`SaveSpec` taken from the live run at that save:
 - weights: every tensor the model has (for a PEFT model: every adapter tensor) is in the files with its full shape
   and dtype; no zero-size tensor where the live one is not empty (ZeRO-3 + LoRA's 40-byte adapter, FSDP's
   ``Size([0])`` embeddings); a key missing only where the model shares that tensor with a saved one (a declared
-  tie);
+  tie). The spec names the tensors as the files hold them, after the key conversion ``save_pretrained`` applies
+  (MoE experts written one by one, ViT's renamed layers); where that conversion could not be replayed
+  (``unmapped``), names are not compared, and the files are only required to be present, readable and not empty;
 - optimizer, scheduler and RNG state present unless the run saves model-only, one RNG file per rank; the optimizer's
   saved state covers every parameter the live optimizer holds.
 
@@ -72,6 +74,8 @@ class SaveSpec:
     ``fsdp_full`` (gathered weights, ``optimizer.bin``) or ``deepspeed`` (``global_stepN/``, ``latest``).
     ``absent_ok`` names files this folder is known not to receive (one node's copy of a node-local save, see
     :func:`~trainguard.checks.checkpoint.nodes.node_copy_gaps`; ``global_stepN`` stands for the step's tag).
+    ``unmapped`` says why ``weights`` could not be given the names ``save_pretrained`` writes (an unknown key
+    conversion); when set, the weights' names and shapes are not compared.
     """
 
     weights: dict[str, TensorSpec] = field(default_factory=dict)
@@ -84,6 +88,7 @@ class SaveSpec:
     optimizer_params: int | None = None
     optimizer_states: int | None = None
     absent_ok: tuple[str, ...] = ()
+    unmapped: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -156,6 +161,7 @@ def _saved_dcp(folder: Path, problems: list[Problem]) -> tuple[dict[str, tuple[s
 
 def _audit_weights(folder: Path, spec: SaveSpec, problems: list[Problem]) -> None:
     saved: dict[str, tuple[str, list[int], str]] = {}
+    found_before = len(problems)
     if spec.layout == "fsdp_sharded" and spec.weights_kind == "model":
         saved, files = _saved_dcp(folder, problems)
         if not files:
@@ -176,6 +182,13 @@ def _audit_weights(folder: Path, spec: SaveSpec, problems: list[Problem]) -> Non
                 shape = info.get("shape") if isinstance(info, dict) else None
                 if isinstance(shape, list) and all(isinstance(d, int) for d in shape):
                     saved[name] = (str(info.get("dtype")), list(shape), path.name)
+    if spec.unmapped:
+        # The saved names are a conversion of the run's that could not be replayed: comparing names would call
+        # every converted tensor missing. What needs no names still holds: the files are there and hold tensors.
+        if not saved and len(problems) == found_before:  # (an unreadable header is named already)
+            where = files[0].name if len(files) == 1 else ""
+            problems.append(Problem(where, "hollow", "the saved weights hold no tensor"))
+        return
     missing = [n for n in spec.weights if n not in saved and spec.tied.get(n) not in saved]
     if missing:
         shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")

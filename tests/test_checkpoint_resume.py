@@ -198,3 +198,26 @@ def test_all_guards_includes_the_verifier_before_the_guards_that_read_the_resume
     assert keys.index("run_lock") < keys.index("checkpoint_verifier") < keys.index("dataset_guard")
     guards = trainguard.all_guards(**{k: False for k in keys if k != "checkpoint_verifier"})
     assert [type(g).__name__ for g in guards] == ["CheckpointVerifier"]
+
+
+def test_a_mistyped_resume_path_raises_the_plain_trainers_value_error_with_advice_to_check_the_path(run: Path):
+    typo = run / "chekpoint-4"
+    with pytest.raises(ValueError, match="Can't find a valid checkpoint at") as plain:
+        make_trainer(run, max_steps=6).train(resume_from_checkpoint=str(typo))
+    with pytest.raises(ValueError, match="does not exist") as guarded:
+        make_trainer(run, callbacks=trainguard.all_guards(), max_steps=6, **SAVE).train(
+            resume_from_checkpoint=str(typo)
+        )
+    err = guarded.value
+    assert isinstance(err, CheckpointIntegrityError) and type(plain.value) is ValueError
+    assert err.what == f"the checkpoint {typo} does not exist" and err.where["file"] == str(typo)
+    assert "typo" in err.next_step and "backup" not in str(err)
+    assert f"Beside it in {run}: checkpoint-2, checkpoint-4." in err.next_step  # the path meant, most likely
+    assert (run / "checkpoint-4").is_dir() and not typo.exists()  # nothing was moved or made
+
+
+def test_resume_true_with_no_checkpoint_raises_the_plain_trainers_value_error_with_the_guards_too(tmp_path: Path):
+    for callbacks in ([], trainguard.all_guards()):
+        out = tmp_path / ("guarded" if callbacks else "plain")
+        with pytest.raises(ValueError, match="No valid checkpoint found in output directory"):
+            make_trainer(out, callbacks=callbacks, max_steps=1).train(resume_from_checkpoint=True)

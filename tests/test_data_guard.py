@@ -176,3 +176,124 @@ def test_the_example_reports_line_numbers_and_data_guard_refuses(tmp_path: Path)
     assert f"{tmp_path / 'train.jsonl'}:3" in out and "invalid_json" in out
     assert "answer_cut_off" in out and "contradictory_labels" in out
     assert "DataGuard refused before step 1" in out and "rows 4" in out
+
+
+# ---- issue #26 item 1: every label shape the plain Trainer trains, trained with all_guards(), bit-identical ----
+_IDS = [[5, 6, 7, 8]] * 16
+
+
+class _Rows:
+    """A map-style torch-style dataset of dict rows (no column_names): read row by row."""
+
+    def __init__(self, rows: list[dict[str, Any]]) -> None:
+        self.rows = rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return self.rows[i]
+
+
+def _label_case(name: str) -> tuple[Any, Any]:
+    """(model factory, train dataset) for one label shape."""
+    import torch
+    from datasets import Dataset
+    from transformers import LlamaForSequenceClassification, LlamaForTokenClassification
+
+    from _rig import tiny_llama_config
+
+    def seq(**overrides: Any) -> Any:
+        return lambda: LlamaForSequenceClassification(tiny_llama_config(**{"num_labels": 2, **overrides}))
+
+    ids = [torch.tensor(row) for row in _IDS]
+    cases: dict[str, tuple[Any, Any]] = {
+        # the exact dataset of the issue: what rename_column("label", "labels") gives
+        "arrow_int_column": (seq(), Dataset.from_dict({"input_ids": _IDS, "labels": [0, 1] * 8})),
+        "python_int_rows": (seq(), _Rows([{"input_ids": ids[i], "labels": i % 2} for i in range(16)])),
+        "zero_d_tensor_rows": (seq(), _Rows([{"input_ids": ids[i], "labels": torch.tensor(i % 2)} for i in range(16)])),
+        "regression_float_column": (
+            seq(num_labels=1),
+            Dataset.from_dict({"input_ids": _IDS, "labels": [0.5, -1.5] * 8}),
+        ),
+        "multi_label_float_lists": (
+            seq(problem_type="multi_label_classification"),
+            Dataset.from_dict({"input_ids": _IDS, "labels": [[0.0, 1.0], [1.0, 1.0]] * 8}),
+        ),
+        "multi_label_float_tensor_rows": (
+            seq(problem_type="multi_label_classification"),
+            _Rows([{"input_ids": ids[i], "labels": torch.tensor([1.0, float(i % 2)])} for i in range(16)]),
+        ),
+        "token_classification_with_ignored_tokens": (
+            lambda: LlamaForTokenClassification(tiny_llama_config(num_labels=3)),
+            Dataset.from_dict({"input_ids": _IDS, "labels": [[-100, 1, 2, 0], [0, -100, -100, 1]] * 8}),
+        ),
+    }
+    return cases[name]
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "arrow_int_column",
+        "python_int_rows",
+        "zero_d_tensor_rows",
+        "regression_float_column",
+        "multi_label_float_lists",
+        "multi_label_float_tensor_rows",
+        "token_classification_with_ignored_tokens",
+    ],
+)
+def test_classification_and_regression_labels_train_under_all_guards_to_the_plain_weights(tmp_path: Path, case: str):
+    import torch
+
+    def train(guarded: bool) -> dict[str, Any]:
+        factory, data = _label_case(case)
+        torch.manual_seed(0)
+        model = factory()
+        callbacks = trainguard.all_guards() if guarded else []
+        out = tmp_path / ("guarded" if guarded else "plain")
+        _, output = run_trainer(out, model=model, train_dataset=data, callbacks=callbacks, max_steps=2)
+        assert output.global_step == 2
+        return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    plain, guarded = train(False), train(True)
+    assert plain.keys() == guarded.keys()
+    assert all(torch.equal(plain[k], guarded[k]) for k in plain), "the guards changed the trained weights"
+
+
+def test_one_class_id_per_row_is_read_and_minus_100_means_ignored_on_both_paths():
+    from datasets import Dataset
+
+    labels = [0, -100, 1, -100]
+    arrow = check_tokenized_dataset(Dataset.from_dict({"input_ids": [[5, 6]] * 4, "labels": labels}))
+    rows = check_tokenized_dataset([{"input_ids": [5, 6], "labels": v} for v in labels])
+    assert arrow.masked_examples == rows.masked_examples == [1, 3] and arrow.stepped_aside == rows.stepped_aside == {}
+    # float targets (regression) ignore no value: -100.0 is a target like any other
+    floats = Dataset.from_dict({"input_ids": [[5, 6]] * 2, "labels": [-100.0, 2.0]})
+    assert check_tokenized_dataset(floats).masked_rows == 0
+
+
+def test_a_label_shape_it_cannot_read_is_named_in_one_warning_and_the_guard_steps_aside(
+    output_dir: Path, caplog: pytest.LogCaptureFixture
+):
+    import logging
+
+    from datasets import Dataset
+
+    data = Dataset.from_dict({"input_ids": _IDS * 4, "labels": [{"start": 1, "end": 2}] * 64})  # a struct column
+    trainer = make_trainer(output_dir, train_dataset=data)
+    guard = trainguard.DataGuard(alert_sinks=[])
+    with caplog.at_level(logging.WARNING, logger="trainguard"):
+        found = guard.check(trainer)  # no exception: the check steps aside
+    lines = [r.getMessage() for r in caplog.records if "does not read" in r.getMessage()]
+    assert lines == [
+        "trainguard data_guard: column 'labels' holds struct<start: int64, end: int64> per row, a shape DataGuard "
+        "does not read; the checks that need it were skipped"
+    ]
+    assert found.rows == 64 and found.masked_rows == 0 and guard.alerter.history == []
+    # row by row, a 2-d tensor per row is also named once, however many rows hold one
+    import torch
+
+    rows = [{"input_ids": [5, 6], "labels": torch.zeros(2, 2)} for _ in range(10)]
+    assert check_tokenized_dataset(rows).stepped_aside == {"labels": "a Tensor of shape (2, 2)"}

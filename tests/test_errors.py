@@ -16,6 +16,7 @@ SUBCLASSES = [
     "DatasetMismatchError",
     "LoraConfigMismatchError",
     "CheckpointIntegrityError",
+    "CheckpointNotFoundError",
     "NonFiniteError",
     "HangError",
     "DataValidationError",
@@ -90,3 +91,13 @@ def test_a_message_quoting_a_hostile_name_is_printable_lines_and_the_fields_stay
     assert lines[1] == "  where: file=" + lines[0].removesuffix(" changed") + ", step=5"
     assert lines[2] == "  next: Look\\x1b[2J."
     assert err.what == f"{name} changed" and err.to_dict()["where"]["file"] == name  # exact for code and JSON
+
+
+def test_a_missing_checkpoint_is_both_a_checkpoint_integrity_error_and_the_value_error_the_trainer_raises():
+    err = errors.CheckpointNotFoundError("the checkpoint out/chekpoint-5 does not exist", where={"file": "out"})
+    assert isinstance(err, errors.CheckpointIntegrityError) and isinstance(err, ValueError)
+    assert str(err).startswith("the checkpoint out/chekpoint-5 does not exist\n") and "typo" in err.next_step
+    clone = pickle.loads(pickle.dumps(err))  # it crosses ranks by broadcast_object
+    assert type(clone) is errors.CheckpointNotFoundError and str(clone) == str(err)
+    with pytest.raises(ValueError, match="does not exist"):
+        raise clone

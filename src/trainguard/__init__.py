@@ -18,6 +18,7 @@ from ._version import __version__
 from .errors import (
     AdapterError,
     CheckpointIntegrityError,
+    CheckpointNotFoundError,
     ConfigError,
     DatasetMismatchError,
     DataValidationError,
@@ -84,6 +85,7 @@ _LAZY: dict[str, str] = {
 __all__ = [  # noqa: RUF022 - grouped: errors, then lazily loaded names
     "AdapterError",
     "CheckpointIntegrityError",
+    "CheckpointNotFoundError",
     "ConfigError",
     "DataValidationError",
     "DatasetMismatchError",

@@ -27,6 +27,7 @@ from .display import printable
 __all__ = [
     "AdapterError",
     "CheckpointIntegrityError",
+    "CheckpointNotFoundError",
     "ConfigError",
     "DataValidationError",
     "DatasetMismatchError",
@@ -169,6 +170,25 @@ class CheckpointIntegrityError(TrainGuardError):
     default_next_step = (
         "Resume from an older verified checkpoint (`trainguard verify OUTPUT_DIR` lists them); "
         "the damaged folder can be set aside, it is never deleted."
+    )
+
+
+class CheckpointNotFoundError(CheckpointIntegrityError, ValueError):
+    """The checkpoint to resume from is not there: the path does not exist, or is not a folder. Also a
+    ``ValueError``, as the plain Trainer raises for the same path ("Can't find a valid checkpoint at ..."), so code
+    that catches that keeps working with the guards attached.
+
+    Example::
+
+        try:
+            trainer.train(resume_from_checkpoint="out/chekpoint-50")
+        except ValueError as err:  # the plain Trainer's error, and this one
+            print(err)
+    """
+
+    default_next_step = (
+        "Check the path for a typo: `ls OUTPUT_DIR` lists the checkpoint-N folders there, and "
+        "train(resume_from_checkpoint=True) resumes from the newest one that verifies."
     )
 
 

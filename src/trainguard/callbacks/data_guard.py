@@ -52,7 +52,10 @@ class DataGuard(GuardCallback):
     ``completion_mask`` (when ``completion_only_loss``) or ``assistant_masks``; without any of those the collator
     trains on every token, so only empty rows can teach nothing. When the Trainer's collator is transformers'
     ``DataCollatorForLanguageModeling`` (which rebuilds labels from ``input_ids``), the labels column is not
-    checked.
+    checked. Every label shape the Trainer trains is read: token lists, one class id per row (an int, a 0-d
+    tensor, an Arrow int column; -100 means ignored), float targets (regression, multi-label; never "ignored"). A
+    shape it does not read (strings, a struct, a 2-d tensor per row...) is named in one warning log line and the
+    checks that need that column are skipped; it never stops a run for it.
 
     Args:
         action: ``"refuse"`` (default) raises :class:`~trainguard.DataValidationError` from ``train()`` when a
@@ -121,6 +124,14 @@ class DataGuard(GuardCallback):
             result.masked_rows, result.masked_examples = 0, []
             result.supervision = "input_ids (DataCollatorForLanguageModeling rebuilds labels)"
         self.result = result
+        for column, shape in result.stepped_aside.items():
+            # Say it once and step aside: a shape the check cannot read is no reason to stop a run the Trainer trains.
+            _LOG.warning(
+                "trainguard data_guard: column %r holds %s per row, a shape DataGuard does not read; the checks "
+                "that need it were skipped",
+                column,
+                shape,
+            )
         verdict = judge_tokenized(
             result, action=self.action, max_masked_fraction=self.max_masked_fraction, ignore_index=self.ignore_index
         )

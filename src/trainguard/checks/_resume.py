@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import distributed
-from ..errors import CheckpointIntegrityError, TrainGuardError
+from ..errors import CheckpointIntegrityError, CheckpointNotFoundError, TrainGuardError
 from ..safe_fs import display_name, load_json
 from ._layout import CHECKPOINT_RE, TRAINER_STATE, checkpoint_step
 
@@ -127,13 +127,14 @@ def read_trainer_state(checkpoint: str | os.PathLike[str]) -> dict[str, Any]:
     """The parsed ``trainer_state.json`` of a checkpoint folder, its fields of the types the Trainer writes.
 
     Raises:
-        CheckpointIntegrityError: The folder or the file is missing, the file is not a JSON object, or a field
-            has another type (``where["field"]`` names it).
+        CheckpointNotFoundError: The folder is not there (also a ``ValueError``, as the Trainer's own error).
+        CheckpointIntegrityError: The file is missing, is not a JSON object, or a field has another type
+            (``where["field"]`` names it).
     """
     folder = Path(checkpoint)
     file = folder / TRAINER_STATE
-    if not folder.is_dir():
-        raise CheckpointIntegrityError(
+    if not folder.is_dir():  # a ValueError too, as the plain Trainer's "Can't find a valid checkpoint at ..."
+        raise CheckpointNotFoundError(
             f"the checkpoint to resume from does not exist: {display_name(folder)}",
             where={"file": display_name(folder)},
         )

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ...errors import CheckpointIntegrityError, TrainGuardError
+from ...errors import CheckpointIntegrityError, CheckpointNotFoundError, TrainGuardError
 from ...safe_fs import display_name, load_json
 from .. import lineage as _lineage
 from .._layout import (
@@ -26,7 +26,7 @@ from .layouts import check_layouts
 from .manifest import FolderListing, has_manifest, hash_many, parse_sha256_file, read_metadata, scan_folder
 from .report import CheckpointReport, Problem
 
-__all__ = ["check_checkpoint", "integrity_error", "verify_checkpoint"]
+__all__ = ["check_checkpoint", "integrity_error", "not_found_error", "verify_checkpoint"]
 
 
 # -------------------------------------------------------------------------------------------------- checks
@@ -406,8 +406,14 @@ def _older_verified(folder: Path, workers: int | None, allow_links_out: bool = F
 
 
 def integrity_error(report: CheckpointReport, *, alternative: Path | None = None) -> CheckpointIntegrityError:
-    """The :class:`CheckpointIntegrityError` for a failed report: every problem named, the next step concrete."""
+    """The :class:`CheckpointIntegrityError` for a failed report: every problem named, the next step concrete.
+
+    A folder that is not there at all gives a :class:`CheckpointNotFoundError` (also a ``ValueError``, like the
+    plain Trainer's error for that path): most often a typo, not damage, so the advice is to check the path.
+    """
     folder = report.path
+    if not folder.is_dir():
+        return not_found_error(folder, alternative=alternative)
     named = [p.file for p in report.problems if p.file]
     what = f"{folder.name} failed verification ({len(report.problems)} problem(s)): " + "; ".join(
         p.format() for p in report.problems
@@ -435,6 +441,27 @@ def integrity_error(report: CheckpointReport, *, alternative: Path | None = None
             "checkpoint": str(folder),
             "mode": report.mode,
             "problems": [p.to_dict() for p in report.problems],
+            "older_verified": str(alternative) if alternative is not None else None,
+        },
+    )
+
+
+def not_found_error(folder: Path, *, alternative: Path | None = None) -> CheckpointNotFoundError:
+    """The error for a checkpoint path that does not exist (or is not a folder): it names the path, says to check its
+    spelling, and lists the checkpoint folders beside it (listed, not hashed: a typo should not cost a verification).
+    """
+    what = "does not exist" if not folder.exists() else "is not a folder"
+    beside = [d.name for d in checkpoint_dirs(folder.parent)][-3:]
+    nearby = f" Beside it in {display_name(folder.parent)}: {', '.join(beside)}." if beside else ""
+    if alternative is not None:
+        nearby += f" {display_name(alternative)} is the newest older checkpoint that verifies."
+    return CheckpointNotFoundError(
+        f"the checkpoint {display_name(folder)} {what}",
+        where={"file": display_name(folder)},
+        next_step=CheckpointNotFoundError.default_next_step + nearby,
+        evidence={
+            "checkpoint": str(folder),
+            "beside": beside,
             "older_verified": str(alternative) if alternative is not None else None,
         },
     )

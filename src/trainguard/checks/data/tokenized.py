@@ -5,6 +5,11 @@
 of rows), any other map-style dataset row by row. It returns a :class:`TokenizedCheck` with counts and the first
 row indices of each finding; :class:`~trainguard.callbacks.data_guard.DataGuard` runs it before the first training
 step and :func:`~trainguard.checks.data.verdict.judge_tokenized` decides what to do about it.
+
+Every label shape the Trainer trains is read: a list per row (causal LM, token classification with -100, seq2seq),
+one class id or one float per row (sequence classification, regression: a Python number, a 0-d tensor, an Arrow int
+or float column), a float vector per row (multi-label targets). A shape the check does not understand is named once
+in :attr:`TokenizedCheck.stepped_aside` and the checks that need that column are not run; it never raises on it.
 """
 
 from __future__ import annotations
@@ -34,6 +39,8 @@ class TokenizedCheck:
         max_len: The longest row, in tokens.
         max_positions: The limit rows were compared with (None: not checked).
         skipped: Why nothing was checked, when nothing was (no ``input_ids`` column, a streaming dataset...).
+        stepped_aside: Column name -> the shape met there that the check does not read (a struct, strings, nested
+            lists...): the checks that need that column were not run. Recorded once per column, however many rows.
     """
 
     rows: int = 0
@@ -47,6 +54,7 @@ class TokenizedCheck:
     max_len: int = 0
     max_positions: int | None = None
     skipped: str | None = None
+    stepped_aside: dict[str, str] = dc_field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
@@ -115,6 +123,29 @@ def _column_names(dataset: Any) -> list[str] | None:
     return list(first) if isinstance(first, dict) else None
 
 
+def _arrow_kind(dtype: Any) -> str | None:
+    """``"list"`` (a flat list of numbers per row), ``"scalar"`` (one number per row) or None (a shape not read)."""
+    import pyarrow as pa
+
+    def numeric(t: Any) -> bool:
+        return bool(pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_boolean(t))
+
+    if pa.types.is_list(dtype) or pa.types.is_large_list(dtype) or pa.types.is_fixed_size_list(dtype):
+        return "list" if numeric(dtype.value_type) else None
+    return "scalar" if numeric(dtype) else None
+
+
+def _integral(dtype: Any) -> bool:
+    """Whether an Arrow column (or its list values) holds integers: only then is ``ignore_index`` a masked label.
+
+    Float labels are regression or multi-label targets; their losses (MSE, BCE) ignore no value.
+    """
+    import pyarrow as pa
+
+    inner = dtype.value_type if hasattr(dtype, "value_type") else dtype
+    return bool(pa.types.is_integer(inner))
+
+
 def _list_stats(column: Any, ignore_index: int | None) -> tuple[Any, Any]:
     """Per row of an Arrow list column: its length, and how many values are supervised.
 
@@ -126,13 +157,12 @@ def _list_stats(column: Any, ignore_index: int | None) -> tuple[Any, Any]:
     chunks = column.chunks if isinstance(column, pa.ChunkedArray) else [column]
     lengths, supervised = [], []
     for chunk in chunks:
-        if pa.types.is_large_list(chunk.type) or pa.types.is_list(chunk.type):
-            offsets = chunk.offsets.to_numpy(zero_copy_only=False).astype(np.int64)
-            values = chunk.values.to_numpy(zero_copy_only=False)  # offsets index into the unsliced values
-        else:  # fixed-size lists (a padded dataset)
+        if pa.types.is_fixed_size_list(chunk.type):  # a padded dataset
             width = chunk.type.list_size
             offsets = np.arange(len(chunk) + 1, dtype=np.int64) * width + chunk.offset * width
-            values = chunk.values.to_numpy(zero_copy_only=False)
+        else:
+            offsets = chunk.offsets.to_numpy(zero_copy_only=False).astype(np.int64)
+        values = chunk.values.to_numpy(zero_copy_only=False)  # offsets index into the unsliced values
         good = (values != ignore_index) if ignore_index is not None else (values != 0)
         cum = np.concatenate([[0], np.cumsum(good, dtype=np.int64)])
         lengths.append(offsets[1:] - offsets[:-1])
@@ -142,22 +172,50 @@ def _list_stats(column: Any, ignore_index: int | None) -> tuple[Any, Any]:
     return np.concatenate(lengths), np.concatenate(supervised)
 
 
+def _scalar_supervised(column: Any, ignore_index: int | None) -> Any:
+    """Per row of an Arrow column holding one label per row: 1 when it is supervised, 0 when the loss ignores it."""
+    import numpy as np
+
+    values = column.to_numpy(zero_copy_only=False)
+    if ignore_index is None:
+        return (values != 0).astype(np.int64)
+    return (values != ignore_index).astype(np.int64)
+
+
 def _check_arrow(dataset: Any, result: TokenizedCheck, ignore_index: int, batch_size: int, max_examples: int) -> None:
     import numpy as np
 
-    wanted = ["input_ids"] + ([result.supervision] if result.supervision else [])
+    # The Arrow schema says each column's shape once, for every row; an indices mapping does not change it.
+    table = getattr(dataset, "data", None)
+    schema = getattr(table, "schema", None)
+    if schema is not None and _arrow_kind(schema.field("input_ids").type) != "list":
+        result.stepped_aside["input_ids"] = str(schema.field("input_ids").type)
+        result.skipped = f"input_ids is a {schema.field('input_ids').type} column, not a list of token ids per row"
+        return
+    sup_kind, sup_ignore = None, None
+    if result.supervision and schema is not None:
+        dtype = schema.field(result.supervision).type
+        sup_kind = _arrow_kind(dtype)
+        if sup_kind is None:
+            result.stepped_aside[result.supervision] = str(dtype)
+        elif result.supervision == "labels":
+            sup_ignore = ignore_index if _integral(dtype) else None
+    wanted = ["input_ids"] + ([result.supervision] if sup_kind else [])
     # The arrow format honours an indices mapping (after select/shuffle/filter); the raw table would not.
     view = dataset.with_format("arrow", columns=wanted)
     offset = 0
     for table in view.iter(batch_size=batch_size):
         lengths, _ = _list_stats(table.column("input_ids"), None)
         n = len(lengths)
-        if result.supervision:
-            sup_ignore = ignore_index if result.supervision == "labels" else None
-            _, supervised = _list_stats(table.column(result.supervision), sup_ignore)
+        masked = np.zeros(n, dtype=bool)
+        if sup_kind and (sup_ignore is not None or result.supervision != "labels"):
+            column = table.column(result.supervision)
+            keep = sup_ignore if result.supervision == "labels" else None
+            if sup_kind == "list":
+                _, supervised = _list_stats(column, keep)
+            else:
+                supervised = _scalar_supervised(column, keep)
             masked = (supervised == 0) & (lengths > 0)
-        else:
-            masked = np.zeros(n, dtype=bool)
         empty = lengths == 0
         _tally(result, "empty", empty, offset, max_examples)
         _tally(result, "masked", masked, offset, max_examples)
@@ -182,6 +240,25 @@ def _tally(result: TokenizedCheck, name: str, mask: Any, offset: int, max_exampl
         examples.extend(int(i) + offset for i in hits[:room])
 
 
+def _row_value(value: Any) -> tuple[str | None, Any]:
+    """One row's field as ``("list", [numbers])``, ``("scalar", number)`` or ``(None, a description of its shape)``.
+
+    Tensors and numpy arrays are read through ``tolist()``: a 0-d tensor is one number, a 1-d one a list.
+    """
+    plain = value.tolist() if hasattr(value, "tolist") else value
+    if isinstance(plain, (int, float)):  # bool is an int
+        return "scalar", plain
+    if isinstance(plain, (list, tuple)) and all(isinstance(v, (int, float)) for v in plain):
+        return "list", list(plain)
+    shape = getattr(value, "shape", None)
+    if shape is not None:
+        return None, f"a {type(value).__name__} of shape {tuple(shape)}"
+    if isinstance(plain, (list, tuple)):
+        inner = next((v for v in plain if not isinstance(v, (int, float))), None)
+        return None, f"a {type(value).__name__} of {type(inner).__name__}"
+    return None, f"a {type(value).__name__}"
+
+
 def _check_rows(dataset: Any, result: TokenizedCheck, ignore_index: int, max_examples: int) -> None:
     def note(name: str, i: int) -> None:
         setattr(result, f"{name}_rows", getattr(result, f"{name}_rows") + 1)
@@ -189,22 +266,36 @@ def _check_rows(dataset: Any, result: TokenizedCheck, ignore_index: int, max_exa
         if len(examples) < max_examples:
             examples.append(i)
 
+    def step_aside(column: str, shape: str) -> None:
+        result.stepped_aside.setdefault(column, shape)  # once per column, not once per row
+
     n = len(dataset)
     for i in range(n):
         row = dataset[i]
         ids = row.get("input_ids") if isinstance(row, dict) else None
-        length = len(ids) if ids is not None else 0
+        if ids is None:
+            length = 0
+        else:
+            kind, ids_values = _row_value(ids)
+            if kind != "list":
+                step_aside("input_ids", ids_values if kind is None else "a number")
+                continue
+            length = len(ids_values)
         result.max_len = max(result.max_len, length)
         if length == 0:
             note("empty", i)
             continue
-        if result.supervision:
+        if result.supervision and result.supervision not in result.stepped_aside:
             sup = row.get(result.supervision)
-            values = sup.tolist() if hasattr(sup, "tolist") else list(sup or [])
-            if result.supervision == "labels":
-                if all(v == ignore_index for v in values):
+            kind, values = _row_value(sup) if sup is not None else ("list", [])
+            if kind is None:
+                step_aside(result.supervision, str(values))
+            elif result.supervision == "labels":
+                items = values if kind == "list" else [values]
+                # Only integer labels can be ignored; float targets (regression, multi-label) always count.
+                if all(type(v) is int for v in items) and all(v == ignore_index for v in items):
                     note("masked", i)
-            elif not any(values):
+            elif not any(values if kind == "list" else [values]):
                 note("masked", i)
         if result.max_positions is not None and length > result.max_positions:
             note("over_limit", i)

@@ -21,7 +21,7 @@ Example::
 
     from trainguard.bounds import seconds, whole_number
     timeout = seconds("timeout", 1800, owner="HangWatchdog")                     # 1800.0
-    skip = whole_number("skip_batches", 1.5, low=1, owner="SpikeGuard")          # ConfigError: a whole number ...
+    skip = whole_number("skip_batches", 1.5, low=1, owner="SpikeGuard")          # raises: ConfigError (not whole)
 """
 
 from __future__ import annotations

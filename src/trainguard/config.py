@@ -344,6 +344,7 @@ def read_config_file(path: str | os.PathLike[str]) -> tuple[str, dict[str, Any]]
 
     Example::
 
+        Path("trainguard.toml").write_text('nan_guard = { action = "stop" }')
         text, data = read_config_file("trainguard.toml")
         data["nan_guard"]["action"]       # 'stop'
     """

@@ -45,6 +45,7 @@ what to write instead.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
 import os
@@ -56,12 +57,16 @@ from pathlib import Path
 from typing import Any
 
 from .alerts import get_logger
-from .errors import ConfigError, TrainGuardError
+from .bounds import MAX_SECONDS, seconds
+from .errors import ConfigError, MalformedFileError, TrainGuardError, UnsafeFileError
+from .safe_fs import display_name, display_text, read_bytes
 
 __all__ = [
     "CONFIG_ENV",
     "CONFIG_FILE",
     "DISABLE_ENV",
+    "MAX_CONFIG_BYTES",
+    "MAX_CONFIG_DEPTH",
     "ConfigError",
     "Layer",
     "build_guards",
@@ -76,6 +81,11 @@ DISABLE_ENV = "TRAINGUARD_DISABLE"
 CONFIG_ENV = "TRAINGUARD_CONFIG"
 GUARDS_OFF_ENV = "TRAINGUARD_GUARDS_OFF"
 CONFIG_FILE = "trainguard.toml"
+#: A trainguard.toml is a few hundred bytes; a larger file is refused by its size, never read whole.
+MAX_CONFIG_BYTES = 1 << 20
+#: A setting nests at most three levels (table, option, list); deeper is a crafted value, refused before a guard
+#: sees it (and a 3,000-deep array is refused by the parser's own recursion, not as a raw RecursionError).
+MAX_CONFIG_DEPTH = 16
 
 # Guard keywords a configuration may name although this build of all_guards() may not have the guard yet
 # (the spike guard is being added to the table in parallel); their settings are accepted and used once it is there.
@@ -152,12 +162,38 @@ def _parse_bool(raw: str, where: dict[str, Any]) -> bool:
     )
 
 
-def _parse_scalar(raw: str) -> Any:
-    # JSON first, so numbers, booleans, null and lists keep their type; anything else is a plain string.
+def _parse_scalar(raw: str, where: dict[str, Any]) -> Any:
+    # JSON first, so numbers, booleans, null and lists keep their type; anything else is a plain string. Numbers
+    # JSON reads as inf/nan (1e999, Infinity, NaN) are kept: the guard's own range check refuses them, by name.
     try:
-        return json.loads(raw)
-    except ValueError:
+        value = json.loads(raw)
+    except RecursionError:
+        value = _TOO_DEEP
+    except ValueError:  # not JSON (or an integer of more digits than Python converts): a plain string
         return raw
+    if value is _TOO_DEEP or _depth(value) > MAX_CONFIG_DEPTH:
+        raise ConfigError(
+            f"{where['variable']} holds a value nested deeper than {MAX_CONFIG_DEPTH} levels",
+            where=where,
+            next_step=f'Give {where["variable"]} a number, a word, true/false, or a flat list such as ["SIGTERM"].',
+        )
+    return value
+
+
+_TOO_DEEP: Any = object()
+
+
+def _depth(value: Any) -> int:
+    """How deeply lists and mappings nest in ``value``, counted without recursion (it may be crafted)."""
+    deepest, todo = 0, [(value, 1)]
+    while todo:
+        node, level = todo.pop()
+        if isinstance(node, (dict, list)):
+            deepest = max(deepest, level)
+            if deepest > MAX_CONFIG_DEPTH:
+                break
+            todo.extend((child, level + 1) for child in (node.values() if isinstance(node, dict) else node))
+    return deepest
 
 
 def disabled(environ: Mapping[str, str] | None = None) -> bool:
@@ -185,7 +221,8 @@ def env_layer(table: Sequence[tuple[str, str]] | None = None, environ: Mapping[s
         if not name.startswith(ENV_PREFIX):
             continue
         raw = env[name]
-        where: dict[str, Any] = {"variable": name}
+        # A name that is not UTF-8 (kept by Python as surrogates) must not break printing the error naming it.
+        where: dict[str, Any] = {"variable": display_text(name)}
         if name == DISABLE_ENV:
             layer.disable = (_parse_bool(raw, where), where)
         elif name == GUARDS_OFF_ENV:
@@ -216,12 +253,13 @@ def env_layer(table: Sequence[tuple[str, str]] | None = None, environ: Mapping[s
                     where=where,
                     next_step=f"Write TRAINGUARD_{guard.upper()}__<OPTION>=value (TRAINGUARD_NAN_GUARD__ACTION=stop).",
                 )
-            value = _parse_bool(raw, where) if option == ENABLED else _parse_scalar(raw)
+            value = _parse_bool(raw, where) if option == ENABLED else _parse_scalar(raw, where)
             _set_once(layer, guard, option, value, where)
         elif name not in _OTHER_KNOWN:
             # Not an error: other trainguard modules (and later releases) may read their own TRAINGUARD_ variables.
             get_logger().warning(
-                "trainguard: environment variable %s is not a trainguard setting this version knows; ignored", name
+                "trainguard: environment variable %s is not a trainguard setting this version knows; ignored",
+                display_text(name),
             )
     return layer
 
@@ -229,17 +267,21 @@ def env_layer(table: Sequence[tuple[str, str]] | None = None, environ: Mapping[s
 def _float_or_none(raw: str, where: dict[str, Any]) -> float | None:
     if raw.lower() in {"none", "null", ""}:
         return None
-    try:
+    value: Any = raw
+    with contextlib.suppress(ValueError):  # a word is refused below, by the check every seconds option has
         value = float(raw)
-    except ValueError:
-        value = float("nan")
-    if not value > 0 or value == float("inf"):
+    try:
+        return seconds(where["variable"], value)  # finite, above 0, at most a year: 1e308 would overflow a timer
+    except ConfigError as exc:
         raise ConfigError(
-            f"{where['variable']}={raw!r} is not a number of seconds above 0",
+            exc.what,
             where=where,
-            next_step=f"Set {where['variable']} to seconds (e.g. 1800), or to none for the adaptive budget.",
-        )
-    return value
+            next_step=(
+                f"Set {where['variable']} to seconds (e.g. 1800, at most {MAX_SECONDS:,}: one year), or to none for "
+                "the adaptive budget."
+            ),
+            evidence=exc.evidence,
+        ) from None
 
 
 def _set_once(layer: Layer, guard: str, option: str, value: Any, where: dict[str, Any]) -> None:
@@ -269,7 +311,8 @@ def find_config_file(
     """The configuration file to read: ``TRAINGUARD_CONFIG``, else ``trainguard.toml`` in the working directory.
 
     Only the working directory is searched, never its parents: a training job should not pick up settings from a
-    file it was not started beside.
+    file it was not started beside. Anything at ``./trainguard.toml`` counts, a FIFO or a folder too: reading it
+    refuses it by name (:func:`read_config_file`) instead of silently running without the settings meant there.
 
     Raises:
         ConfigError: ``TRAINGUARD_CONFIG`` names a file that does not exist.
@@ -278,52 +321,142 @@ def find_config_file(
     named = env.get(CONFIG_ENV)
     if named:
         path = Path(named).expanduser()
-        if not path.is_file():
+        if not os.path.lexists(path):
             raise ConfigError(
-                f"{CONFIG_ENV} names {named}, which is not a file",
-                where={"variable": CONFIG_ENV, "file": path},
+                f"{CONFIG_ENV} names {display_name(named)}, which is not a file",
+                where={"variable": CONFIG_ENV, "file": display_name(path)},
                 next_step=f"Point {CONFIG_ENV} at an existing trainguard.toml, or unset it.",
             )
         return path
     candidate = Path(cwd if cwd is not None else os.getcwd()) / CONFIG_FILE
-    return candidate if candidate.is_file() else None
+    return candidate if os.path.lexists(candidate) else None
 
 
-def _load_toml(path: Path) -> dict[str, Any]:
+def read_config_file(path: str | os.PathLike[str]) -> tuple[str, dict[str, Any]]:
+    """Read a ``trainguard.toml`` once: its text (for line numbers) and its content.
+
+    The file must be a regular file (a FIFO, device or folder is refused without blocking), of at most
+    :data:`MAX_CONFIG_BYTES` (a larger one is refused by its size, not read whole), UTF-8, valid TOML, nested at most
+    :data:`MAX_CONFIG_DEPTH` levels.
+
+    Raises:
+        ConfigError: Any of those is not so; the message names the file (and the line, where there is one).
+
+    Example::
+
+        Path("trainguard.toml").write_text('nan_guard = { action = "stop" }')
+        text, data = read_config_file("trainguard.toml")
+        data["nan_guard"]["action"]       # 'stop'
+    """
     if sys.version_info >= (3, 11):
         import tomllib
     else:  # pragma: no cover - Python 3.10 reads TOML with the tomli backport (a dependency there)
         import tomli as tomllib
-    text = path.read_text(encoding="utf-8")
+    shown = display_name(path)
+    where: dict[str, Any] = {"file": shown}
     try:
-        return tomllib.loads(text)
+        raw = read_bytes(path, limit=MAX_CONFIG_BYTES)
+    except (UnsafeFileError, MalformedFileError) as exc:  # not a regular file; larger than the bound
+        raise ConfigError(
+            f"trainguard will not read its configuration from {shown}: {exc.what}",
+            where=where,
+            next_step=f"Put a plain trainguard.toml of at most {MAX_CONFIG_BYTES:,} bytes there, or remove it "
+            f"(or point {CONFIG_ENV} at one).",
+        ) from None
+    except OSError as exc:
+        raise ConfigError(
+            f"{shown} cannot be read: {exc.strerror or exc}",
+            where=where,
+            next_step="Make the file readable, or remove it (or point TRAINGUARD_CONFIG at another).",
+        ) from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"{shown} is not UTF-8 text (byte {exc.start})",
+            where={**where, "line": raw.count(b"\n", 0, exc.start) + 1},
+            next_step="Save the file as UTF-8 (TOML files are UTF-8).",
+        ) from None
+    try:
+        data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         match = re.search(r"line (\d+)", str(exc))
         raise ConfigError(
-            f"{path} is not valid TOML: {exc}",
-            where={"file": path, "line": int(match.group(1)) if match else None},
+            f"{shown} is not valid TOML: {exc}",
+            where={**where, "line": int(match.group(1)) if match else None},
             next_step="Fix the line named above (TOML: key = value, strings in quotes, [guard] tables).",
-        ) from exc
+        ) from None
+    except RecursionError:  # the standard parser recurses once per nested array or inline table
+        data = _TOO_DEEP
+    except ValueError as exc:  # e.g. an integer longer than Python converts (4,300 digits)
+        raise ConfigError(
+            f"{shown} holds a value trainguard cannot read: {exc}",
+            where=where,
+            next_step="Fix the value (numbers of a sane size, strings in quotes).",
+        ) from None
+    if data is _TOO_DEEP or _depth(data) > MAX_CONFIG_DEPTH:
+        raise ConfigError(
+            f"{shown} nests tables or arrays deeper than {MAX_CONFIG_DEPTH} levels",
+            where=where,
+            next_step="A trainguard.toml needs [guard] tables of option = value lines; remove the deep value.",
+        )
+    return text, data
+
+
+# One part of a TOML key: bare (nan_guard), "basic" (with escapes) or 'literal'.
+_KEY_PART = re.compile(r"""\s*(?:([A-Za-z0-9_-]+)|"((?:[^"\\]|\\.)*)"|'([^']*)')\s*""")
+
+
+def _key_parts(text: str, pos: int) -> tuple[tuple[str, ...], int] | None:
+    """The parts of the dotted TOML key at ``text[pos:]`` and where it ends; None when there is no key there."""
+    parts: list[str] = []
+    while True:
+        match = _KEY_PART.match(text, pos)
+        if not match:
+            return None
+        bare, basic, literal = match.groups()
+        if basic is not None:
+            # TOML's basic-string escapes are JSON's (but \U and \e, rare in a key: shown as written).
+            with contextlib.suppress(ValueError, RecursionError):
+                basic = json.loads(f'"{basic}"')
+        parts.append(next(p for p in (bare, basic, literal) if p is not None))
+        pos = match.end()
+        if pos < len(text) and text[pos] == ".":
+            pos += 1
+            continue
+        return tuple(parts), pos
 
 
 def _line_of(text: str, guard: str, option: str | None) -> int | None:
-    """The line of ``guard.option`` (or of ``guard`` itself) in a TOML text, best effort, for error messages."""
-    table = ""
+    """The line of ``guard.option`` (or of ``guard`` itself) in a TOML text, best effort, for error messages.
+
+    Keys are matched as TOML reads them: bare, quoted (``"patiénce"``, which is how a key that is not ASCII must be
+    written) or dotted (``nan_guard.patience = 2`` at the top). An option set in an inline table is reported at its
+    guard's line."""
+    wanted = (guard, option) if option is not None else (guard,)
+    table: tuple[str, ...] = ()
+    guard_line = None
     for number, line in enumerate(text.splitlines(), start=1):
         stripped = line.strip()
-        header = re.match(r"\[\s*([\w.\-]+)\s*\]", stripped)
-        if header:
-            table = header.group(1)
-            if option is None and table == guard:
-                return number
+        if stripped.startswith("["):
+            start = 2 if stripped.startswith("[[") else 1
+            header = _key_parts(stripped, start)
+            if header is not None and stripped[header[1] :].startswith("]"):
+                table = header[0]
+                if table == wanted:
+                    return number
+                if table == (guard,) and guard_line is None:
+                    guard_line = number
             continue
-        key = re.match(r"([\w.\-]+)\s*=", stripped)
-        if not key:
+        key = _key_parts(stripped, 0)
+        if key is None or not stripped[key[1] :].startswith("="):
             continue
-        name = f"{table}.{key.group(1)}" if table else key.group(1)
-        if name == (f"{guard}.{option}" if option else guard):
+        name = table + key[0]
+        if name == wanted:
             return number
-    return None
+        if name[:1] == (guard,) and guard_line is None:
+            guard_line = number
+    return guard_line
 
 
 def file_layer(
@@ -332,22 +465,25 @@ def file_layer(
     environ: Mapping[str, str] | None = None,
 ) -> Layer:
     """The settings of a ``trainguard.toml``: ``path``, else the one :func:`find_config_file` finds (an empty layer
-    when there is none).
+    when there is none). The file is read once (:func:`read_config_file`).
 
     Raises:
-        ConfigError: The file is not TOML, or names an unknown guard, or gives a guard something other than a table
-            or true/false.
+        ConfigError: The file cannot be read as a trainguard.toml (see :func:`read_config_file`), or names an
+            unknown guard, or gives a guard something other than a table or true/false.
     """
     found = Path(path) if path is not None else find_config_file(environ)
     if found is None:
         return Layer(CONFIG_FILE)
-    data = _load_toml(found)
-    text = found.read_text(encoding="utf-8")
+    text, data = read_config_file(found)
+    return _toml_layer(found, text, data, table)
+
+
+def _toml_layer(found: Path, text: str, data: Mapping[str, Any], table: Sequence[tuple[str, str]] | None) -> Layer:
     return mapping_layer(
         data,
-        name=str(found),
+        name=display_name(found),
         table=table,
-        where=lambda guard, option: {"file": found, "line": _line_of(text, guard, option)},
+        where=lambda guard, option: {"file": display_name(found), "line": _line_of(text, guard, option)},
     )
 
 
@@ -436,7 +572,7 @@ def check_options(cls: type, guard: str, options: Mapping[str, tuple[Any, Mappin
     """Refuse option names ``cls`` does not take, naming where each came from.
 
     Raises:
-        ConfigError: An option ``cls`` does not take.
+        ConfigError: An option ``cls`` does not take, or ``alert_sinks`` (objects, given only in code).
     """
     names, open_ended = option_names(cls)
     for option, (_value, where) in options.items():
@@ -446,6 +582,37 @@ def check_options(cls: type, guard: str, options: Mapping[str, tuple[Any, Mappin
                 where=dict(where),
                 next_step=f"Use one of its options: {', '.join(sorted(names - {'alert_sinks'}))}.",
             )
+        if option == "alert_sinks":  # sink objects: no text or number a variable or file holds can be one
+            raise ConfigError(
+                f"{cls.__name__} ({guard}) takes alert_sinks only in code",
+                where=dict(where),
+                next_step="Set webhook_url (or TRAINGUARD_WEBHOOK_URL) here, or pass alert_sinks= in code.",
+            )
+
+
+def _env_disable(environ: Mapping[str, str] | None) -> tuple[bool, dict[str, Any]] | None:
+    """``TRAINGUARD_DISABLE`` alone, read before any other variable (a malformed value of it is still an error)."""
+    env = os.environ if environ is None else environ
+    if env.get(DISABLE_ENV) is None:
+        return None
+    return disabled(env), {"variable": DISABLE_ENV}
+
+
+def _file_layer_for_disable(
+    config_path: str | os.PathLike[str] | None,
+    table: Sequence[tuple[str, str]],
+    environ: Mapping[str, str] | None,
+) -> Layer:
+    """The file's layer; a file that reads as TOML and says ``disable = true`` switches off even when its other keys
+    are wrong (those errors only matter to a run that is not switched off)."""
+    found = Path(config_path) if config_path is not None else find_config_file(environ)
+    if found is None:
+        return Layer(CONFIG_FILE)
+    text, data = read_config_file(found)
+    if data.get("disable") is True:
+        where = {"field": "disable", "file": display_name(found), "line": _line_of(text, "disable", None)}
+        return Layer(display_name(found), disable=(True, where))
+    return _toml_layer(found, text, data, table)
 
 
 def _resolve_disable(layers: Sequence[Layer]) -> tuple[bool, dict[str, Any] | None]:
@@ -493,16 +660,25 @@ def build_guards(
         raise TypeError(
             f"all_guards() got unknown guard keyword(s) {unknown}; known guards: {sorted(known) or 'none yet'}"
         )
-    env = env_layer(table, environ)
-    file = file_layer(config_path, table, environ)
-    layers = [layer for layer in (defaults, file, tool_layer, env) if layer is not None]  # low -> high
-    off, where = _resolve_disable(layers)
+    # The kill switch first, before anything else is parsed: a kill switch that a broken variable or file can block
+    # is no kill switch. Each source is consulted only when every source above it left the switch unset, so the
+    # precedence is that of every other setting (TRAINGUARD_DISABLE=0 still beats disable = true in the file).
+    env_disable = Layer("environment", disable=_env_disable(environ))
+    file: Layer | None = None
+    off, where = _resolve_disable([layer for layer in (tool_layer, env_disable) if layer is not None])
+    if where is None:
+        file = _file_layer_for_disable(config_path, table, environ)
+        off, where = _resolve_disable([layer for layer in (defaults, file) if layer is not None])
     if off:
         get_logger().warning(
             "trainguard is disabled (%s): no guards are added; guards constructed in code stay active",
             ", ".join(f"{k}={v}" for k, v in (where or {}).items()),
         )
         return []
+    env = env_layer(table, environ)
+    if file is None:
+        file = file_layer(config_path, table, environ)
+    layers = [layer for layer in (defaults, file, tool_layer, env) if layer is not None]  # low -> high
     used = [layer.name for layer in layers if layer.guards and layer is not defaults]
     if used:
         get_logger().info("trainguard: guard settings from %s", ", ".join(used))
@@ -531,7 +707,19 @@ def build_guards(
         configured = {name: where for name, (_value, where) in merged.items() if name not in given}
         try:
             guards.append(cls(**kwargs))
-        except (TypeError, ValueError) as exc:
+        except ConfigError as exc:
+            # A number out of its range (trainguard.bounds): name the one option, where it was set, and the range.
+            option_name = exc.evidence.get("option")
+            if option_name not in configured:
+                raise  # given in code: the guard's own message is right as it is
+            source = dict(configured[option_name])
+            raise ConfigError(
+                f"{cls_name} refused its configured {option_name} ({_describe(source)}): {exc.what}",
+                where=source,
+                next_step=f"{exc.next_step} Or unset it for the default.",
+                evidence=exc.evidence,
+            ) from None
+        except (TypeError, ValueError, OverflowError) as exc:
             if not configured or isinstance(exc, TrainGuardError):
                 raise
             raise ConfigError(

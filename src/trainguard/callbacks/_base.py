@@ -99,6 +99,8 @@ class GuardCallback(TrainerCallback):
         alert_sinks: Sequence[AlertSink] | None = None,
         webhook_url: str | None = None,
     ) -> None:
+        if webhook_url is not None and not isinstance(webhook_url, str):  # e.g. a number from a configuration file
+            raise TypeError(f"{type(self).__name__}(webhook_url=...) must be a URL string, not {webhook_url!r}")
         self._alert_sinks = list(alert_sinks) if alert_sinks is not None else None
         self._webhook_url = webhook_url
         self._alerter: Alerter | None = None

@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from .. import distributed
+from ..bounds import whole_number
 from ..checks.adapter import (
     AdapterParam,
     adapter_parameters,
@@ -126,9 +127,7 @@ class AdapterGuard(GuardCallback):
         super().__init__(alert_sinks=alert_sinks, webhook_url=webhook_url)
         if action not in ("raise", "warn"):
             raise ValueError(f"AdapterGuard(action={action!r}): use 'raise' or 'warn'")
-        if check_step is not None and check_step < 1:
-            raise ValueError(f"AdapterGuard(check_step={check_step}): must be at least 1")
-        self.check_step = check_step
+        self.check_step = whole_number("check_step", check_step, low=1, allow_none=True, owner="AdapterGuard")
         self.action = action
         self._reset()
         self._summary = "not run yet"

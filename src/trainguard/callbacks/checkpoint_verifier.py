@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 from .. import distributed
 from .._util import default_workers
 from ..alerts import get_logger
+from ..bounds import whole_number, yes_no
 from ..checks import checkpoint as _ckpt
 from ..checks import lineage as _lineage
 from ..checks._layout import JIT_SENTINEL
@@ -107,12 +108,13 @@ class CheckpointVerifier(GuardCallback):
         super().__init__(alert_sinks=alert_sinks, webhook_url=webhook_url)
         if existing_checkpoints not in _EXISTING:
             raise ValueError(f"existing_checkpoints must be one of {_EXISTING}, not {existing_checkpoints!r}")
-        self.verify_resume = bool(verify_resume)
-        self.set_aside = bool(set_aside)
-        self.protect_rotation = bool(protect_rotation)
+        self.verify_resume = yes_no("verify_resume", verify_resume, owner="CheckpointVerifier")
+        self.set_aside = yes_no("set_aside", set_aside, owner="CheckpointVerifier")
+        self.protect_rotation = yes_no("protect_rotation", protect_rotation, owner="CheckpointVerifier")
         self.existing_checkpoints = existing_checkpoints
-        self.background = bool(background)
+        self.background = yes_no("background", background, owner="CheckpointVerifier")
         # Hashing shares the machine with training (data-loader workers, the host side of the step): a few cores.
+        workers = whole_number("workers", workers, low=1, high=1024, allow_none=True, owner="CheckpointVerifier")
         self.workers = workers if workers is not None else default_workers(4)
         # Looked up on the package at every commit, so a wrapped write_manifest (tests, tools) is the one used.
         self._committer = Committer(

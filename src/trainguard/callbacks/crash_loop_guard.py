@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from .. import distributed
 from ..alerts import AlertSink, get_logger
+from ..bounds import whole_number, yes_no
 from ..checks import crash_loop
 from ..errors import PreflightError, UnsafeFileError
 from . import _trainer_compat
@@ -78,10 +79,8 @@ class CrashLoopGuard(GuardCallback):
         webhook_url: str | None = None,
     ) -> None:
         super().__init__(alert_sinks=alert_sinks, webhook_url=webhook_url)
-        if max_repeats is not None and (not isinstance(max_repeats, int) or max_repeats < 0):
-            raise ValueError(f"CrashLoopGuard(max_repeats=...) must be None or an int >= 0, not {max_repeats!r}")
-        self.max_repeats = max_repeats or 0
-        self.apply_oom_fix = bool(apply_oom_fix)
+        self.max_repeats = whole_number("max_repeats", max_repeats, low=0, allow_none=True, owner="CrashLoopGuard") or 0
+        self.apply_oom_fix = yes_no("apply_oom_fix", apply_oom_fix, owner="CrashLoopGuard")
         self.run_id: str | None = None
         self._prepared = False
         self._started = False

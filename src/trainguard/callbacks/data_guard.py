@@ -7,6 +7,7 @@ import logging
 from typing import Any
 
 from .. import distributed
+from ..bounds import finite_number, whole_number
 from ..checks.data import TokenizedCheck, check_tokenized_dataset
 from ..checks.data.verdict import ACTIONS, judge_tokenized
 from ..errors import DataValidationError
@@ -91,12 +92,12 @@ class DataGuard(GuardCallback):
         super().__init__(alert_sinks=alert_sinks, webhook_url=webhook_url)
         if action not in ACTIONS:
             raise ValueError(f"action must be one of {ACTIONS}, not {action!r}")
-        if not 0.0 <= max_masked_fraction <= 1.0:
-            raise ValueError(f"max_masked_fraction must be between 0 and 1, not {max_masked_fraction!r}")
+        owner = "DataGuard"
         self.action = action
-        self.max_masked_fraction = float(max_masked_fraction)
-        self.max_positions = max_positions
-        self.ignore_index = ignore_index
+        self.max_masked_fraction = finite_number("max_masked_fraction", max_masked_fraction, low=0, high=1, owner=owner)
+        self.max_positions = whole_number("max_positions", max_positions, low=1, allow_none=True, owner=owner)
+        # A label id: any int32 value (-100 by default); a float or a bool is never a label.
+        self.ignore_index = whole_number("ignore_index", ignore_index, low=-(2**31), high=2**31 - 1, owner=owner)
         #: What the last check found (None before the first ``train()``).
         self.result: TokenizedCheck | None = None
         self._summary = "not run yet"

@@ -11,6 +11,7 @@ from transformers.trainer_callback import ExportableState
 
 from .. import distributed
 from ..alerts import get_logger
+from ..bounds import yes_no
 from ..checks._resume import on_main_then_share, resolve_resume_checkpoint
 from ..checks.dataset import (
     CHECK_EVAL,
@@ -118,7 +119,7 @@ class DatasetGuard(GuardCallback, ExportableState):
         self.train_source = train_source
         self.eval_source = eval_source
         self.check_eval = check_eval
-        self.refuse_empty_resume = bool(refuse_empty_resume)
+        self.refuse_empty_resume = yes_no("refuse_empty_resume", refuse_empty_resume, owner="DatasetGuard")
         #: This run's identity record, saved into each checkpoint by ``state()``.
         self.run_identity: dict[str, Any] | None = None
         self._summary = "not run yet"

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from .. import distributed
 from ..alerts import AlertSink, get_logger
+from ..bounds import seconds, whole_number, yes_no
 from ..checks import crash_loop
 from ..checks import last_save as _last_save
 from ..checks.nan.values import nonfinite_parameters
@@ -141,13 +142,11 @@ class GracefulStop(GuardCallback):
         self.signals = tuple(dict.fromkeys(_signal_number(s) for s in signals))
         if not self.signals:
             raise ValueError("GracefulStop(signals=...) needs at least one signal")
-        if int(sync_every) < 1:
-            raise ValueError(f"GracefulStop(sync_every=...) must be >= 1, not {sync_every!r}")
-        self.sync_every = int(sync_every)
-        self.save_on_error = bool(save_on_error)
-        if not float(save_on_error_wait) >= 0:
-            raise ValueError(f"GracefulStop(save_on_error_wait=...) must be >= 0 seconds, not {save_on_error_wait!r}")
-        self.save_on_error_wait = float(save_on_error_wait)
+        self.sync_every = whole_number("sync_every", sync_every, low=1, owner="GracefulStop")
+        self.save_on_error = yes_no("save_on_error", save_on_error, owner="GracefulStop")
+        self.save_on_error_wait = seconds(
+            "save_on_error_wait", save_on_error_wait, allow_zero=True, owner="GracefulStop"
+        )
         self._store_prefix = _store_prefix(-1)
         #: Where in the loop training is (one of ``trainguard.checks.last_save.PHASES``), from the events.
         self._phase: str = "idle"

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .. import distributed
+from ..bounds import yes_no
 from ..checks._resume import on_main_then_share, resolve_resume_checkpoint
 from ..checks.lora import check_lora_config, compare_adapter_weights, read_adapter_configs
 from ..errors import LoraConfigMismatchError, TrainGuardError
@@ -56,7 +57,7 @@ class LoraConfigGuard(GuardCallback):
     ) -> None:
         super().__init__(alert_sinks=alert_sinks, webhook_url=webhook_url)
         self.ignore = tuple(ignore)
-        self.check_weights = bool(check_weights)
+        self.check_weights = yes_no("check_weights", check_weights, owner="LoraConfigGuard")
         self._resumed_from: Path | None = None
         self._summary = "not run yet"
 

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from .. import distributed
 from .._util import drop_gradients
 from ..alerts import AlertSink, get_logger
+from ..bounds import MAX_FACTOR, finite_number, whole_number, yes_no
 from ..checks.nan import (
     LossHealth,
     NonFiniteFinding,
@@ -126,20 +127,27 @@ class NanGuard(GuardCallback):
         super().__init__(alert_sinks=alert_sinks, webhook_url=webhook_url)
         if action not in _ACTIONS:
             raise ValueError(f"NanGuard action must be one of {_ACTIONS}, not {action!r}")
-        if patience < 0:
-            raise ValueError(f"NanGuard patience must be >= 0, got {patience}")
+        owner = "NanGuard"
+        # Counts whole and bounded, the spike factor finite: a configured 1.5 or inf is refused here, named.
+        patience = whole_number("patience", patience, low=0, owner=owner)
+        max_skipped_steps = whole_number("max_skipped_steps", max_skipped_steps, low=0, owner=owner)
+        spike_factor = finite_number(
+            "spike_factor", spike_factor, low=1, high=MAX_FACTOR, low_open=True, allow_none=True, owner=owner
+        )
+        spike_window = whole_number("spike_window", spike_window, low=1, owner=owner)
+        spike_warmup = whole_number("spike_warmup", spike_warmup, low=1, owner=owner)
+        zero_loss_steps = whole_number("zero_loss_steps", zero_loss_steps, low=1, allow_none=True, owner=owner)
+        sync = yes_no("sync", sync, allow_none=True, owner=owner)
         if patience > 0 and sync is False:
             raise ValueError(
                 "NanGuard patience > 0 skips the bad step's update, which needs the check before the optimizer "
                 "step: use sync=True or leave sync=None"
             )
-        if max_skipped_steps < 0:
-            raise ValueError(f"NanGuard max_skipped_steps must be >= 0, got {max_skipped_steps}")
         self.action = action
         self.patience = int(patience)
         self.sync = sync
-        self.check_eval = check_eval
-        self.check_params_on_save = check_params_on_save
+        self.check_eval = yes_no("check_eval", check_eval, owner=owner)
+        self.check_params_on_save = yes_no("check_params_on_save", check_params_on_save, owner=owner)
         self.max_skipped_steps = int(max_skipped_steps)
         self.loss_health = LossHealth(
             spike_factor=spike_factor,

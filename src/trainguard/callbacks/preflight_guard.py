@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from .. import distributed
 from ..alerts import AlertSink, get_logger
+from ..bounds import finite_number, whole_number, yes_no
 from ..checks.preflight import (
     DEFAULT_MARGIN,
     DEFAULT_MARGIN_BYTES,
@@ -144,18 +145,21 @@ class PreflightGuard(GuardCallback):
         webhook_url: str | None = None,
     ) -> None:
         super().__init__(alert_sinks=alert_sinks, webhook_url=webhook_url)
-        if disk_margin < 0 or disk_margin_bytes < 0:
-            raise ValueError("disk_margin and disk_margin_bytes must not be negative")
-        if min_available_memory is not None and not 0.0 <= min_available_memory <= 1.0:
-            raise ValueError(f"min_available_memory must be within [0, 1] or None, got {min_available_memory!r}")
-        self.check_disk = check_disk
-        self.check_engine = check_engine
-        self.check_before_save = check_before_save
+        owner = "PreflightGuard"
+        # The margin is a fraction of the checkpoint size (0.1 = 10%); 100 (x100) is already absurd.
+        disk_margin = finite_number("disk_margin", disk_margin, low=0, high=100, owner=owner)
+        disk_margin_bytes = whole_number("disk_margin_bytes", disk_margin_bytes, low=0, high=2**60, owner=owner)
+        min_available_memory = finite_number(
+            "min_available_memory", min_available_memory, low=0, high=1, allow_none=True, owner=owner
+        )
+        self.check_disk = yes_no("check_disk", check_disk, owner=owner)
+        self.check_engine = yes_no("check_engine", check_engine, owner=owner)
+        self.check_before_save = yes_no("check_before_save", check_before_save, owner=owner)
         self.disk_margin = float(disk_margin)
         self.disk_margin_bytes = int(disk_margin_bytes)
-        self.include_final_model = include_final_model
+        self.include_final_model = yes_no("include_final_model", include_final_model, owner=owner)
         self.min_available_memory = min_available_memory
-        self.raise_after_stop = raise_after_stop
+        self.raise_after_stop = yes_no("raise_after_stop", raise_after_stop, owner=owner)
         self.estimate: CheckpointEstimate | None = None
         self.planned: int | None = None
         self.required_bytes: int | None = None

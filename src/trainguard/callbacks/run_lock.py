@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 from .. import distributed
 from ..alerts import AlertSink
+from ..bounds import yes_no
 from ..checks.run_lock import INFO_NAME, LOCK_NAME, RunLockHandle, acquire_run_lock, read_holder
 from ..errors import RunLockedError
 from ._base import GuardCallback
@@ -67,7 +68,7 @@ class RunLock(GuardCallback):
         if on_unsupported not in ("warn", "error"):
             raise ValueError(f"RunLock(on_unsupported=...) must be 'warn' or 'error', not {on_unsupported!r}")
         self.on_unsupported = on_unsupported
-        self.release_at_train_end = bool(release_at_train_end)
+        self.release_at_train_end = yes_no("release_at_train_end", release_at_train_end, owner="RunLock")
         self.handle: RunLockHandle | None = None
         self._locked_dir: str | None = None
 

@@ -14,6 +14,7 @@ from .. import distributed
 from .._util import drop_gradients, utc_now
 from ..alerts import AlertSink, get_logger
 from ..atomic import append_line
+from ..bounds import MAX_FACTOR, finite_number, whole_number, yes_no
 from ..checks.lineage import checkpoint_origin
 from ..checks.nan import process_topology
 from ..checks.spike import (
@@ -164,16 +165,17 @@ class SpikeGuard(GuardCallback):
         super().__init__(alert_sinks=alert_sinks, webhook_url=webhook_url)
         if policy not in POLICIES:
             raise ValueError(f"SpikeGuard policy must be one of {POLICIES}, got {policy!r}")
-        if isinstance(skip_batches, bool) or not isinstance(skip_batches, int) or skip_batches < 1:
-            # Also the bound on what a recorded rollback may skip on a resume: a whole number, never a float or True.
-            raise ValueError(f"SpikeGuard skip_batches must be a whole number >= 1, got {skip_batches!r}")
-        if int(max_rollbacks) < 0:
-            raise ValueError(f"SpikeGuard max_rollbacks must be >= 0, got {max_rollbacks!r}")
+        owner = "SpikeGuard"
+        # Counts are whole (1.5 batches is refused, not truncated to 1) and every number finite and bounded.
+        self.skip_batches = whole_number("skip_batches", skip_batches, low=1, owner=owner)
+        self.max_rollbacks = whole_number("max_rollbacks", max_rollbacks, low=0, owner=owner)
+        self.lookup_rows = whole_number("lookup_rows", lookup_rows, low=0, owner=owner)
+        window = whole_number("window", window, low=2, owner=owner)
+        warmup = whole_number("warmup", warmup, low=2, high=window, owner=owner)
+        threshold = finite_number("threshold", threshold, low=0, high=MAX_FACTOR, low_open=True, owner=owner)
+        sync = yes_no("sync", sync, allow_none=True, owner=owner)
         self.policy = policy
         self.detector = SpikeDetector(window=window, threshold=threshold, warmup=warmup)
-        self.skip_batches = int(skip_batches)
-        self.max_rollbacks = int(max_rollbacks)
-        self.lookup_rows = int(lookup_rows)
         if sync is False and policy == "skip":
             raise ValueError("SpikeGuard policy 'skip' decides before the update: it needs sync=True (or None)")
         self.sync = sync

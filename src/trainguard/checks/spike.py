@@ -27,6 +27,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..bounds import MAX_FACTOR, finite_number, whole_number
+
 __all__ = [
     "POLICIES",
     "SpikeDetector",
@@ -134,7 +136,8 @@ class SpikeDetector:
             (a converged or synthetic loss) does not turn the next tiny wobble into an infinite z-score.
 
     Raises:
-        ValueError: ``window`` below 2, ``warmup`` below 2 or above ``window``, or ``threshold`` not positive.
+        ConfigError: ``window`` below 2, ``warmup`` below 2 or above ``window``, ``threshold`` not positive or not
+            finite, or a count that is not a whole number (a ``ValueError``).
 
     Example::
 
@@ -143,15 +146,11 @@ class SpikeDetector:
     """
 
     def __init__(self, window: int = 128, threshold: float = 6.0, warmup: int = 64, min_std: float = 1e-3) -> None:
-        if int(window) < 2:
-            raise ValueError(f"spike window must be at least 2 steps, got {window!r}")
-        if not 2 <= int(warmup) <= int(window):
-            raise ValueError(f"spike warmup must be between 2 and the window ({window}), got {warmup!r}")
-        if not (isinstance(threshold, (int, float)) and math.isfinite(threshold) and threshold > 0):
-            raise ValueError(f"spike threshold must be a positive number of standard deviations, got {threshold!r}")
-        self.window = int(window)
-        self.threshold = float(threshold)
-        self.warmup = int(warmup)
+        self.window = whole_number("window", window, low=2, owner="SpikeDetector")
+        self.warmup = whole_number("warmup", warmup, low=2, high=self.window, owner="SpikeDetector")
+        self.threshold = finite_number(
+            "threshold", threshold, low=0, high=MAX_FACTOR, low_open=True, owner="SpikeDetector"
+        )
         self.min_std = float(min_std)
         self._windows: dict[str, _Window] = {}
 

@@ -33,6 +33,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from ...bounds import MAX_FACTOR, finite_number, whole_number
+
 __all__ = [
     "LossEvent",
     "LossHealth",
@@ -247,9 +249,7 @@ class Patience:
     """
 
     def __init__(self, patience: int) -> None:
-        if patience < 0:
-            raise ValueError(f"patience must be >= 0, got {patience}")
-        self.patience = int(patience)
+        self.patience = whole_number("patience", patience, low=0, owner="Patience")
         self.streak = 0
         self.total = 0
 
@@ -320,18 +320,13 @@ class LossHealth:
         spike_warmup: int = 20,
         zero_loss_steps: int | None = 5,
     ) -> None:
-        if spike_factor is not None and not spike_factor > 1.0:
-            raise ValueError(f"spike_factor must be > 1 (or None to disable), got {spike_factor}")
-        if spike_window < 1:
-            raise ValueError(f"spike_window must be >= 1, got {spike_window}")
-        if spike_warmup < 1:
-            raise ValueError(f"spike_warmup must be >= 1, got {spike_warmup}")
-        if zero_loss_steps is not None and zero_loss_steps < 1:
-            raise ValueError(f"zero_loss_steps must be >= 1 (or None to disable), got {zero_loss_steps}")
-        self.spike_factor = spike_factor
-        self.spike_window = int(spike_window)
-        self.spike_warmup = int(spike_warmup)
-        self.zero_loss_steps = zero_loss_steps
+        owner = "LossHealth"
+        self.spike_factor = finite_number(
+            "spike_factor", spike_factor, low=1, high=MAX_FACTOR, low_open=True, allow_none=True, owner=owner
+        )
+        self.spike_window = whole_number("spike_window", spike_window, low=1, owner=owner)
+        self.spike_warmup = whole_number("spike_warmup", spike_warmup, low=1, owner=owner)
+        self.zero_loss_steps = whole_number("zero_loss_steps", zero_loss_steps, low=1, allow_none=True, owner=owner)
         self._window: deque[float] = deque(maxlen=self.spike_window)
         self._seen = 0
         self._in_spike = False

@@ -11,19 +11,11 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import TypedDict
 
+from ...bounds import MAX_FACTOR, finite_number, seconds, whole_number, yes_no
+
 __all__ = ["ACTIONS", "WatchdogOptions", "WatchdogSettings"]
 
 ACTIONS = ("dump", "abort")
-
-
-def _check_seconds(name: str, value: float | None, *, allow_none: bool = True) -> float | None:
-    if value is None:
-        if allow_none:
-            return None
-        raise ValueError(f"Watchdog({name}=...) must be a number of seconds > 0, not None")
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise ValueError(f"Watchdog({name}=...) must be a number of seconds > 0, not {value!r}")
-    return float(value)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -63,7 +55,9 @@ class WatchdogSettings:
             the budget).
 
     Raises:
-        ValueError: An option is out of range (the message names it).
+        ValueError: An unknown ``action``; :class:`~trainguard.errors.ConfigError` (a ``ValueError``) for a number
+            that is not finite, not whole where a count is meant, or out of its range (the message names the option,
+            the value and the range; every timeout is at most one year, :data:`trainguard.bounds.MAX_SECONDS`).
     """
 
     timeout: float | None = None
@@ -82,28 +76,29 @@ class WatchdogSettings:
     check_interval: float = 1.0
 
     def __post_init__(self) -> None:
-        action, warmup_steps, exit_code, abort_grace = self.action, self.warmup_steps, self.exit_code, self.abort_grace
-        if action not in ACTIONS:
-            raise ValueError(f"Watchdog(action=...) must be one of {ACTIONS}, not {action!r}")
-        if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
-            raise ValueError(f"Watchdog(warmup_steps=...) must be an integer >= 0, not {warmup_steps!r}")
-        if isinstance(exit_code, bool) or not isinstance(exit_code, int) or not 0 < exit_code < 256:
-            raise ValueError(f"Watchdog(exit_code=...) must be an integer from 1 to 255, not {exit_code!r}")
-        if isinstance(abort_grace, bool) or not isinstance(abort_grace, (int, float)) or abort_grace < 0:
-            raise ValueError(f"Watchdog(abort_grace=...) must be a number of seconds >= 0, not {abort_grace!r}")
-        normal: dict[str, float | None] = {
-            "timeout": _check_seconds("timeout", self.timeout),
-            "repeat_interval": _check_seconds("repeat_interval", self.repeat_interval),
-            "floor": float(_check_seconds("floor", self.floor, allow_none=False) or 0.0),
+        if self.action not in ACTIONS:
+            raise ValueError(f"Watchdog(action=...) must be one of {ACTIONS}, not {self.action!r}")
+        owner = "Watchdog"
+        # Every number through trainguard.bounds: finite, and no budget beyond a year (1e308 seconds would be
+        # accepted here and overflow faulthandler's timer at the first step).
+        normal: dict[str, float | int | bool | None] = {
+            "warmup_steps": whole_number("warmup_steps", self.warmup_steps, low=0, owner=owner),
+            "exit_code": whole_number("exit_code", self.exit_code, low=1, high=255, owner=owner),
+            "abort_grace": seconds("abort_grace", self.abort_grace, allow_zero=True, owner=owner),
+            "floor": seconds("floor", self.floor, owner=owner),
+            "multiplier": finite_number("multiplier", self.multiplier, low=1, high=MAX_FACTOR, owner=owner),
+            "check_interval": seconds("check_interval", self.check_interval, owner=owner),
+            "native_stacks": yes_no("native_stacks", self.native_stacks, allow_none=True, owner=owner),
         }
-        mult = _check_seconds("multiplier", self.multiplier, allow_none=False) or 0.0
-        if mult < 1:
-            raise ValueError(f"Watchdog(multiplier=...) must be >= 1, not {self.multiplier!r}")
-        normal["multiplier"] = float(mult)
-        normal["check_interval"] = float(_check_seconds("check_interval", self.check_interval, allow_none=False) or 1.0)
-        for name in ("first_step_timeout", "eval_timeout", "save_timeout", "resume_timeout"):
-            normal[name] = _check_seconds(name, getattr(self, name))
-        normal["abort_grace"] = float(abort_grace)
+        for name in (
+            "timeout",
+            "repeat_interval",
+            "first_step_timeout",
+            "eval_timeout",
+            "save_timeout",
+            "resume_timeout",
+        ):
+            normal[name] = seconds(name, getattr(self, name), allow_none=True, owner=owner)
         for name, value in normal.items():
             object.__setattr__(self, name, value)  # frozen: store the checked, normalised value once
 

@@ -15,25 +15,21 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterator
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from trainguard.callbacks import _GUARDS
 from trainguard.config import ConfigError, build_guards, option_names
 
+from _fuzz import fuzz_settings
+
 # As tests/test_fuzz_readers.py: no example database (it would write a .hypothesis folder into the repository), and
 # a generous per-example deadline as the time bound (CI's 2 cores also run other jobs).
-FUZZ = settings(
-    max_examples=80,
-    deadline=timedelta(seconds=10),
-    database=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
-)
+FUZZ = fuzz_settings(80)
 pytestmark = pytest.mark.timeout(600)
 # The documented bound of every timeout, wait and interval (trainguard.bounds.MAX_SECONDS): one year.
 MAX_SECONDS = 365 * 24 * 3600

@@ -10,22 +10,18 @@ from __future__ import annotations
 import sys
 import tempfile
 import types
-from datetime import timedelta
 from pathlib import Path
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from trainguard.checks.checkpoint import layouts
 
-FUZZ = settings(
-    max_examples=80,
-    deadline=timedelta(seconds=10),
-    database=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
-)
+from _fuzz import fuzz_settings
+
+FUZZ = fuzz_settings(80)
 pytestmark = pytest.mark.timeout(600)
 
 SENTINEL = "torch.distributed.checkpoint._trainguard_fuzz_sentinel"

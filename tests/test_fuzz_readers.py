@@ -17,13 +17,12 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterator
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 from safetensors.torch import save_file
 
@@ -37,14 +36,9 @@ from trainguard.checks.checkpoint import (
 from trainguard.checks.crash_loop import load_runs
 from trainguard.checks.run_lock import INFO_NAME, read_holder
 
-# No example database (it would write a .hypothesis folder into the repository); a per-example deadline is the time
-# bound the issue asks for (generous: CI's 2 cores also run other jobs).
-FUZZ = settings(
-    max_examples=60,
-    deadline=timedelta(seconds=10),
-    database=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
-)
+from _fuzz import fuzz_settings
+
+FUZZ = fuzz_settings(60)
 pytestmark = pytest.mark.timeout(600)
 
 FILES = ("model.safetensors", "optimizer.pt", "trainer_state.json", "config.json")

@@ -11,12 +11,11 @@ from __future__ import annotations
 import hashlib
 import json
 import tempfile
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from trainguard.checks.spike_history import (
@@ -27,12 +26,9 @@ from trainguard.checks.spike_history import (
     read_history,
 )
 
-FUZZ = settings(
-    max_examples=60,
-    deadline=timedelta(seconds=10),
-    database=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
-)
+from _fuzz import fuzz_settings
+
+FUZZ = fuzz_settings(60)
 pytestmark = pytest.mark.timeout(600)
 
 LINEAGE = "20260101T000000Z-aaaaaa"

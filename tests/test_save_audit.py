@@ -221,6 +221,33 @@ def test_a_changed_schedule_is_named_field_by_field(run: Path):
                in text for level, text in found), found  # fmt: skip
 
 
+def test_a_longer_run_on_a_constant_schedule_resumes_without_a_warning(tmp_path: Path):
+    out = tmp_path / "run"
+    constant = {"lr_scheduler_type": "constant", **SAVE}
+    run_trainer(out, callbacks=[trainguard.CheckpointVerifier()], max_steps=4, **constant)
+    verifier = trainguard.CheckpointVerifier()
+    resumed, _ = run_trainer(out, callbacks=[verifier], max_steps=8, resume_from_checkpoint=str(out / "checkpoint-4"),
+                             **constant)  # fmt: skip
+    assert _findings(verifier) == []
+    assert not [a for a in verifier.alerter.history if "attestation" in a.message]
+    # ... and the resumed run is the uninterrupted one, bit for bit (so the silence is right).
+    straight, _ = run_trainer(tmp_path / "straight", max_steps=8, **constant)
+    for (name, a), b in zip(resumed.model.state_dict().items(), straight.model.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+
+
+def test_the_same_global_batch_in_another_geometry_resumes_without_a_warning(run: Path):
+    # saved: 2 rows x 1 micro-batch per step; now: 1 row x 2 micro-batches, the same 2 rows per update
+    verifier = _resume(run, per_device_train_batch_size=1, gradient_accumulation_steps=2)
+    assert not [text for _, text in _findings(verifier) if "batch geometry" in text]
+
+
+def test_another_global_batch_is_still_named(run: Path):
+    verifier = _resume(run, per_device_train_batch_size=4)
+    found = " | ".join(text for _, text in _findings(verifier))
+    assert "batch geometry changed" in found and "per_device_train_batch_size: 2 at the save, 4 now" in found
+
+
 def test_a_changed_learning_rate_is_named_although_the_trainer_ignores_it(run: Path):
     verifier = _resume(run, learning_rate=5e-4)
     found = " | ".join(text for _, text in _findings(verifier))

@@ -38,6 +38,8 @@ __all__ = [
 SCHEDULE_FIELDS = ("learning_rate", "lr_scheduler_type", "lr_scheduler_kwargs", "warmup_steps", "max_steps", "optim")
 BATCH_FIELDS = ("per_device_train_batch_size", "gradient_accumulation_steps", "world_size")
 ORDER_FIELDS = ("seed", "data_seed", "group_by_length", "dataloader_drop_last", "train_rows")
+#: Schedules whose learning rate does not depend on the run's length: training longer or shorter changes nothing.
+_NO_HORIZON = frozenset({"constant", "constant_with_warmup", "reduce_lr_on_plateau"})
 # Engines whose own loader is known to leave the optimizer empty, and what to do about it.
 _ENGINE_HINTS: dict[str, tuple[str, ...]] = {
     "fsdp1_sharded": (
@@ -80,6 +82,23 @@ def _diffs(saved: Mapping[str, Any], live: Mapping[str, Any], names: tuple[str, 
     ]
 
 
+def _schedule_name(facts: Mapping[str, Any]) -> str:
+    # recorded as str(args.lr_scheduler_type): "constant", or "SchedulerType.CONSTANT" on releases that keep the enum
+    return str(facts.get("lr_scheduler_type") or "").rsplit(".", 1)[-1].lower()
+
+
+def _same_next_lr(saved: Mapping[str, Any], live: Mapping[str, Any]) -> bool:
+    return saved.get("next_lr") is not None and _close(saved.get("next_lr"), live.get("next_lr"))
+
+
+def _global_batch(facts: Mapping[str, Any]) -> int | None:
+    """Rows one optimizer step sees: per-device batch x accumulation x ranks (None when a factor is unknown)."""
+    values = [facts.get(name) for name in BATCH_FIELDS]
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+        return None
+    return int(values[0]) * int(values[1]) * int(values[2])
+
+
 def compare_facts(saved: Mapping[str, Any], live: Mapping[str, Any], *, model_only: bool) -> list[Finding]:
     """What differs between the facts recorded at a save and the resumed run's, after the Trainer loaded them.
 
@@ -89,7 +108,14 @@ def compare_facts(saved: Mapping[str, Any], live: Mapping[str, Any], *, model_on
     """
     findings: list[Finding] = []
     schedule = _diffs(saved, live, SCHEDULE_FIELDS)
+    if _same_next_lr(saved, live) and {_schedule_name(saved), _schedule_name(live)} <= _NO_HORIZON:
+        # max_steps decides nothing on a constant schedule: a longer run continues at the same rate, bit-identical
+        # to one that was never interrupted (the next rate was checked equal above).
+        schedule = [d for d in schedule if not d.startswith("max_steps:")]
     batch = _diffs(saved, live, BATCH_FIELDS)
+    if batch and _global_batch(saved) is not None and _global_batch(saved) == _global_batch(live):
+        # 2 ranks x 4 micro-batches -> 4 x 2, or accumulation traded for batch size: each update sees as many rows.
+        batch = []
     if model_only:
         findings.append(
             Finding(

@@ -351,8 +351,9 @@ class TrackerCounterSink(CounterSink):
 
     Example::
 
-        sink = TrackerCounterSink(trainer)  # what the guards on ``trainer`` use by default
-        NanGuard(alert_sinks=[LoggerSink(), sink])
+        from trainguard import NanGuard
+        from trainguard.alerts import LoggerSink
+        guard = NanGuard(alert_sinks=[LoggerSink(), TrackerCounterSink(trainer)])  # the default, explicitly
     """
 
     def deliver(self, trainer: Any, counters: dict[str, float]) -> None:

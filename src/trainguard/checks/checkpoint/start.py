@@ -94,7 +94,9 @@ def decide_fresh_start(
 
     Example::
 
-        decide_fresh_start("out", own_lineages={verifier.lineage})  # a second train() on the same Trainer
+        from trainguard.checks.lineage import checkpoint_origin
+        earlier = checkpoint_origin("out/checkpoint-60").lineage  # what this Trainer's earlier train() wrote
+        decide_fresh_start("out", own_lineages={earlier}).notes  # not refused: an info note names them
     """
     decision = StartDecision(status="fresh")
     origins = [_lineage.checkpoint_origin(d) for d in checkpoint_dirs(output_dir)] if output_dir else []

@@ -52,3 +52,30 @@ class JitAt(TrainerCallback):
     def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if self.event == "save":
             self._request(state)
+
+
+class EventRecorder(TrainerCallback):
+    """A user's callback that records every event it receives as ``(event, global_step)``, and each ``on_log``'s
+    ``logs``: what a guarded run must show a user exactly as the plain run does."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[str, int]] = []
+        self.logs: list[dict[str, Any]] = []
+
+    def _record(self, name: str, state: Any, logs: Any = None) -> None:
+        self.events.append((name, int(state.global_step)))
+        if name == "on_log":
+            self.logs.append(dict(logs or {}))
+
+
+def _recording(name: str) -> Any:
+    def record(self: EventRecorder, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self._record(name, state, kwargs.get("logs"))
+
+    record.__name__ = name
+    return record
+
+
+# every event the installed transformers has (on_push_begin on newer releases, too)
+for _name in (n for n in dir(TrainerCallback) if n.startswith("on_")):
+    setattr(EventRecorder, _name, _recording(_name))

@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from transformers import TrainerCallback
 
 from trainguard.alerts import (
     EVENTS_FILE,
@@ -27,6 +26,7 @@ from trainguard.alerts import (
 from trainguard.atomic import read_jsonl
 from trainguard.callbacks import GuardCallback
 
+from _probes import EventRecorder
 from _rig import free_port, run_trainer
 
 
@@ -199,28 +199,37 @@ class _AlertAtStep(GuardCallback):
         return control
 
 
-class _Recorder(TrainerCallback):
-    def __init__(self) -> None:
-        self.logs: list[dict[str, float]] = []
+def _tensorboard_scalars(output_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    """``{tag: [(step, value), ...]}`` of every ``train/trainguard/...`` scalar the run's TensorBoard files hold."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kwargs: Any) -> None:
-        self.logs.append(dict(logs or {}))
+    [logdir] = {p.parent for p in (output_dir / "runs").rglob("events.out.tfevents.*")}
+    accumulator = EventAccumulator(str(logdir), size_guidance={"scalars": 0})
+    accumulator.Reload()
+    return {
+        tag: [(e.step, e.value) for e in accumulator.Scalars(tag)]
+        for tag in accumulator.Tags()["scalars"]
+        if tag.startswith("train/trainguard/")
+    }
 
 
-def test_guard_alerts_reach_trainer_log_stream_jsonl_and_logger(output_dir: Path, caplog):
-    recorder = _Recorder()
+def test_guard_alerts_reach_jsonl_logger_and_tracker_counters_but_never_log_history_or_on_log(output_dir: Path, caplog):
+    pytest.importorskip("tensorboard", reason="tensorboard is not installed (pip install 'trainguard[tensorboard]')")
+    recorder = EventRecorder()
     with caplog.at_level(logging.INFO, logger="trainguard"):
-        trainer, _ = run_trainer(output_dir, max_steps=5, callbacks=[recorder, _AlertAtStep()])
+        trainer, _ = run_trainer(output_dir, max_steps=5, callbacks=[recorder, _AlertAtStep()], report_to="tensorboard")
+    # the user's log stream is the plain run's: one on_log per step and the train summary, nothing of trainguard
     history = trainer.state.log_history
-    alert_entries = [e for e in history if "trainguard/alerts" in e]
-    assert [e["step"] for e in alert_entries] == [2, 3]
-    assert alert_entries[0]["trainguard/probe_guard/warning"] == 1.0
-    assert alert_entries[1]["trainguard/probe_guard/error"] == 1.0  # the worker's alert, delivered on-thread
-    assert alert_entries[1]["trainguard/alerts"] == 2.0
-    # reporting integrations see the same on_log stream as this recorder
-    assert any("trainguard/probe_guard/warning" in logs for logs in recorder.logs)
-    # an alert raised before a scheduled log does not cancel that log: every step still logs its loss
-    assert [e["step"] for e in history if "loss" in e] == [1, 2, 3, 4, 5]
+    assert [e["step"] for e in history if "loss" in e] == [1, 2, 3, 4, 5] and "train_loss" in history[-1]
+    assert len(history) == 6 and [e for e in recorder.events if e[0] == "on_log"] == [
+        ("on_log", step) for step in (1, 2, 3, 4, 5, 5)
+    ]
+    assert not [key for entry in [*history, *recorder.logs] for key in entry if key.startswith("trainguard")]
+    # the counters reached the tracker through its own writer, at the alert's step
+    scalars = _tensorboard_scalars(output_dir)
+    assert scalars["train/trainguard/alerts"] == [(2, 1.0), (3, 2.0)]
+    assert scalars["train/trainguard/probe_guard/warning"][0] == (2, 1.0)
+    assert scalars["train/trainguard/probe_guard/error"] == [(3, 1.0)]  # the worker's alert, delivered on-thread
     events = read_jsonl(output_dir / EVENTS_FILE)
     assert [(e["guard"], e["level"], e["step"]) for e in events] == [
         ("probe_guard", "warning", 2),
@@ -228,6 +237,43 @@ def test_guard_alerts_reach_trainer_log_stream_jsonl_and_logger(output_dir: Path
     ]
     assert events[0]["evidence"] == {"value": 1.5}
     assert any("[probe_guard] warning at step 2 on rank 0" in r.getMessage() for r in caplog.records)
+
+
+class _AlertAtLastSave(GuardCallback):
+    """A guard that warns in on_save of the last step: after the Trainer's last loss log, before its summary."""
+
+    guard_name = "late_guard"
+
+    def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+        if state.global_step == state.max_steps:
+            self.alert("warning", "something odd at the last save", step=state.global_step)
+        return control
+
+
+def test_an_alert_at_the_last_save_reaches_the_events_file_and_logger_but_not_log_history(output_dir: Path, caplog):
+    recorder = EventRecorder()
+    with caplog.at_level(logging.INFO, logger="trainguard"):
+        trainer, _ = run_trainer(
+            output_dir, max_steps=4, save_strategy="steps", save_steps=2, callbacks=[_AlertAtLastSave(), recorder]
+        )
+    [event] = read_jsonl(output_dir / EVENTS_FILE)
+    assert (event["guard"], event["level"], event["step"]) == ("late_guard", "warning", 4)
+    assert any("[late_guard] warning at step 4 on rank 0: something odd" in r.getMessage() for r in caplog.records)
+    history = trainer.state.log_history
+    assert history[-1]["train_loss"] > 0  # the train summary is still the last entry
+    assert [e["step"] for e in history] == [1, 2, 3, 4, 4]
+    assert [step for name, step in recorder.events if name == "on_log"] == [1, 2, 3, 4, 4]
+
+
+def test_a_trainer_log_sink_chosen_explicitly_logs_counters_and_keeps_the_scheduled_logging(output_dir: Path):
+    guard = _AlertAtStep(alert_sinks=[TrainerLogSink()])  # opt-in: the counters in log_history, on purpose
+    trainer, _ = run_trainer(output_dir, max_steps=5, callbacks=[guard])
+    history = trainer.state.log_history
+    alert_entries = [e for e in history if "trainguard/alerts" in e]
+    assert [e["step"] for e in alert_entries] == [2, 3]
+    assert alert_entries[1]["trainguard/probe_guard/error"] == 1.0  # the worker's alert, delivered on-thread
+    # an alert raised before a scheduled log does not cancel that log: every step still logs its loss
+    assert [e["step"] for e in history if "loss" in e] == [1, 2, 3, 4, 5]
 
 
 def test_trainer_log_sink_without_a_trainer_drops_alerts_quietly():
@@ -261,15 +307,16 @@ class _OtherGuard(GuardCallback):
         return control
 
 
-def test_guards_on_one_trainer_share_one_alerter_and_the_logged_count_is_the_runs(output_dir: Path, webhook):
+def test_guards_on_one_trainer_share_one_alerter_and_the_reported_count_is_the_runs(output_dir: Path, webhook):
+    pytest.importorskip("tensorboard", reason="tensorboard is not installed (pip install 'trainguard[tensorboard]')")
     url, hook = webhook
     first, second, own = _AlertAtStep(), _OtherGuard(), _OtherGuard(webhook_url=url)
     own.guard_name = "own_webhook_guard"
-    trainer, _ = run_trainer(output_dir, max_steps=5, callbacks=[first, second, own])
-    assert first.alerter is second.alerter  # one event-file writer, one log-stream counter, one webhook queue
-    counts = [e for e in trainer.state.log_history if "trainguard/alerts" in e]
-    assert counts[-1]["trainguard/alerts"] == 4.0  # every guard's alerts, not one guard's
-    assert counts[-1]["trainguard/other_guard/warning"] == 1.0
+    run_trainer(output_dir, max_steps=5, callbacks=[first, second, own], report_to="tensorboard")
+    assert first.alerter is second.alerter  # one event-file writer, one tracker counter, one webhook queue
+    scalars = _tensorboard_scalars(output_dir)
+    assert scalars["train/trainguard/alerts"][-1] == (4, 4.0)  # every guard's alerts, not one guard's
+    assert scalars["train/trainguard/other_guard/warning"][-1] == (4, 1.0)
     events = read_jsonl(output_dir / EVENTS_FILE)
     assert sorted(e["guard"] for e in events) == ["other_guard", "own_webhook_guard", "probe_guard", "probe_guard"]
     assert hook.received.wait(5)

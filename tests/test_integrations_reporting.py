@@ -16,7 +16,10 @@ from typing import Any
 
 import pytest
 
-from _rig import run_python
+import trainguard
+
+from _probes import EventRecorder
+from _rig import make_trainer, run_python
 
 CHILD = r'''
 import json, sys
@@ -92,6 +95,7 @@ except trainguard.TrainGuardError as err:
     if handling == "raise":
         raise
 result["fingerprint"] = dataset_guard.run_identity["train"]["fingerprint"]
+result["log_history_keys"] = sorted({key for entry in trainer.state.log_history for key in entry})
 result["imported"] = sorted(m for m in ("wandb", "mlflow") if m in sys.modules)
 print("RESULT " + json.dumps(result))
 '''
@@ -204,8 +208,9 @@ def test_wandb_offline_run_holds_the_guard_warning_as_one_alert_and_the_guard_st
     assert config["trainguard/dataset_guard/train_fingerprint"] == result["fingerprint"]
     assert config["trainguard/checkpoint_verifier/lineage"]
     history = _items(records, "history")
-    assert history["train/trainguard/hang_watchdog/step_budget_s"] > 0  # numbers went through trainer.log
+    assert history["train/trainguard/hang_watchdog/step_budget_s"] > 0  # numbers went through W&B's own run.log
     assert history["train/trainguard/loss_watch/warning"] == 20.0
+    assert not [k for k in result["log_history_keys"] if k.startswith("trainguard/")]  # not through trainer.log
 
 
 # ---------------------------------------------------------------------------------------------------- MLflow
@@ -255,6 +260,8 @@ def test_mlflow_run_stopped_by_a_guard_is_failed_with_the_guard_and_its_message(
     assert tags["trainguard/dataset_guard/train_fingerprint"]
     assert float(tags["trainguard/hang_watchdog/step_budget_s"]) > 0
     assert run.data.metrics["trainguard/loss_watch/warning"] == 20.0
+    if _result:  # the uncaught stop prints no result
+        assert not [k for k in _result["log_history_keys"] if k.startswith("trainguard/")]
 
 
 # ----------------------------------------------------------------------------------------------- TensorBoard
@@ -279,6 +286,56 @@ def test_tensorboard_event_files_hold_the_guards_counters_and_key_figures(tmp_pa
     }
     assert texts["trainguard/dataset_guard/train_fingerprint/text_summary"] == result["fingerprint"]
     assert "step budget" in texts["trainguard/hang_watchdog/summary/text_summary"]
+    # the scalars came from the TensorBoard callback's own writer, not from trainer.log
+    assert not [k for k in result["log_history_keys"] if k.startswith("trainguard/")]
+
+
+# ---------------------------------------------------------------------------------- the user's log stream untouched
+# Keys whose values are wall-clock timings: the same keys in both runs, never the same values.
+TIMINGS = {"train_runtime", "train_samples_per_second", "train_steps_per_second"}
+
+
+def _comparable(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [{k: ("<timing>" if k in TIMINGS else v) for k, v in entry.items()} for entry in history]
+
+
+def _fresh_then_resume(output_dir: Path, guarded: bool) -> list[tuple[Any, EventRecorder]]:
+    """A healthy 4-step run saving every 2 steps, then a new Trainer resuming from checkpoint-2 to step 6."""
+    runs = []
+    for max_steps, resume in ((4, None), (6, str(output_dir / "checkpoint-2"))):
+        recorder = EventRecorder()
+        guards = trainguard.all_guards() if guarded else []
+        trainer = make_trainer(
+            output_dir, callbacks=[*guards, recorder], max_steps=max_steps, save_strategy="steps", save_steps=2
+        )
+        trainer.train(resume_from_checkpoint=resume)
+        runs.append((trainer, recorder))
+    return runs
+
+
+@pytest.fixture(scope="module")
+def plain_and_guarded(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[tuple[Any, EventRecorder]]]:
+    base = tmp_path_factory.mktemp("log-stream")
+    return {"plain": _fresh_then_resume(base / "plain", False), "guarded": _fresh_then_resume(base / "guarded", True)}
+
+
+def test_all_guards_leave_log_history_exactly_the_plain_runs_also_after_a_resume(
+    plain_and_guarded: dict[str, list[tuple[Any, EventRecorder]]],
+) -> None:
+    for (plain, _), (guarded, _) in zip(plain_and_guarded["plain"], plain_and_guarded["guarded"], strict=True):
+        assert _comparable(guarded.state.log_history) == _comparable(plain.state.log_history)
+    resumed = plain_and_guarded["guarded"][1][0]
+    assert resumed.state.global_step == 6
+    assert resumed.state.log_history[-1]["train_loss"] > 0  # the train summary is still the last entry
+
+
+def test_a_users_callback_sees_the_same_events_and_logs_with_all_guards_as_without(
+    plain_and_guarded: dict[str, list[tuple[Any, EventRecorder]]],
+) -> None:
+    for (_, plain), (_, guarded) in zip(plain_and_guarded["plain"], plain_and_guarded["guarded"], strict=True):
+        assert guarded.events == plain.events
+        assert _comparable(guarded.logs) == _comparable(plain.logs)
+    assert ("on_log", 0) not in plain_and_guarded["guarded"][0][1].events  # no key-figure log before step 1
 
 
 # ------------------------------------------------------------------------------------------------ switches

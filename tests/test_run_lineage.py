@@ -146,6 +146,71 @@ def test_resume_true_where_only_another_lineages_checkpoints_exist_is_refused_by
     assert (output_dir / "checkpoint-2").is_dir()  # another lineage's checkpoint is never set aside
 
 
+# ------------------------------------------------------------------------- 1b. train() again on the same Trainer
+TIMINGS = {"train_runtime", "train_samples_per_second", "train_steps_per_second"}
+
+
+def _history(trainer: Any) -> list[dict[str, Any]]:
+    return [{k: v for k, v in entry.items() if k not in TIMINGS} for entry in trainer.state.log_history]
+
+
+def _assert_same_weights(one: Any, other: Any) -> None:
+    import torch
+
+    mine, theirs = one.model.state_dict(), other.model.state_dict()
+    assert mine.keys() == theirs.keys()
+    assert all(torch.equal(mine[name], theirs[name]) for name in mine), "the weights differ from the plain Trainer's"
+
+
+def _model_init_trainer(output_dir: Path, callbacks: list[Any]) -> Any:
+    from transformers import Trainer
+
+    from _rig import make_lm_dataset, make_tiny_llama, training_args
+
+    args = training_args(output_dir, max_steps=4, **SAVE)
+    return Trainer(
+        model_init=lambda: make_tiny_llama(), args=args, train_dataset=make_lm_dataset(), callbacks=callbacks
+    )
+
+
+def test_train_called_again_on_the_same_trainer_trains_as_the_plain_trainer_does_and_deletes_nothing(tmp_path: Path):
+    plain = make_trainer(tmp_path / "plain", max_steps=4, **SAVE)
+    plain.train()
+    plain.train()  # a notebook cell run again: from step 0, on the weights the first call left
+    output_dir = tmp_path / "guarded"
+    trainer = make_trainer(output_dir, callbacks=trainguard.all_guards(), max_steps=4, **SAVE)
+    trainer.train()
+    first = _lineage_of(output_dir / "checkpoint-4")
+    before = _user_files(output_dir)
+    trainer.train()  # not "checkpoint(s) of another run": they are this Trainer's own
+    _assert_same_weights(trainer, plain)
+    assert _history(trainer) == _history(plain)
+    second = _lineage_of(output_dir / "checkpoint-4")
+    assert second not in (None, first) and lineage.current_scope(output_dir).lineage == second
+    assert _names(output_dir) == ["checkpoint-2", "checkpoint-4"]
+    _assert_nothing_deleted(before, output_dir)  # the first call's checkpoints, moved aside when saved over
+    archived = sorted(p.name.split(".")[0] for p in (output_dir / ckpt.ARCHIVE_DIR).glob("checkpoint-*Z"))
+    assert archived == ["checkpoint-2", "checkpoint-4"]
+    assert all(_lineage_of(f) == first for f in (output_dir / ckpt.ARCHIVE_DIR).glob("checkpoint-*Z"))
+
+
+def test_a_model_init_trainer_trains_twice_while_another_trainer_is_still_refused(tmp_path: Path):
+    plain = _model_init_trainer(tmp_path / "plain", [])
+    plain.train()
+    plain.train()
+    output_dir = tmp_path / "guarded"
+    trainer = _model_init_trainer(output_dir, trainguard.all_guards())
+    trainer.train()
+    before = _user_files(output_dir)
+    trainer.train()  # model_init builds a fresh model: a new run from step 0 (what hyperparameter search does)
+    _assert_same_weights(trainer, plain)
+    assert _history(trainer) == _history(plain)
+    _assert_nothing_deleted(before, output_dir)
+    # another Trainer object is another run: its fresh start is still refused, naming the checkpoints
+    with pytest.raises(trainguard.LineageError, match="checkpoint-2, checkpoint-4"):
+        _model_init_trainer(output_dir, trainguard.all_guards()).train()
+
+
 # ------------------------------------------------------------------------------------------------- 2. rotation
 def test_rotation_deletes_only_this_lineages_checkpoints(output_dir: Path, caplog: pytest.LogCaptureFixture):
     run_trainer(output_dir, callbacks=[trainguard.CheckpointVerifier()], max_steps=10, **SAVE)  # A: 2 ... 10

@@ -7,14 +7,16 @@ logger and never breaks training.
 Sinks:
 
 - :class:`LoggerSink`: the ``trainguard`` logger (the default everywhere).
-- :class:`TrainerLogSink`: the Trainer's own log stream (``trainer.log``), so W&B, TensorBoard, MLflow and
-  ``state.log_history`` show ``trainguard/<guard>/<level>`` counters beside the loss.
+- :class:`TrainerLogSink`: opt-in only, ``trainguard/<guard>/<level>`` counters through ``trainer.log`` (into
+  ``state.log_history`` and every callback's ``on_log``). The default counters go to W&B, MLflow and TensorBoard
+  through their own APIs instead (:class:`trainguard.integrations.reporting.TrackerCounterSink`), so a guarded
+  run's ``log_history``, ``on_log`` events and console stay exactly the plain run's.
 - :class:`JsonlSink`: one JSON object a line in ``output_dir/trainguard-events.jsonl``.
 - :class:`WebhookSink`: a JSON POST to a URL (Slack-compatible ``text`` field included), sent from a background
   thread so a slow endpoint never stalls a step.
 
-Guards attached to a Trainer use the logger, the Trainer's log and the JSONL file by default, plus a webhook when
-``webhook_url=`` or the ``TRAINGUARD_WEBHOOK_URL`` environment variable is set.
+Guards attached to a Trainer use the logger and the JSONL file by default, plus a webhook when ``webhook_url=`` or
+the ``TRAINGUARD_WEBHOOK_URL`` environment variable is set (and the trackers' sinks, added by the callbacks).
 
 An :class:`Alert` is redacted when it is made (:mod:`trainguard.redact`: token shapes, secret flags and keys, URL
 credentials, the values of secret environment variables), message and evidence alike, so every sink, including one
@@ -58,6 +60,7 @@ __all__ = [
     "Alert",
     "AlertSink",
     "Alerter",
+    "CounterSink",
     "JsonlSink",
     "LoggerSink",
     "TrainerLogSink",
@@ -204,15 +207,19 @@ class JsonlSink:
             )
 
 
-class TrainerLogSink:
-    """Puts alert counters into the Trainer's log stream (``trainer.log``), where every reporting integration
-    (W&B, TensorBoard, MLflow, ...) and ``state.log_history`` picks them up.
-
-    Logged keys are numbers, which every integration accepts: ``trainguard/<guard>/<level>`` (how many alerts of
-    that guard and level so far) and ``trainguard/alerts`` (all alerts so far). The text is in the other sinks.
+class CounterSink:
+    """Counts alerts per guard and level and hands the counters to :meth:`deliver` on the thread that bound the
+    trainer: ``trainguard/<guard>/<level>`` (that guard's alerts of that level so far) and ``trainguard/alerts``
+    (all alerts so far), as floats. Subclasses say where the counters go.
 
     Alerts sent from another thread (a hashing worker, a watchdog) are held and delivered at the next alert or
-    :meth:`flush` on the thread that bound the trainer, because ``trainer.log`` is not thread-safe.
+    :meth:`flush` on the bound thread, so a subclass never has to be thread-safe.
+
+    Example::
+
+        class PrintCounters(CounterSink):
+            def deliver(self, trainer, counters):
+                print(trainer.state.global_step, counters)
     """
 
     def __init__(self, trainer: Any = None) -> None:
@@ -236,7 +243,7 @@ class TrainerLogSink:
 
     def send(self, alert: Alert) -> None:
         if self._trainer is None:
-            return  # not attached to a Trainer: there is no log stream to feed
+            return  # not attached to a Trainer: there is nowhere to deliver counters
         with self._lock:
             self._pending.append(alert)
         if threading.get_ident() == self._thread:
@@ -254,15 +261,36 @@ class TrainerLogSink:
         for alert in pending:
             self._counts[f"trainguard/{alert.guard}/{alert.level}"] += 1
             self._counts["trainguard/alerts"] += 1
-        payload: dict[str, float] = {k: float(v) for k, v in self._counts.items()}
+        self._active = True
+        try:
+            self.deliver(trainer, {k: float(v) for k, v in self._counts.items()})
+        finally:
+            self._active = False
+
+    def deliver(self, trainer: Any, counters: dict[str, float]) -> None:
+        """Put ``counters`` somewhere (called on the bound thread). The base class drops them."""
+
+
+class TrainerLogSink(CounterSink):
+    """Opt-in: puts the alert counters into the Trainer's log stream (``trainer.log``).
+
+    **Not a default sink**, because ``trainer.log`` appends to ``state.log_history``, fires an ``on_log`` every
+    callback sees and prints to the console: a guarded run would no longer look like the plain one (and an alert at
+    the last save would land after the train summary, so ``log_history[-1]["train_loss"]`` would be gone). The
+    default counters reach W&B, MLflow and TensorBoard through their own APIs
+    (:class:`trainguard.integrations.reporting.TrackerCounterSink`). Pass this sink yourself only if you want the
+    counters in ``log_history``: ``NanGuard(alert_sinks=[LoggerSink(), TrainerLogSink()])``.
+
+    The Trainer's scheduled logging is untouched: ``control.should_log``, which ``on_log`` clears, is restored.
+    """
+
+    def deliver(self, trainer: Any, counters: dict[str, float]) -> None:
         control = getattr(trainer, "control", None)
         # CallbackHandler.on_log clears should_log; an alert raised before a scheduled log must not cancel it.
         saved = getattr(control, "should_log", None)
-        self._active = True
         try:
-            trainer.log(payload)
+            trainer.log(counters)
         finally:
-            self._active = False
             new_control = getattr(trainer, "control", None)
             if saved is not None and new_control is not None:
                 new_control.should_log = saved
@@ -445,7 +473,7 @@ class Alerter:
         return alert
 
     def flush(self) -> None:
-        """Deliver alerts that sinks hold for the training thread (see :class:`TrainerLogSink`)."""
+        """Deliver alerts that sinks hold for the training thread (see :class:`CounterSink`)."""
         for sink in self.sinks:
             flush = getattr(sink, "flush", None)
             if callable(flush):
@@ -473,16 +501,16 @@ class Alerter:
 def default_sinks(
     output_dir: str | os.PathLike[str] | None = None,
     *,
-    trainer: Any = None,
     webhook_url: str | None = None,
 ) -> list[AlertSink]:
-    """The sinks a guard attached to a Trainer uses: logger, Trainer log, JSONL in ``output_dir``, and a webhook
-    when ``webhook_url`` or ``TRAINGUARD_WEBHOOK_URL`` is set.
+    """The sinks a guard uses by default: logger, JSONL in ``output_dir``, and a webhook when ``webhook_url`` or
+    ``TRAINGUARD_WEBHOOK_URL`` is set. Never the Trainer's log stream (see :class:`TrainerLogSink`); the callbacks
+    add the trackers' sinks.
 
     Raises:
         WebhookConfigError: The webhook URL (naming where it came from) is not an http:// or https:// URL.
     """
-    sinks: list[AlertSink] = [LoggerSink(), TrainerLogSink(trainer)]
+    sinks: list[AlertSink] = [LoggerSink()]
     if output_dir is not None:
         sinks.append(JsonlSink(Path(output_dir) / EVENTS_FILE))
     url = webhook_url or os.environ.get(WEBHOOK_ENV)

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from transformers import TrainerCallback
 
 from .. import distributed
-from ..alerts import Alert, Alerter, AlertSink, TrainerLogSink, WebhookSink, default_sinks, get_logger
+from ..alerts import Alert, Alerter, AlertSink, CounterSink, WebhookSink, default_sinks, get_logger
 from ..errors import TrainGuardError
 from ._trainer_compat import find_trainer
 
@@ -85,8 +85,9 @@ class GuardCallback(TrainerCallback):
     """Base class of trainguard callbacks: sets up alert sinks at ``on_init_end`` and offers :meth:`alert`.
 
     Args:
-        alert_sinks: Replace the default sinks (logger, the Trainer's log stream, ``trainguard-events.jsonl`` in
-            ``output_dir``, and a webhook when ``webhook_url`` or ``TRAINGUARD_WEBHOOK_URL`` is set).
+        alert_sinks: Replace the default sinks (logger, ``trainguard-events.jsonl`` in ``output_dir``, the
+            trackers' counters and W&B alerts, and a webhook when ``webhook_url`` or ``TRAINGUARD_WEBHOOK_URL`` is
+            set). None of them writes into ``state.log_history`` or fires ``on_log``.
         webhook_url: Also POST warnings and worse to this URL.
     """
 
@@ -125,7 +126,7 @@ class GuardCallback(TrainerCallback):
             self._trainer_ref = weakref.ref(trainer)
         if self._alert_sinks is None and trainer is not None:
             # One alerter per Trainer, shared by every guard on it: one event-file writer, one webhook queue, one
-            # log-stream counter, so the logged trainguard/alerts is the run's count.
+            # tracker counter, so the reported trainguard/alerts is the run's count.
             shared = _shared_alerter(trainer, args)
             if self._webhook_url:  # this guard's own webhook, beside the shared sinks
                 self._alerter = Alerter([_Forward(shared), WebhookSink(self._webhook_url)])
@@ -137,7 +138,7 @@ class GuardCallback(TrainerCallback):
         else:
             sinks = default_sinks(getattr(args, "output_dir", None), webhook_url=self._webhook_url)
         for sink in sinks:
-            if isinstance(sink, TrainerLogSink) and trainer is not None and sink.trainer is None:
+            if isinstance(sink, CounterSink) and trainer is not None and sink.trainer is None:
                 sink.bind(trainer)
         self._alerter = Alerter(sinks)
 
@@ -264,16 +265,19 @@ _SHARED_ALERTER = "_trainguard_alerter"
 
 def _shared_alerter(trainer: Any, args: Any) -> Alerter:
     """The alerter every guard with default sinks shares on ``trainer`` (made by the first one attached): the
-    logger, the Trainer's log stream, the JSONL event file, the ``TRAINGUARD_WEBHOOK_URL`` webhook if set, and W&B
-    alerts while a W&B run is active (off with ``TRAINGUARD_REPORTING=0``)."""
+    logger, the JSONL event file, the ``TRAINGUARD_WEBHOOK_URL`` webhook if set, and, unless
+    ``TRAINGUARD_REPORTING=0``, the alert counters in W&B / MLflow / TensorBoard and W&B alerts (through the
+    trackers' own APIs: never ``trainer.log``, so ``log_history`` and ``on_log`` stay the plain run's)."""
     shared = getattr(trainer, _SHARED_ALERTER, None)
     if isinstance(shared, Alerter):
         return shared
-    sinks = default_sinks(getattr(args, "output_dir", None), trainer=trainer)
-    from ..integrations.reporting import WandbAlertSink, reporting_enabled
+    sinks = default_sinks(getattr(args, "output_dir", None))
+    from ..integrations.reporting import TrackerCounterSink, WandbAlertSink, reporting_enabled
 
     if reporting_enabled():
-        sinks.append(WandbAlertSink())  # never imports wandb; sends only while the process has an active W&B run
+        # Neither imports a tracker; each reports only to trackers the process already runs.
+        sinks.append(TrackerCounterSink(trainer))
+        sinks.append(WandbAlertSink())
     shared = Alerter(sinks)
     setattr(trainer, _SHARED_ALERTER, shared)
     return shared

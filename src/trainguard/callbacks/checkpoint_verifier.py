@@ -40,7 +40,9 @@ class CheckpointVerifier(GuardCallback):
     ``on_train_begin``):
 
     - a *fresh start* into an output_dir that already holds ``checkpoint-N`` folders is refused with
-      :class:`~trainguard.LineageError` naming them (``existing_checkpoints`` allows it deliberately);
+      :class:`~trainguard.LineageError` naming them (``existing_checkpoints`` allows it deliberately). Checkpoints
+      of this same Trainer's earlier ``train()`` (a notebook cell run again, ``model_init`` runs) are not another
+      run's: a new lineage starts beside them, as the plain Trainer starts again from step 0;
     - ``resume_from_checkpoint=True`` resolves to the newest checkpoint *of the current run lineage* that verifies;
       newer ones of it that fail are moved to ``output_dir/trainguard-quarantine/`` (renamed, never deleted), and
       other runs' checkpoints are never chosen; an explicit path that fails is refused with
@@ -132,6 +134,9 @@ class CheckpointVerifier(GuardCallback):
         self._adopts_unrecorded = False
         self._parent: _lineage.CheckpointOrigin | None = None
         self._registered: str | None = None
+        # Lineages this Trainer trained in (each train() that reached on_train_begin): a later fresh train() on the
+        # same Trainer starts beside their checkpoints instead of refusing them as another run's.
+        self._own_lineages: set[str] = set()
         self._hooked = False
         self._decision: _start.StartDecision | None = None
         self._began = False
@@ -167,7 +172,7 @@ class CheckpointVerifier(GuardCallback):
 
         def decide(max_step: int | None = None) -> _start.StartDecision:
             if fresh:
-                return _start.decide_fresh_start(output_dir, self.existing_checkpoints)
+                return _start.decide_fresh_start(output_dir, self.existing_checkpoints, self._own_lineages)
             return _start.decide_resume(
                 output_dir,
                 resume_from_checkpoint,
@@ -280,7 +285,9 @@ class CheckpointVerifier(GuardCallback):
             else:
                 try:
                     self._adopt(
-                        on_main_then_share(_start.decide_fresh_start, args.output_dir, self.existing_checkpoints)
+                        on_main_then_share(
+                            _start.decide_fresh_start, args.output_dir, self.existing_checkpoints, self._own_lineages
+                        )
                     )
                 except LineageError as err:
                     if distributed.is_main_process():
@@ -288,6 +295,7 @@ class CheckpointVerifier(GuardCallback):
                     raise
         if self.lineage is None:
             self._adopt(_start.StartDecision())
+        self._own_lineages.add(str(self.lineage))
         if self._writes(args) and self._registered != self.run and args.output_dir:
             # After every guard's before_train passed and the checkpoint loaded: only a run that trains becomes the
             # output_dir's current lineage.
@@ -373,7 +381,11 @@ class CheckpointVerifier(GuardCallback):
                 else:
                     _lineage.begin_save(folder, self._record(trainer, step, "jit" if jit else "pending"))
                     if target.action == "moved":
-                        self._message("warning", f"{target.reason}; moved to {target.moved_to} (nothing deleted)", step)
+                        # An earlier train() of this same Trainer saved there: the plain Trainer would overwrite it
+                        # in place, so moving it is no news; another run's or a plain Trainer's folder is.
+                        previous = target.previous.lineage if target.previous is not None else None
+                        level = "info" if previous in self._own_lineages else "warning"
+                        self._message(level, f"{target.reason}; moved to {target.moved_to} (nothing deleted)", step)
             except OSError as err:
                 # Without the move, the Trainer would write into a folder that holds files it did not write: let the
                 # save happen (the run must not die for it), but never commit it.

@@ -18,8 +18,9 @@ class RunReporter(GuardCallback):
 
     At ``on_train_begin`` (user callbacks run after the Trainer's reporting integrations, so their runs exist by
     then): the dataset fingerprint, the lineage id, the hang watchdog's step budget and each guard's one-line
-    summary go into the W&B config, the MLflow run's tags and TensorBoard text; the numeric ones also go through
-    ``trainer.log`` as ``trainguard/<guard>/<figure>`` keys (W&B, MLflow, TensorBoard and ``state.log_history``).
+    summary go into the W&B config, the MLflow run's tags and TensorBoard text; the numeric ones also become
+    ``trainguard/<guard>/<figure>`` numbers in W&B history, MLflow metrics and TensorBoard scalars, each through the
+    tracker's own API (never ``trainer.log``: ``state.log_history``, ``on_log`` and the console stay the plain run's).
     At ``on_train_end``: the final figures into the W&B summary and the MLflow tags. Put it after the other
     guards so it reads what they found (``all_guards()`` does).
 

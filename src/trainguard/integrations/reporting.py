@@ -1,10 +1,13 @@
 """Report trainguard's alerts, stops and key figures to the experiment trackers a run already uses.
 
-The Trainer's reporting integrations (``WandbCallback``, ``MLflowCallback``, ``TensorBoardCallback``) run before user
-callbacks, so keys a guard adds to ``logs`` in ``on_log`` never reach them; everything numeric therefore goes through
-``trainer.log`` (as :class:`trainguard.alerts.TrainerLogSink` does for alert counters). What a log stream cannot carry
-goes to the tracker's own API:
+Everything goes through each tracker's own API, never through ``trainer.log``: that would append to the user's
+``state.log_history``, fire ``on_log`` events the plain Trainer never sends and print to the console (rule 0 of the
+design: on a healthy run the guards change nothing a user can see).
 
+- :class:`TrackerCounterSink` and :func:`log_numbers`: numbers (alert counters ``trainguard/<guard>/<level>``,
+  ``trainguard/alerts``, numeric key figures) as W&B history (``train/trainguard/...`` with ``train/global_step``,
+  the step key ``WandbCallback`` defines), MLflow metrics of the training's run (``trainguard/...``, at the
+  Trainer's step) and TensorBoard scalars (``train/trainguard/...``) through ``TensorBoardCallback``'s writer.
 - :class:`WandbAlertSink`: each alert of ``warning`` level and above becomes ``run.alert(...)`` on the active W&B
   run (e-mail/Slack as the user set up in W&B), rate-limited per guard and level.
 - :func:`report_stop`: when a guard stops the run (a :class:`~trainguard.errors.TrainGuardError` leaves
@@ -13,7 +16,7 @@ goes to the tracker's own API:
   ``FINISHED`` (at ``on_train_end``) or MLflow's ``atexit`` handler would (a crash looks like success there).
 - :func:`publish_start` / :func:`publish_end`: the guards' key figures (dataset fingerprint, lineage id, step budget
   of the hang watchdog, manifests written, each guard's one-line summary) as W&B config and summary, MLflow tags and
-  TensorBoard text, and the numeric ones as ``trainguard/...`` keys through ``trainer.log``.
+  TensorBoard text, and the numeric ones through :func:`log_numbers`.
 
 Nothing here imports ``wandb`` or ``mlflow``: a tracker is used only when the user's process already imported it
 (``sys.modules``) and has a run. Every failure is logged once on the ``trainguard`` logger and never breaks
@@ -39,14 +42,16 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from .. import distributed
-from ..alerts import LEVELS, Alert, get_logger
+from ..alerts import LEVELS, Alert, CounterSink, get_logger
 from ..redact import redact_text
 
 __all__ = [
     "REPORTING_ENV",
     "STOP_KEYS",
+    "TrackerCounterSink",
     "WandbAlertSink",
     "key_figures",
+    "log_numbers",
     "publish_end",
     "publish_start",
     "report_stop",
@@ -246,19 +251,6 @@ def _numeric(figures: Mapping[str, Any]) -> dict[str, float]:
     return {k: float(v) for k, v in figures.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
-def _log_numbers(trainer: Any, numbers: Mapping[str, float]) -> None:
-    if not numbers:
-        return
-    control = getattr(trainer, "control", None)
-    saved = getattr(control, "should_log", None)  # on_log clears it; a scheduled log must still happen
-    try:
-        trainer.log(dict(numbers))
-    finally:
-        new_control = getattr(trainer, "control", None)
-        if saved is not None and new_control is not None:
-            new_control.should_log = saved
-
-
 def _tensorboard_writer(trainer: Any) -> Any:
     handler = getattr(trainer, "callback_handler", None)
     for cb in getattr(handler, "callbacks", []):
@@ -295,9 +287,84 @@ def _mlflow_tags(run_id: str, tags: Mapping[str, Any]) -> None:
         client.set_tag(run_id, key, _clip(str(value)))
 
 
+def _step(trainer: Any) -> int:
+    return int(getattr(getattr(trainer, "state", None), "global_step", 0) or 0)
+
+
+def log_numbers(trainer: Any, numbers: Mapping[str, float]) -> list[str]:
+    """Log ``{"trainguard/...": number}`` at the Trainer's current step to the trackers this training reports to,
+    each through its own API, never through ``trainer.log`` (``state.log_history``, ``on_log`` and the console stay
+    the plain run's). Returns the trackers reached (``"wandb"``, ``"mlflow"``, ``"tensorboard"``).
+
+    - W&B (an active run): ``run.log`` of ``train/<key>`` with ``train/global_step``, the step metric
+      ``WandbCallback`` defines, so the numbers line up with the loss.
+    - MLflow (this training's run, also after ``MLflowCallback`` ended it): ``log_metric(<key>, step=global_step)``
+      on that run id, so a number after the end never starts a new, empty run.
+    - TensorBoard (while ``TensorBoardCallback``'s writer is open: train begin to train end): ``add_scalar`` of
+      ``train/<key>`` at the step.
+
+    Main process only (the trackers' runs live there); off with ``TRAINGUARD_REPORTING=0``. A failure is logged once
+    and never raised.
+
+    Example::
+
+        log_numbers(trainer, {"trainguard/nan_guard/error": 1.0})  # [] when the run reports nowhere
+    """
+    if not numbers or not reporting_enabled() or not distributed.is_main_process():
+        return []
+    step = _step(trainer)
+    reached: list[str] = []
+    run = _wandb_run()
+    if run is not None:
+        try:
+            run.log({**{f"train/{key}": value for key, value in numbers.items()}, "train/global_step": step})
+            reached.append("wandb")
+        except Exception as exc:
+            _warn_once("log trainguard's numbers to W&B", exc)
+    try:
+        run_id = _mlflow_run_id(trainer)
+        if run_id is not None:
+            from mlflow.entities import Metric  # mlflow is already imported here (_mlflow_run_id found a run)
+
+            now = int(time.time() * 1000)
+            metrics = [Metric(key, float(value), now, step) for key, value in numbers.items()]
+            _mlflow().MlflowClient().log_batch(run_id, metrics=metrics)  # one request, not one per key
+            reached.append("mlflow")
+    except Exception as exc:
+        _warn_once("log trainguard's numbers to MLflow", exc)
+    try:
+        writer = _tensorboard_writer(trainer)
+        if writer is not None:
+            for key, value in numbers.items():
+                writer.add_scalar(f"train/{key}", float(value), step)
+            writer.flush()
+            reached.append("tensorboard")
+    except Exception as exc:
+        _warn_once("log trainguard's numbers to TensorBoard", exc)
+    return reached
+
+
+class TrackerCounterSink(CounterSink):
+    """The alert counters (``trainguard/<guard>/<level>``, ``trainguard/alerts``) in W&B, MLflow and TensorBoard,
+    through :func:`log_numbers`: beside the loss in every tracker, never in ``state.log_history`` or ``on_log``.
+
+    One per Trainer, in the alerter every guard shares (off with ``TRAINGUARD_REPORTING=0``). Counters of alerts
+    from other threads are delivered on the training thread (see :class:`~trainguard.alerts.CounterSink`).
+
+    Example::
+
+        from trainguard import NanGuard
+        from trainguard.alerts import LoggerSink
+        guard = NanGuard(alert_sinks=[LoggerSink(), TrackerCounterSink(trainer)])  # the default, explicitly
+    """
+
+    def deliver(self, trainer: Any, counters: dict[str, float]) -> None:
+        log_numbers(trainer, counters)
+
+
 def publish_start(trainer: Any) -> dict[str, Any]:
     """At ``on_train_begin`` (after the trackers' own): the key figures as W&B config, MLflow tags and TensorBoard
-    text, the numeric ones as ``trainguard/...`` keys through ``trainer.log``. Returns the figures.
+    text, the numeric ones through :func:`log_numbers` (never ``trainer.log``). Returns the figures.
 
     Every tracker is optional; a failure is logged once and never raised.
     """
@@ -323,17 +390,14 @@ def publish_start(trainer: Any) -> dict[str, Any]:
         try:
             writer = _tensorboard_writer(trainer)
             if writer is not None:
-                step = int(getattr(getattr(trainer, "state", None), "global_step", 0) or 0)
+                step = _step(trainer)
                 for key, value in figures.items():
                     writer.add_text(key, str(value), step)
                 writer.flush()
         except Exception as exc:
             _warn_once("put trainguard's key figures into TensorBoard", exc)
     setattr(trainer, _RUNS_ATTR, runs)
-    try:
-        _log_numbers(trainer, _numeric(figures))
-    except Exception as exc:
-        _warn_once("log trainguard's key figures through trainer.log", exc)
+    log_numbers(trainer, _numeric(figures))  # never raises
     return figures
 
 

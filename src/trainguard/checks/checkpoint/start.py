@@ -12,11 +12,13 @@ Example::
 from __future__ import annotations
 
 import os
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .. import lineage as _lineage
+from .._layout import ARCHIVE_DIR
 from .._resume import checkpoint_dirs, resolve_resume_checkpoint
 from ..fresh_start import archive_checkpoints
 from .report import CheckpointReport
@@ -74,20 +76,47 @@ def lineage_for(
     return _lineage.new_id(), True
 
 
-def decide_fresh_start(output_dir: str | os.PathLike[str] | None, existing: str = "refuse") -> StartDecision:
+def decide_fresh_start(
+    output_dir: str | os.PathLike[str] | None, existing: str = "refuse", own_lineages: Collection[str] = ()
+) -> StartDecision:
     """A fresh start into ``output_dir``: a new lineage, or :class:`~trainguard.LineageError` when checkpoints are
     there and ``existing`` is ``"refuse"``; ``"archive"`` moves them into ``trainguard-archive/`` first, ``"keep"``
     leaves them (a warning names them).
 
+    ``own_lineages``: the lineages the same Trainer object already trained in (its earlier ``train()`` calls: a
+    notebook cell run again, ``model_init`` runs). Their checkpoints are not another run's: with ``"refuse"`` the new
+    lineage starts beside them (an info note names them), exactly as the plain Trainer starts a second ``train()``
+    from step 0; a save of the same step later moves the earlier folder into ``trainguard-archive/`` (never deleted),
+    and rotation never touches them.
+
     Raises:
-        LineageError: ``existing="refuse"`` and the output_dir holds ``checkpoint-N`` folders.
+        LineageError: ``existing="refuse"`` and the output_dir holds ``checkpoint-N`` folders of another run.
+
+    Example::
+
+        from trainguard.checks.lineage import checkpoint_origin
+        earlier = checkpoint_origin("out/checkpoint-60").lineage  # what this Trainer's earlier train() wrote
+        decide_fresh_start("out", own_lineages={earlier}).notes  # not refused: an info note names them
     """
     decision = StartDecision(status="fresh")
     origins = [_lineage.checkpoint_origin(d) for d in checkpoint_dirs(output_dir)] if output_dir else []
     if not origins:
         return decision
+    own = {lineage for lineage in own_lineages if lineage}
+    others = [o for o in origins if o.lineage is None or o.lineage not in own]
+    if existing == "refuse" and not others:
+        decision.notes.append(
+            (
+                "info",
+                f"fresh start: train() called again on the same Trainer; a new lineage starts beside the "
+                f"{len(origins)} checkpoint(s) of its earlier train(): {_lineage.describe_many(origins)}. They are "
+                "never resumed or rotated by this run; a save of the same step moves the earlier folder into "
+                f"{ARCHIVE_DIR}/ (never deleted)",
+            )
+        )
+        return decision
     if existing == "refuse":
-        raise _lineage.fresh_start_error(output_dir or "", origins)
+        raise _lineage.fresh_start_error(output_dir or "", others)
     if existing == "archive":
         archive = archive_checkpoints(Path(output_dir or ""))
         decision.notes.append(("warning", f"fresh start: moved {len(origins)} earlier checkpoint(s) into {archive}"))

@@ -93,10 +93,13 @@ def _same_next_lr(saved: Mapping[str, Any], live: Mapping[str, Any]) -> bool:
 
 def _global_batch(facts: Mapping[str, Any]) -> int | None:
     """Rows one optimizer step sees: per-device batch x accumulation x ranks (None when a factor is unknown)."""
-    values = [facts.get(name) for name in BATCH_FIELDS]
-    if not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
-        return None
-    return int(values[0]) * int(values[1]) * int(values[2])
+    total = 1
+    for name in BATCH_FIELDS:
+        value = facts.get(name)
+        if not isinstance(value, int) or isinstance(value, bool):
+            return None
+        total *= value
+    return total
 
 
 def compare_facts(saved: Mapping[str, Any], live: Mapping[str, Any], *, model_only: bool) -> list[Finding]:

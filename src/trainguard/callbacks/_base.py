@@ -11,8 +11,9 @@ from transformers import TrainerCallback
 
 from .. import distributed
 from ..alerts import Alert, Alerter, AlertSink, CounterSink, WebhookSink, default_sinks, get_logger
+from ..checks._layout import RECORD_PATTERNS
 from ..errors import TrainGuardError
-from ._trainer_compat import find_trainer
+from ._trainer_compat import find_trainer, install_upload_filter
 
 if TYPE_CHECKING:
     from transformers import TrainerControl, TrainerState, TrainingArguments
@@ -152,6 +153,10 @@ class GuardCallback(TrainerCallback):
         self._attach(args)
         if self.trainer is not None:
             install_train_hook(self.trainer)
+            # Records naming hosts, PIDs, command lines and alerts, and set-aside checkpoints, live in output_dir,
+            # which push_to_hub=True uploads whole (less "_*" and "checkpoint-*"): keep them off the Hub.
+            for feature in install_upload_filter(self.trainer, RECORD_PATTERNS):
+                get_logger().warning("trainguard: %s is off on this transformers version", feature)
         return control
 
     def before_train(self, trainer: Any, resume_from_checkpoint: Any) -> Any:

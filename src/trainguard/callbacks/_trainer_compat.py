@@ -22,6 +22,9 @@ What goes through it, and why there is no public way:
   (5.x: ``transformers.core_model_loading.revert_weight_conversion`` replayed on meta tensors; 4.52+: the model's
   ``_checkpoint_conversion_mapping`` reversed).
 - :func:`resume_facts`: the run's step, optimizer step count, learning rates and the settings that define them.
+- :func:`install_upload_filter`: the Trainer's Hub uploads (``push_to_hub``, and ``_push_from_checkpoint`` after each
+  save) pass a fixed ``ignore_patterns`` to ``upload_folder`` with no option to add to it, and ``upload_folder`` reads
+  no ``.gitignore``: routes ``transformers.trainer.hf_api`` (5.x) or ``upload_folder`` (4.x) while they run.
 
 Every touch is:
 
@@ -42,7 +45,7 @@ import contextlib
 import functools
 import importlib
 import sys
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextvars import ContextVar
 from types import FrameType
 from typing import Any, Protocol
@@ -55,6 +58,7 @@ __all__ = [
     "find_trainer",
     "install_checkpoint_hooks",
     "install_step_hooks",
+    "install_upload_filter",
     "is_jit_sigterm_handler",
     "load_checkpoint_weights",
     "output_dir_for",
@@ -215,6 +219,86 @@ def install_checkpoint_hooks(trainer: Any, hooks: CheckpointHooks) -> list[str]:
 
             trainer._sorted_checkpoints = _sorted_checkpoints
     setattr(trainer, _MARK, True)
+    return missing
+
+
+# ------------------------------------------------------------------------------------------------- Hub uploads
+_UPLOAD_MARK = "_trainguard_upload_filter"
+
+
+def _with_ignored(kwargs: dict[str, Any], patterns: Sequence[str]) -> dict[str, Any]:
+    """``upload_folder``'s keyword arguments with ``patterns`` added to its ``ignore_patterns`` (a new list:
+    huggingface_hub extends the list it is given in place)."""
+    given = kwargs.get("ignore_patterns")
+    given_list = [given] if isinstance(given, str) else list(given or [])
+    return {**kwargs, "ignore_patterns": [*given_list, *patterns]}
+
+
+class _FilteringApi:
+    """An ``HfApi`` whose ``upload_folder`` also ignores ``patterns``; everything else is the wrapped instance's."""
+
+    def __init__(self, api: Any, patterns: Sequence[str]) -> None:
+        self._api = api
+        self._patterns = tuple(patterns)
+
+    def upload_folder(self, *args: Any, **kwargs: Any) -> Any:
+        return self._api.upload_folder(*args, **_with_ignored(kwargs, self._patterns))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._api, name)
+
+
+def install_upload_filter(trainer: Any, patterns: Sequence[str]) -> list[str]:
+    """Keep files matching ``patterns`` out of every Hub upload ``trainer`` makes (``push_to_hub=True``, its
+    ``push_to_hub()``, the per-save pushes of ``hub_strategy``); on this instance only, once.
+
+    The Trainer's own ``ignore_patterns`` (``_*``, ``checkpoint-*``) are kept: only ``patterns`` are added, so what it
+    uploads of the user's files is unchanged.
+
+    Returns:
+        The features that are off on this transformers version, by name (empty when all are on).
+
+    Example::
+
+        install_upload_filter(trainer, RECORD_PATTERNS)   # [] on transformers 5.24
+    """
+    if getattr(trainer, _UPLOAD_MARK, False):
+        return []
+    setattr(trainer, _UPLOAD_MARK, True)
+    import transformers.trainer as trainer_module
+
+    handlers: dict[str, Callable[..., Any]]
+    if _install_dispatcher(trainer_module, "hf_api"):  # 5.x: hf_api().upload_folder(...)
+
+        def routed_api(original: Any, *args: Any, **kwargs: Any) -> Any:
+            return _FilteringApi(original(*args, **kwargs), patterns)
+
+        handlers = {"hf_api": routed_api}
+    elif _install_dispatcher(trainer_module, "upload_folder"):  # 4.x: huggingface_hub's upload_folder(...)
+
+        def routed_upload(original: Any, *args: Any, **kwargs: Any) -> Any:
+            return original(*args, **_with_ignored(kwargs, patterns))
+
+        handlers = {"upload_folder": routed_upload}
+    else:
+        return ["keeping trainguard's records out of Hub uploads (no transformers.trainer.hf_api / upload_folder)"]
+
+    missing: list[str] = []
+    for name in ("push_to_hub", "_push_from_checkpoint"):
+        original = getattr(trainer, name, None)
+        if not callable(original):
+            missing.append(f"keeping trainguard's records out of Hub uploads by Trainer.{name} (it is missing)")
+            continue
+
+        def make(original: Callable[..., Any]) -> Callable[..., Any]:
+            @functools.wraps(original)
+            def upload(*args: Any, **kwargs: Any) -> Any:
+                with routing(**handlers):
+                    return original(*args, **kwargs)
+
+            return upload
+
+        setattr(trainer, name, make(original))
     return missing
 
 

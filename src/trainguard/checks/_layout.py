@@ -23,6 +23,7 @@ __all__ = [
     "MANIFEST_NAME",
     "METADATA_NAME",
     "QUARANTINE_DIR",
+    "RECORD_PATTERNS",
     "RUN_MARKER",
     "SAVING_MARKER",
     "TRAINER_STATE",
@@ -45,6 +46,27 @@ RUN_MARKER = "trainguard-checkpoints.json"
 QUARANTINE_DIR = "trainguard-quarantine"
 #: Where whole sets of checkpoints (``start_fresh``) and folders replaced by a new save are moved, never deleted.
 ARCHIVE_DIR = "trainguard-archive"
+#: Every name trainguard writes into ``output_dir`` or a ``checkpoint-N`` folder, as ``fnmatch`` patterns on the path
+#: relative to that folder (the way ``huggingface_hub.upload_folder`` applies ``ignore_patterns``). The Trainer's Hub
+#: uploads skip them: they name hosts, PIDs and command lines (lock record, crash log, manifests), alerts (events),
+#: thread stacks (hang dumps) or are whole set-aside checkpoints (archive, quarantine). Exact names where trainguard
+#: writes exact names, so a file of the user's own is never skipped.
+RECORD_PATTERNS: tuple[str, ...] = (
+    ".trainguard.lock",  # RunLock's kernel lock
+    ".trainguard.lock.json",  # its holder record: PID, host, command line
+    ".trainguard-*",  # probes and per-rank partial hash files
+    "*.trainguard-tmp-*",  # an interrupted atomic write's leftover, in any folder
+    RUN_MARKER,
+    "trainguard-crashes.jsonl",
+    "trainguard-events.jsonl",
+    "trainguard-spikes.jsonl",
+    "trainguard-hang-rank*",  # hang dumps and the watchdog's live files
+    f"{ARCHIVE_DIR}/*",
+    f"{QUARANTINE_DIR}/*",
+    METADATA_NAME,  # holds the host that wrote the checkpoint
+    MANIFEST_NAME,
+    SAVING_MARKER,
+)
 #: Written by the Trainer's JIT checkpointing before a save and removed after it; nothing in transformers reads it.
 JIT_SENTINEL = "checkpoint-is-incomplete.txt"
 #: The Trainer writes it last in every save.

@@ -260,7 +260,7 @@ def install_upload_filter(trainer: Any, patterns: Sequence[str]) -> list[str]:
 
     Example::
 
-        install_upload_filter(trainer, RECORD_PATTERNS)   # [] on transformers 5.24
+        install_upload_filter(trainer, ["trainguard-events.jsonl"])   # [] on transformers 5.24
     """
     if getattr(trainer, _UPLOAD_MARK, False):
         return []

@@ -75,6 +75,7 @@ exit status:
 # Each subcommand module exposes ``register(subparsers)``, which adds its parser and sets ``func``: a callable
 # taking the parsed namespace and returning an exit status.
 _SUBCOMMANDS: tuple[str, ...] = (
+    "trainguard.commands.clean",
     "trainguard.commands.inspect",
     "trainguard.commands.validate_data",
     "trainguard.commands.verify",

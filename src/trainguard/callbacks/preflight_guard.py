@@ -43,6 +43,7 @@ from ..checks.preflight import (
     save_stopped_error,
     tokenizer_size,
 )
+from ..checks.set_aside import set_aside_excess
 from ..errors import PreflightError, TrainGuardError
 from ._base import GuardCallback
 
@@ -112,6 +113,11 @@ class PreflightGuard(GuardCallback):
             at the end (default True).
         min_available_memory: The least share of total RAM that must be available before step 1 (default 0.15,
             the origin's "RAM < 85 % used"); None skips the RAM check.
+        check_set_aside: Before step 1, warn when what trainguard set aside in ``output_dir`` (``trainguard-archive/``,
+            ``trainguard-quarantine/``: never deleted, and outside ``save_total_limit``) takes more disk than
+            ``save_total_limit`` checkpoints (the newest checkpoint's size times the limit) (default True). The
+            warning names the total and ``trainguard clean OUTPUT_DIR``, which lists them and removes them with
+            ``--yes``.
         raise_after_stop: After a stop for lack of space, raise ``PreflightError`` from ``trainer.train()`` once the
             Trainer has ended cleanly (default True), so the script does not go on as if training had finished.
             False: only the critical alert, and ``trainer.train()`` returns.
@@ -141,6 +147,7 @@ class PreflightGuard(GuardCallback):
         include_final_model: bool = True,
         min_available_memory: float | None = DEFAULT_MIN_AVAILABLE_MEMORY,
         raise_after_stop: bool = True,
+        check_set_aside: bool = True,
         alert_sinks: Sequence[AlertSink] | None = None,
         webhook_url: str | None = None,
     ) -> None:
@@ -160,6 +167,7 @@ class PreflightGuard(GuardCallback):
         self.include_final_model = yes_no("include_final_model", include_final_model, owner=owner)
         self.min_available_memory = min_available_memory
         self.raise_after_stop = yes_no("raise_after_stop", raise_after_stop, owner=owner)
+        self.check_set_aside = yes_no("check_set_aside", check_set_aside, owner=owner)
         self.estimate: CheckpointEstimate | None = None
         self.planned: int | None = None
         self.required_bytes: int | None = None
@@ -198,6 +206,8 @@ class PreflightGuard(GuardCallback):
         if args is None or model is None:
             return
         output_dir = Path(args.output_dir)
+        if self.check_set_aside and distributed.is_main_process():
+            self._warn_set_aside(output_dir, getattr(args, "save_total_limit", None))
         problem: TrainGuardError | None = None
         try:
             if self.check_engine and trainer is not None:
@@ -265,6 +275,26 @@ class PreflightGuard(GuardCallback):
             disk.checked_path,
         )
         return None if disk.ok else run_disk_error(plan, disk, settings, rank=distributed.rank())
+
+    def _warn_set_aside(self, output_dir: Path, save_total_limit: int | None) -> None:
+        """One warning when the set-aside folders outweigh ``save_total_limit`` checkpoints; never raises."""
+        try:
+            excess = set_aside_excess(output_dir, save_total_limit)
+        except (OSError, TrainGuardError) as exc:  # a link at the folder's name: reported, the run is not stopped
+            get_logger().warning("[preflight_guard] could not size what trainguard set aside: %s", exc)
+            return
+        if excess is None:
+            return
+        self.alert(
+            "warning",
+            f"{format_bytes(excess['set_aside_bytes'])} in {excess['items']} set-aside item(s) "
+            f"({', '.join(excess['folders'])}) in {output_dir}: more than save_total_limit="
+            f"{excess['save_total_limit']} checkpoints take ({excess['checkpoint']} is "
+            f"{format_bytes(excess['checkpoint_bytes'])}), and they are never rotated away. "
+            f"List them with `trainguard clean {output_dir}`, remove them with `trainguard clean {output_dir} --yes`",
+            step=0,
+            evidence=excess,
+        )
 
     def _log_memory(self, status: dict[str, Any]) -> None:
         log = get_logger()

@@ -90,9 +90,11 @@ class SpikeGuard(GuardCallback):
 
     Each optimizer step's **raw training loss** (the mean of its micro-batches' losses as ``training_step``
     returns them, averaged over ranks) and **gradient norm** (the one the Trainer computes for clipping) are
-    compared with the previous ``window`` steps: a value more than ``threshold`` standard deviations above the
-    window's mean, once ``warmup`` steps have been seen, is a spike. The defaults are OLMo-core's (128 steps,
-    6 standard deviations, 64 steps of warmup).
+    compared with the previous ``window`` steps: a value more than ``threshold`` robust standard deviations above
+    the window's median (from the median absolute deviation), once ``warmup`` steps have been seen, and more than
+    20 times above it as the largest rise the window already holds (a heavy-tailed run's hard rows are its own
+    tail, not spikes), is a spike. Inside the warm-up a loss at least 10 times the median so far is named too,
+    as an alert only under every policy. The sizes are OLMo-core's (128 steps, 6 deviations, 64 steps of warmup).
 
     What happens then depends on ``policy``; every spike is an alert naming the step, the z-score and the batch's
     samples (their ``train_dataset`` indices where the rows can be found there, else a digest of their tokens), and
@@ -122,8 +124,9 @@ class SpikeGuard(GuardCallback):
     Args:
         policy: ``"alert"``, ``"skip"`` or ``"rollback"``.
         window: Steps in the rolling window.
-        threshold: Standard deviations above the window's mean that make a spike.
-        warmup: Steps seen before any is judged (again after a resume in a new process: the window is not saved).
+        threshold: Robust standard deviations above the window's median that make a spike.
+        warmup: Steps seen before the z-score judges (again after a resume in a new process: the window is not
+            saved); inside it only a loss 10x the median is named, and only alerted.
         skip_batches: With ``rollback``: how many batches, ending with the spike's, are skipped on the replay (PaLM
             skipped a few hundred around each spike; the default skips the spike's own).
         max_rollbacks: With ``rollback``: rollbacks allowed in one ``train()`` call before giving up.
@@ -498,7 +501,10 @@ class SpikeGuard(GuardCallback):
             return
         self.findings.append(finding)
         samples = self._samples()
-        if self.policy == "skip" and before_update and self._can_skip:
+        if finding.warmup:
+            # Named inside the warm-up (a loss >= 10x the median so far): too few steps to act on, so only told.
+            self._report(finding, f"alert only (inside the warm-up of {self.detector.warmup} steps)", "alert", samples)
+        elif self.policy == "skip" and before_update and self._can_skip:
             drop_gradients(optimizer)
             self.skipped_steps.append(step)
             self._report(finding, "update skipped on every rank", "skip", samples)

@@ -1,9 +1,13 @@
-"""Loss and gradient-norm spikes: a z-score of each step's value against a rolling window of the steps before it.
+"""Loss and gradient-norm spikes: a robust z-score of each step's value against a rolling window of the steps before
+it (median and median absolute deviation), beyond the heavy tail that window already holds.
 
 The published practice this follows: OLMo-core's skip-step optimizers compare each step's loss and gradient norm
 with the mean and standard deviation of the last 128 steps and skip the update when either is more than 6 standard
 deviations above, once half the window (64 steps) has been seen; PaLM recovered from about 20 spikes by restarting
-some 100 steps before the spike and skipping the 200-500 batches around it.
+some 100 steps before the spike and skipping the 200-500 batches around it. A mean and standard deviation cried wolf
+on healthy small-batch runs (batch size 2, 1 % of rows hard: a few alerts per 450 steps, each naming a legitimately
+hard row), so the window's centre and spread are its median and MAD, and a rise no larger than the window's own tail
+is not a spike (``benchmarks/bench_spike_detector.py`` measures both rates).
 
 Plain inputs only: floats per step, the batch's token rows, the candidate checkpoints. Nothing here knows about
 the Trainer (:class:`~trainguard.SpikeGuard` is the adapter).
@@ -14,7 +18,7 @@ Example::
     detector = SpikeDetector(window=16, threshold=6.0, warmup=8)
     for step, loss in enumerate([2.0, 2.1, 1.9, 2.0] * 3 + [9.0], start=1):
         finding = detector.observe(step, loss=loss)
-    assert finding is not None and finding.metric == "loss" and finding.z > 6
+    assert finding is not None and finding.metric == "loss" and finding.z > 6 and not finding.warmup
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import math
 from array import array
+from bisect import bisect_left, bisect_right, insort
 from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -51,88 +56,136 @@ class SpikeFinding:
 
     Args:
         step: The optimizer step (1-based, as ``state.global_step`` after it).
-        metric: ``"loss"`` or ``"grad_norm"``: the one with the larger z-score.
+        metric: ``"loss"`` or ``"grad_norm"``: the one with the larger robust z-score.
         value: The step's value of that metric.
-        mean: The mean of the window before the step.
-        std: The standard deviation of the window before the step.
-        z: ``(value - mean) / std``.
-        scores: Every metric's z-score at this step (for the message and the record).
-        window: How many steps the mean and deviation were taken over.
+        median: The median of the window before the step.
+        scale: The window's robust standard deviation (1.4826 × its median absolute deviation, floored).
+        z: ``(value - median) / scale``.
+        scores: Every metric's robust z-score at this step (for the message and the record).
+        window: How many steps the median and deviation were taken over.
+        precedent: The largest rise above its own median that the window had seen (a heavy tail's size).
+        warmup: True when named inside the warm-up (a loss at least :data:`WARMUP_FACTOR` × the median): such a
+            finding is only ever an alert.
     """
 
     step: int
     metric: str
     value: float
-    mean: float
-    std: float
+    median: float
+    scale: float
     z: float
     scores: Mapping[str, float] = field(default_factory=dict)
     window: int = 0
+    precedent: float = 0.0
+    warmup: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "step": self.step,
             "metric": self.metric,
             "value": self.value,
-            "mean": self.mean,
-            "std": self.std,
+            "median": self.median,
+            "scale": self.scale,
             "z": round(self.z, 3),
             "z_scores": {k: round(v, 3) for k, v in self.scores.items()},
             "window": self.window,
+            "precedent": self.precedent,
+            "warmup": self.warmup,
         }
 
 
+#: 1.4826 × MAD estimates the standard deviation of normal data; robust to the rare large values it must not count.
+_MAD_TO_STD = 1.4826
+#: Inside the warm-up, a loss at least this many times the median of the steps so far is named (alert only).
+WARMUP_FACTOR = 10.0
+#: Values needed before the warm-up rule judges anything (a median of fewer is one or two steps' noise).
+WARMUP_MIN_VALUES = 4
+#: A rise above the median up to this many times the largest rise the window has already seen is the run's own
+#: heavy tail (hard rows at batch size 2), not a spike. Measured: ``benchmarks/bench_spike_detector.py``.
+TAIL_FACTOR = 20.0
+
+
 class _Window:
-    """The last ``size`` finite values of one metric, with their steps (so a rollback can cut the newer ones), and
-    their running sums, so a step costs the same whatever the window's length."""
+    """The last ``size`` finite values of one metric with their steps (so a rollback can cut the newer ones), kept
+    also sorted (median and MAD by bisection, no sort per step) and with each value's rise above the median it was
+    judged against (a sliding maximum of them: the heavy tail the window has seen)."""
 
     def __init__(self, size: int) -> None:
         self.size = size
-        self.values: deque[tuple[int, float]] = deque()
-        self._sum = 0.0
-        self._sq = 0.0
-        self._since_exact = 0
+        self.values: deque[tuple[int, float, float]] = deque()  # (step, value, rise above its median)
+        self._sorted: list[float] = []
+        self._rises: deque[tuple[int, float]] = deque()  # decreasing rises: the front is the window's largest
+
+    def __len__(self) -> int:
+        return len(self.values)
 
     def append(self, step: int, value: float) -> None:
+        rise = max(value - self.median(), 0.0) if self._sorted else 0.0
         if len(self.values) == self.size:
-            _, old = self.values.popleft()
-            self._sum -= old
-            self._sq -= old * old
-        self.values.append((step, value))
-        self._sum += value
-        self._sq += value * value
-        self._since_exact += 1
-        if self._since_exact >= self.size:  # running sums drift with every subtraction: redo them now and then
-            self.recompute()
+            old_step, old, _ = self.values.popleft()
+            del self._sorted[bisect_left(self._sorted, old)]
+            if self._rises and self._rises[0][0] == old_step:
+                self._rises.popleft()
+        self.values.append((step, value, rise))
+        insort(self._sorted, value)
+        while self._rises and self._rises[-1][1] <= rise:
+            self._rises.pop()
+        self._rises.append((step, rise))
 
-    def recompute(self) -> None:
-        self._sum = math.fsum(v for _, v in self.values)
-        self._sq = math.fsum(v * v for _, v in self.values)
-        self._since_exact = 0
+    def keep_until(self, step: int) -> None:
+        kept = [v for v in self.values if v[0] <= step]
+        self.values.clear()
+        self._sorted.clear()
+        self._rises.clear()
+        for item in kept:  # rises as they were judged: the window before them is the same
+            self.values.append(item)
+            insort(self._sorted, item[1])
+            while self._rises and self._rises[-1][1] <= item[2]:
+                self._rises.pop()
+            self._rises.append((item[0], item[2]))
 
-    def stats(self) -> tuple[float, float, int]:
-        n = len(self.values)
-        if n < 2:
-            return 0.0, 0.0, n
-        mean = self._sum / n
-        var = max(self._sq - n * mean * mean, 0.0) / (n - 1)
-        return mean, math.sqrt(var), n
+    def median(self) -> float:
+        s, n = self._sorted, len(self._sorted)
+        return s[n // 2] if n % 2 else (s[n // 2 - 1] + s[n // 2]) / 2
+
+    def mad_below(self, median: float, bound: float) -> bool:
+        """Whether the median absolute deviation is below ``bound``: two bisections, no sort (the hot path)."""
+        s = self._sorted
+        inside = bisect_left(s, median + bound) - bisect_right(s, median - bound)
+        return inside > len(s) // 2
+
+    def mad(self, median: float) -> float:
+        deviations = sorted(abs(v - median) for v in self._sorted)
+        n = len(deviations)
+        return deviations[n // 2] if n % 2 else (deviations[n // 2 - 1] + deviations[n // 2]) / 2
+
+    def precedent(self) -> float:
+        return self._rises[0][1] if self._rises else 0.0
 
 
 class SpikeDetector:
-    """Z-scores of each step's loss and gradient norm against the ``window`` steps before it.
+    """Robust z-scores of each step's loss and gradient norm against the ``window`` steps before it.
 
-    A step is a spike when a metric is more than ``threshold`` standard deviations *above* the window's mean (a
-    sudden drop is not a spike) and at least ``warmup`` steps are in the window. Non-finite values are not judged
-    and not kept (NaN and inf are :class:`~trainguard.NanGuard`'s). Every judged value joins the window, spikes
-    included, as in OLMo-core: a lasting change of level stops being a spike once the window has seen it, so a skip
-    policy can never freeze a run for good.
+    A step is a spike when, with at least ``warmup`` values in the window, a metric is
+
+    - more than ``threshold`` robust standard deviations *above* the window's median (1.4826 × the median absolute
+      deviation, which the rare large values of a heavy-tailed run do not inflate; a sudden drop is not a spike),
+    - and more than :data:`TAIL_FACTOR` (20) times above the median as the largest rise the window has already seen
+      (each value's rise above the median it was judged against): a run whose hard rows lift the loss 100× now and
+      then has that tail in its window, and one more of them is not a spike; a ×100 in a run without such a tail is.
+
+    Inside the warm-up a loss at least :data:`WARMUP_FACTOR` (10) times the median of the values so far (at least
+    :data:`WARMUP_MIN_VALUES` of them), and beyond the tail rule, is named too, with ``warmup=True``: alert only.
+
+    Non-finite values are not judged and not kept (NaN and inf are :class:`~trainguard.NanGuard`'s). Every judged
+    value joins the window, spikes included, as in OLMo-core: a lasting change of level is a spike at its first
+    step only (it is the window's tail from then on), so a skip policy can never freeze a run.
 
     Args:
         window: Steps in the rolling window (default 128).
-        threshold: The z-score above which a step is a spike (default 6.0).
-        warmup: Steps seen before any step is judged (default 64: half the default window).
-        min_std: A floor on the standard deviation, relative to the mean's magnitude, so a perfectly flat window
+        threshold: The robust z-score above which a step is a spike (default 6.0).
+        warmup: Steps seen before the z-score judges (default 64: half the default window).
+        min_std: A floor on the robust deviation, relative to the median's magnitude, so a perfectly flat window
             (a converged or synthetic loss) does not turn the next tiny wobble into an infinite z-score.
 
     Raises:
@@ -142,7 +195,7 @@ class SpikeDetector:
     Example::
 
         detector = SpikeDetector()
-        finding = detector.observe(1, loss=2.31, grad_norm=0.9)   # None (warming up), or a SpikeFinding
+        finding = detector.observe(1, loss=2.31, grad_norm=0.9)   # None (no spike), or a SpikeFinding
     """
 
     def __init__(self, window: int = 128, threshold: float = 6.0, warmup: int = 64, min_std: float = 1e-3) -> None:
@@ -154,45 +207,59 @@ class SpikeDetector:
         self.min_std = float(min_std)
         self._windows: dict[str, _Window] = {}
 
-    def score(self, metric: str, value: float) -> tuple[float, float, float, int] | None:
-        """``(z, mean, std, n)`` of ``value`` against the window of ``metric``; None in warmup or when not finite."""
-        if not math.isfinite(value):
-            return None
+    def _floor(self, median: float) -> float:
+        return self.min_std * max(abs(median), 1e-12)
+
+    def _flags(self, metric: str, value: float) -> bool:
+        """Whether ``value`` is a spike of ``metric``: a few bisections, the hot path of every step."""
         win = self._windows.get(metric)
-        if win is None:
+        if win is None or not math.isfinite(value) or len(win) < 2:
+            return False
+        median = win.median()
+        rise = value - median
+        if rise <= TAIL_FACTOR * win.precedent():
+            return False  # the window has seen rises of this size: the run's own tail
+        if len(win) < self.warmup:
+            return metric == "loss" and len(win) >= WARMUP_MIN_VALUES and median > 0 and value >= WARMUP_FACTOR * median
+        # rise > threshold * scale, with scale = max(1.4826 * MAD, floor): MAD below rise / (threshold * 1.4826)
+        if rise <= self.threshold * self._floor(median):
+            return False
+        return win.mad_below(median, rise / (self.threshold * _MAD_TO_STD))
+
+    def score(self, metric: str, value: float) -> tuple[float, float, float, int] | None:
+        """``(z, median, scale, n)`` of ``value`` against the window of ``metric``; None when fewer than 2 values
+        are in the window or the value is not finite. Sorts the window: for a finding, not for every step."""
+        win = self._windows.get(metric)
+        if win is None or not math.isfinite(value) or len(win) < 2:
             return None
-        mean, std, n = win.stats()
-        if n < self.warmup:
-            return None
-        std = max(std, self.min_std * max(abs(mean), 1e-12))
-        return (value - mean) / std, mean, std, n
+        median = win.median()
+        scale = max(_MAD_TO_STD * win.mad(median), self._floor(median))
+        return (value - median) / scale, median, scale, len(win)
 
     def observe(self, step: int, *, loss: float | None = None, grad_norm: float | None = None) -> SpikeFinding | None:
         """Judge one step's values, add them to the windows, and return the finding when the step is a spike."""
-        values = {"loss": loss, "grad_norm": grad_norm}
-        scores: dict[str, tuple[float, float, float, int]] = {}
-        for metric, value in values.items():
-            if value is None:
-                continue
-            scored = self.score(metric, float(value))
-            if scored is not None:
-                scores[metric] = scored
+        values = {m: float(v) for m, v in (("loss", loss), ("grad_norm", grad_norm)) if v is not None}
+        flagged = [m for m, v in values.items() if self._flags(m, v)]
+        finding = None
+        if flagged:  # rare: the exact scores, for the message and the record
+            scores = {m: s for m, v in values.items() if (s := self.score(m, v)) is not None}
+            metric = max(flagged, key=lambda m: scores[m][0])
+            z, median, scale, n = scores[metric]
+            win = self._windows[metric]
+            finding = SpikeFinding(
+                step=int(step),
+                metric=metric,
+                value=values[metric],
+                median=median,
+                scale=scale,
+                z=z,
+                scores={m: s[0] for m, s in scores.items()},
+                window=n,
+                precedent=win.precedent(),
+                warmup=n < self.warmup,
+            )
         self.add(step, loss=loss, grad_norm=grad_norm)
-        over = {m: s for m, s in scores.items() if s[0] > self.threshold}
-        if not over:
-            return None
-        metric = max(over, key=lambda m: over[m][0])
-        z, mean, std, n = over[metric]
-        return SpikeFinding(
-            step=int(step),
-            metric=metric,
-            value=float(values[metric]),  # type: ignore[arg-type]
-            mean=mean,
-            std=std,
-            z=z,
-            scores={m: s[0] for m, s in scores.items()},
-            window=n,
-        )
+        return finding
 
     def add(self, step: int, *, loss: float | None = None, grad_norm: float | None = None) -> None:
         """Add finite values to the windows without judging them."""
@@ -203,15 +270,12 @@ class SpikeDetector:
     def forget_after(self, step: int) -> None:
         """Drop every value of a step after ``step`` (a rollback to ``checkpoint-{step}``)."""
         for win in self._windows.values():
-            kept = [(s, v) for s, v in win.values if s <= step]
-            win.values.clear()
-            win.values.extend(kept)
-            win.recompute()
+            win.keep_until(step)
 
     def seen(self, metric: str = "loss") -> int:
         """How many values of ``metric`` the window holds."""
         win = self._windows.get(metric)
-        return len(win.values) if win is not None else 0
+        return len(win) if win is not None else 0
 
 
 # ----------------------------------------------------------------------------------------------- the batch's samples
@@ -322,10 +386,18 @@ def rollback_target(candidates: Iterable[int], *, spike_step: int, skip_batches:
 
 def spike_message(finding: SpikeFinding, *, action: str, samples: Mapping[str, Any] | None = None) -> str:
     """One line for the alert: the step, the metric and its z-score, what was done, and the batch's samples."""
-    text = (
-        f"{finding.metric} spike at step {finding.step}: {finding.value:.4g} is {finding.z:.1f} standard deviations "
-        f"above the mean of the previous {finding.window} steps ({finding.mean:.4g} ± {finding.std:.3g}); {action}"
-    )
+    if finding.warmup:
+        text = (
+            f"{finding.metric} spike at step {finding.step}, inside the warm-up: {finding.value:.4g} is "
+            f"{finding.value / finding.median:.0f}x the median of the previous {finding.window} steps "
+            f"({finding.median:.4g}); {action}"
+        )
+    else:
+        text = (
+            f"{finding.metric} spike at step {finding.step}: {finding.value:.4g} is {finding.z:.1f} robust standard "
+            f"deviations above the median of the previous {finding.window} steps ({finding.median:.4g} ± "
+            f"{finding.scale:.3g}), beyond any rise they held; {action}"
+        )
     if samples:
         indices = samples.get("dataset_indices")
         digests = samples.get("sample_ids")

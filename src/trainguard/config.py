@@ -59,7 +59,7 @@ from typing import Any
 from .alerts import get_logger
 from .bounds import MAX_SECONDS, seconds
 from .errors import ConfigError, MalformedFileError, TrainGuardError, UnsafeFileError
-from .safe_fs import display_name, display_text, read_bytes
+from .safe_fs import display_name, display_text, nesting_depth, read_bytes
 
 __all__ = [
     "CONFIG_ENV",
@@ -171,7 +171,7 @@ def _parse_scalar(raw: str, where: dict[str, Any]) -> Any:
         value = _TOO_DEEP
     except ValueError:  # not JSON (or an integer of more digits than Python converts): a plain string
         return raw
-    if value is _TOO_DEEP or _depth(value) > MAX_CONFIG_DEPTH:
+    if value is _TOO_DEEP or nesting_depth(value, MAX_CONFIG_DEPTH) > MAX_CONFIG_DEPTH:
         raise ConfigError(
             f"{where['variable']} holds a value nested deeper than {MAX_CONFIG_DEPTH} levels",
             where=where,
@@ -181,19 +181,6 @@ def _parse_scalar(raw: str, where: dict[str, Any]) -> Any:
 
 
 _TOO_DEEP: Any = object()
-
-
-def _depth(value: Any) -> int:
-    """How deeply lists and mappings nest in ``value``, counted without recursion (it may be crafted)."""
-    deepest, todo = 0, [(value, 1)]
-    while todo:
-        node, level = todo.pop()
-        if isinstance(node, (dict, list)):
-            deepest = max(deepest, level)
-            if deepest > MAX_CONFIG_DEPTH:
-                break
-            todo.extend((child, level + 1) for child in (node.values() if isinstance(node, dict) else node))
-    return deepest
 
 
 def disabled(environ: Mapping[str, str] | None = None) -> bool:
@@ -394,7 +381,7 @@ def read_config_file(path: str | os.PathLike[str]) -> tuple[str, dict[str, Any]]
             where=where,
             next_step="Fix the value (numbers of a sane size, strings in quotes).",
         ) from None
-    if data is _TOO_DEEP or _depth(data) > MAX_CONFIG_DEPTH:
+    if data is _TOO_DEEP or nesting_depth(data, MAX_CONFIG_DEPTH) > MAX_CONFIG_DEPTH:
         raise ConfigError(
             f"{shown} nests tables or arrays deeper than {MAX_CONFIG_DEPTH} levels",
             where=where,

@@ -48,6 +48,7 @@ __all__ = [
     "ensure_dir",
     "iter_files",
     "load_json",
+    "nesting_depth",
     "open_append",
     "open_read",
     "open_write",
@@ -268,7 +269,9 @@ def _finite_float(text: str) -> float:
     return value
 
 
-def _depth(value: Any, limit: int) -> int:
+def nesting_depth(value: Any, limit: int) -> int:
+    """How deeply lists and mappings nest in ``value`` (parsed JSON or TOML, possibly crafted), counted without
+    recursion; counting stops as soon as it passes ``limit``."""
     deepest, todo = 0, [(value, 1)]
     while todo:
         node, level = todo.pop()
@@ -297,7 +300,7 @@ def parse_json(data: str | bytes, *, source: PathLike | str, max_depth: int = MA
         ) from None
     except (ValueError, OverflowError, UnicodeDecodeError) as err:
         raise MalformedFileError(f"{display_name(source)} is not valid JSON: {err}", where=where) from None
-    if _depth(value, max_depth) > max_depth:
+    if nesting_depth(value, max_depth) > max_depth:
         raise MalformedFileError(
             f"{display_name(source)} nests JSON deeper than {max_depth} levels (a crafted or corrupted file)",
             where=where,

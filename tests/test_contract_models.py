@@ -18,6 +18,7 @@ import pytest
 import torch
 
 import trainguard
+from _contract import HUB, assert_same_outcome, run_pair
 from trainguard.callbacks import _trainer_compat as compat
 from trainguard.checks.checkpoint.audit import audit_checkpoint
 
@@ -105,29 +106,27 @@ def _train(output_dir: Path, name: str, callbacks: list[Any]) -> tuple[Any, Any]
     return trainer, trainer.train()
 
 
-def _losses(trainer: Any) -> list[tuple[int, Any]]:
-    history = trainer.state.log_history
-    return [(e["step"], e["loss"]) for e in history if "loss" in e] + [
-        (e["step"], e["train_loss"]) for e in history if "train_loss" in e
-    ]
-
-
 def _verifier(guards: list[Any]) -> trainguard.CheckpointVerifier:
     return next(g for g in guards if isinstance(g, trainguard.CheckpointVerifier))
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(MODELS))
-def test_all_guards_train_a_converted_architecture_exactly_as_the_plain_trainer(tmp_path: Path, name: str):
-    plain, plain_output = _train(tmp_path / "plain", name, [])
-    guards = trainguard.all_guards()
-    guarded, output = _train(tmp_path / "guarded", name, guards)
+def test_all_guards_train_a_converted_architecture_exactly_as_the_plain_trainer(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str
+):
+    make_model, make_data = MODELS[name]
+    guards: list[Any] = []
 
-    assert output.global_step == plain_output.global_step == 4
-    for param, tensor in plain.model.state_dict().items():
-        assert torch.equal(guarded.model.state_dict()[param], tensor), param
-    assert _losses(guarded) == _losses(plain) and len(_losses(plain)) == 5
-    verifier = _verifier(guards)
+    def build(out: Path, callbacks: list[Any]) -> Any:
+        guards.extend(c for c in callbacks if isinstance(c, trainguard.CheckpointVerifier))
+        model = make_model()
+        return make_trainer(out, model=model, train_dataset=make_data(), callbacks=callbacks, **RUN, **HUB)
+
+    plain, guarded = run_pair(tmp_path, build, monkeypatch)
+    assert plain.result.global_step == 4 and len(plain.uploads) == 4
+    assert_same_outcome(plain, guarded)  # weights, log_history, a user callback's events, Hub uploads
+    [verifier] = guards
     assert verifier.summary().count("2 save(s) audited") == 1 and "hollow" not in verifier.summary()
     for step in (2, 4):
         assert trainguard.verify_checkpoint(tmp_path / "guarded" / f"checkpoint-{step}").ok, step

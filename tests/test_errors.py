@@ -17,6 +17,7 @@ SUBCLASSES = [
     "LoraConfigMismatchError",
     "CheckpointIntegrityError",
     "CheckpointNotFoundError",
+    "CheckpointIncompleteError",
     "NonFiniteError",
     "HangError",
     "DataValidationError",

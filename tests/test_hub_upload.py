@@ -8,15 +8,14 @@ No network: ``HfApi.create_repo`` and ``HfApi.upload_folder`` are replaced by re
 
 from __future__ import annotations
 
-import concurrent.futures
 import fnmatch
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
 import trainguard
+from _contract import record_uploads
 from trainguard.alerts import EVENTS_FILE
 from trainguard.atomic import TEMP_MARKER
 from trainguard.callbacks import GuardCallback
@@ -37,45 +36,10 @@ HUB = {"push_to_hub": True, "hub_model_id": "me/x", "hub_token": "hf_fake", "hub
 SAVES = {"save_strategy": "steps", "save_steps": 2, "max_steps": 4}
 
 
-def _would_upload(folder: str, allow: Any, ignore: Any) -> list[str]:
-    """The files ``upload_folder`` would send from ``folder``: its own listing and filter, default patterns too."""
-    from huggingface_hub.utils import filter_repo_objects
-    from huggingface_hub.utils._paths import DEFAULT_IGNORE_PATTERNS
-
-    root = Path(folder).resolve()
-    names = sorted(p.relative_to(root).as_posix() for p in root.glob("**/*") if p.is_file())
-    ignore = [ignore] if isinstance(ignore, str) else list(ignore or [])
-    return list(filter_repo_objects(names, allow_patterns=allow, ignore_patterns=ignore + DEFAULT_IGNORE_PATTERNS))
-
-
 @pytest.fixture
 def uploads(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, list[str]]]:
     """Every Hub upload a Trainer makes in the test, as (path_in_repo, files), instead of sending it."""
-    from huggingface_hub import HfApi
-
-    made: list[tuple[str, list[str]]] = []
-
-    def create_repo(self: Any, repo_id: str, **kwargs: Any) -> Any:
-        return SimpleNamespace(repo_id=repo_id)
-
-    def upload_folder(self: Any, *, folder_path: str, run_as_future: bool = False, **kwargs: Any) -> Any:
-        files = _would_upload(folder_path, kwargs.get("allow_patterns"), kwargs.get("ignore_patterns"))
-        made.append((kwargs.get("path_in_repo") or "", files))
-        if not run_as_future:
-            return None
-        done: concurrent.futures.Future[None] = concurrent.futures.Future()
-        done.set_result(None)
-        return done
-
-    import transformers.trainer as trainer_module
-
-    if hasattr(trainer_module, "hf_api"):  # 5.x: hf_api().create_repo / .upload_folder, looked up on the class
-        monkeypatch.setattr(HfApi, "create_repo", create_repo)
-        monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
-    else:  # 4.x: huggingface_hub's module functions, imported by name into transformers.trainer
-        monkeypatch.setattr(trainer_module, "create_repo", lambda repo_id, **kw: create_repo(None, repo_id, **kw))
-        monkeypatch.setattr(trainer_module, "upload_folder", lambda **kw: upload_folder(None, **kw))
-    return made
+    return record_uploads(monkeypatch)
 
 
 class _Alerting(GuardCallback):

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 from ._version import __version__
 from .errors import (
     AdapterError,
+    CheckpointIncompleteError,
     CheckpointIntegrityError,
     CheckpointNotFoundError,
     ConfigError,
@@ -85,6 +86,7 @@ _LAZY: dict[str, str] = {
 __all__ = [  # noqa: RUF022 - grouped: errors, then lazily loaded names
     "AdapterError",
     "CheckpointIntegrityError",
+    "CheckpointIncompleteError",
     "CheckpointNotFoundError",
     "ConfigError",
     "DataValidationError",

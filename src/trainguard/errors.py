@@ -26,6 +26,7 @@ from .display import printable
 
 __all__ = [
     "AdapterError",
+    "CheckpointIncompleteError",
     "CheckpointIntegrityError",
     "CheckpointNotFoundError",
     "ConfigError",
@@ -189,6 +190,25 @@ class CheckpointNotFoundError(CheckpointIntegrityError, ValueError):
     default_next_step = (
         "Check the path for a typo: `ls OUTPUT_DIR` lists the checkpoint-N folders there, and "
         "train(resume_from_checkpoint=True) resumes from the newest one that verifies."
+    )
+
+
+class CheckpointIncompleteError(CheckpointIntegrityError, ValueError):
+    """The checkpoint folder holds no model weights the Trainer could load: an empty folder, or a save that never
+    wrote them. Also a ``ValueError``, as the plain Trainer raises for that folder ("Can't find a valid checkpoint
+    at ..."), so code that catches that keeps working with the guards attached.
+
+    Example::
+
+        try:
+            trainer.train(resume_from_checkpoint="out/checkpoint-50")  # an empty folder
+        except ValueError as err:  # the plain Trainer's error, and this one
+            print(err)
+    """
+
+    default_next_step = (
+        "Resume from an older checkpoint that verifies (`trainguard verify OUTPUT_DIR` lists them), or "
+        "train(resume_from_checkpoint=True) with CheckpointVerifier, which picks it; nothing is deleted."
     )
 
 

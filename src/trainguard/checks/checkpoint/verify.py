@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ...errors import CheckpointIntegrityError, CheckpointNotFoundError, TrainGuardError
+from ...errors import CheckpointIncompleteError, CheckpointIntegrityError, CheckpointNotFoundError, TrainGuardError
 from ...safe_fs import display_name, load_json
 from .. import lineage as _lineage
 from .._layout import (
@@ -414,6 +414,7 @@ def integrity_error(report: CheckpointReport, *, alternative: Path | None = None
     folder = report.path
     if not folder.is_dir():
         return not_found_error(folder, alternative=alternative)
+    error_type = CheckpointIntegrityError if holds_weights(folder) else CheckpointIncompleteError
     named = [p.file for p in report.problems if p.file]
     what = f"{folder.name} failed verification ({len(report.problems)} problem(s)): " + "; ".join(
         p.format() for p in report.problems
@@ -433,7 +434,9 @@ def integrity_error(report: CheckpointReport, *, alternative: Path | None = None
             "No older checkpoint verifies: start fresh, or restore this checkpoint from a backup. "
             "`trainguard verify OUTPUT_DIR` lists every checkpoint's status; nothing is deleted."
         )
-    return CheckpointIntegrityError(
+    if error_type is CheckpointIncompleteError:
+        what = f"{folder.name} holds no model weights (a save that never wrote them, or an empty folder); " + what
+    return error_type(
         what,
         where=where,
         next_step=next_step,
@@ -444,6 +447,30 @@ def integrity_error(report: CheckpointReport, *, alternative: Path | None = None
             "older_verified": str(alternative) if alternative is not None else None,
         },
     )
+
+
+# The files whose presence makes the Trainer's _load_from_checkpoint accept a folder (any subfolder too: FSDP
+# shards, one adapter per subfolder); without one it raises ValueError("Can't find a valid checkpoint at ...").
+_TRAINER_WEIGHT_NAMES = frozenset(
+    {
+        "pytorch_model.bin",
+        "model.safetensors",
+        "pytorch_model.bin.index.json",
+        "model.safetensors.index.json",
+        "adapter_model.bin",
+        "adapter_model.safetensors",
+        "pytorch_model_fsdp.bin",
+    }
+)
+
+
+def holds_weights(folder: Path) -> bool:
+    """Whether ``folder`` holds anything the Trainer would load weights from (a weights file or a subfolder)."""
+    try:
+        with os.scandir(folder) as entries:
+            return any(entry.is_dir(follow_symlinks=False) or entry.name in _TRAINER_WEIGHT_NAMES for entry in entries)
+    except OSError:
+        return True  # unreadable: not ours to classify; the verification's own problems say what is wrong
 
 
 def not_found_error(folder: Path, *, alternative: Path | None = None) -> CheckpointNotFoundError:

@@ -319,12 +319,33 @@ def test_tokenized_rows_whose_labels_are_all_ignored_are_flagged():
         {"input_ids": [5, 6, 7], "labels": [5, 6, 7]},
         {"input_ids": [5, 6, 8], "labels": [-100, -100, -100]},
         {"input_ids": [], "labels": []},
-        {"input_ids": [5, 6, 9], "labels": [1]},
+        {"input_ids": [5, 6, 9], "labels": "positive"},
     ]
     found = {(i.code, i.field): i for i in validate_data(rows).issues}
     assert found[("answer_cut_off", "labels")].row == 1
     assert found[("empty_field", "input_ids")].row == 2
     assert found[("wrong_type", "labels")].row == 3
+
+
+def test_class_ids_regression_targets_and_multi_label_rows_are_labels_the_trainer_trains():
+    rows = [
+        {"input_ids": [5, 6, 7], "labels": 1},  # sequence classification: one class id per row
+        {"input_ids": [5, 6, 8], "labels": 0.25},  # regression
+        {"input_ids": [5, 6, 9], "labels": [0.0, 1.0]},  # multi-label
+        {"input_ids": [5, 7, 9], "labels": -100},  # a class id the loss ignores
+    ]
+    report = validate_data(rows, min_unique_ratio=None)
+    assert [(i.code, i.level, i.row) for i in report.issues] == [("answer_cut_off", "error", 3)]
+    assert report.stats["valid_rows"] == 4
+
+
+def test_target_ids_of_another_length_are_a_warning_not_an_error():
+    # An encoder-decoder's targets differ in length from its inputs; a causal LM's would crash its loss.
+    report = validate_data([{"input_ids": [5, 6, 7, 8], "labels": [9, 10]}] * 2 + [{"input_ids": [4], "labels": [4]}])
+    [issue] = [i for i in report.issues if i.code == "labels_length_differs"]
+    assert issue.level == "warning" and issue.field == "labels" and issue.count == 2
+    assert "holds 2 ids and input_ids 4" in issue.message
+    assert not report.errors
 
 
 # ----------------------------------------------------------------------------------------- other inputs

@@ -343,13 +343,12 @@ class RecordChecker:
         if not ids:
             self._bad("empty_field", "error", "'input_ids' is empty", label, line, row, "input_ids")
             return
-        if labels is not None and (
-            not isinstance(labels, list) or len(labels) != len(ids) or not all(type(x) is int for x in labels)
-        ):
+        if labels is not None and not _label_shape_ok(labels):
             self._bad(
                 "wrong_type",
                 "error",
-                f"'labels' must be a list of {len(ids)} integers like input_ids",
+                "'labels' must be a class id or target (a number), or a list of numbers: a token-level list as long as "
+                f"input_ids ({len(ids)}), target ids of an encoder-decoder, or multi-label values",
                 label,
                 line,
                 row,
@@ -357,11 +356,25 @@ class RecordChecker:
                 labels,
             )
             return
+        if isinstance(labels, list) and len(labels) != len(ids) and all(type(x) is int for x in labels):
+            # Target ids of an encoder-decoder (or multi-hot classes) differ in length; a causal LM's do not.
+            self._bad(
+                "labels_length_differs",
+                "warning",
+                f"'labels' holds {len(labels)} ids and input_ids {len(ids)}: right for an encoder-decoder's targets, "
+                "a crash in a causal LM's loss",
+                label,
+                line,
+                row,
+                "labels",
+            )
         key = hash(tuple(ids))
         ordinal = self.rows.add(key, key, 0, 0, line if kind_line else row, 0)  # type: ignore[arg-type]
         self.tokens.record(ordinal, len(ids))
         limit = self.tokens.max_length or len(ids)
-        if labels is not None and all(x == IGNORE_INDEX for x in labels[:limit]):
+        # A class id of -100 is ignored by the loss as a token label is (float targets ignore no value).
+        masked = [labels] if type(labels) is int else labels if isinstance(labels, list) else []
+        if masked and all(type(x) is int and x == IGNORE_INDEX for x in masked[:limit]):
             self.tokens.cut(ordinal)
 
     def _x_chat(self, rec: dict[str, Any], label: str, line: int | None, row: int, kind_line: bool) -> None:
@@ -498,3 +511,10 @@ class RecordChecker:
             )
             return
         self.tokens.add(ordinal, ("pair", str(prompt), str(answer)))
+
+
+def _label_shape_ok(labels: Any) -> bool:
+    """A label the Trainer trains: a class id or a float target, or a non-empty list of numbers (bools excluded)."""
+    if type(labels) in (int, float):
+        return True
+    return isinstance(labels, list) and bool(labels) and all(type(x) in (int, float) for x in labels)

@@ -279,3 +279,80 @@ def test_a_checkpoint_without_trainer_state_fails_the_structural_checks(run: Pat
     (run / "checkpoint-4" / "trainer_state.json").unlink()
     problems = ckpt.check_checkpoint(run / "checkpoint-4").problems
     assert ("trainer_state.json", "missing") in {(p.file, p.kind) for p in problems}
+
+
+# ---- issue #28 item 3: work linear in the number of files ----
+def _many_small_files(root: Path, count: int) -> Path:
+    for i in range(count):
+        sub = root / f"shard-{i % 20:02d}"
+        sub.mkdir(parents=True, exist_ok=True)
+        (sub / f"state-{i:05d}.bin").write_bytes(i.to_bytes(4, "little") * 8)
+    return root
+
+
+def test_many_small_files_are_hashed_in_a_few_batches_with_a_bounded_window(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from trainguard.checks.checkpoint import manifest
+
+    folder = _many_small_files(tmp_path / "ckpt", 3000)
+    names = [p.relative_to(folder).as_posix() for p in folder.rglob("*.bin")]
+    submitted, in_flight, most = [0], [0], [0]
+    real_submit = ThreadPoolExecutor.submit
+
+    def counting_submit(self: ThreadPoolExecutor, fn: object, /, *args: object, **kwargs: object) -> object:
+        submitted[0] += 1
+        in_flight[0] += 1
+        most[0] = max(most[0], in_flight[0])
+        future = real_submit(self, fn, *args, **kwargs)  # type: ignore[arg-type]
+        future.add_done_callback(lambda _: in_flight.__setitem__(0, in_flight[0] - 1))
+        return future
+
+    monkeypatch.setattr(ThreadPoolExecutor, "submit", counting_submit)
+    digests = manifest.hash_many(folder, names, {n: 32 for n in names}, workers=2)
+
+    assert len(digests) == 3000 and all(isinstance(d, str) and len(d) == 64 for d in digests.values())
+    assert digests[names[0]] == ckpt.sha256_file(folder / names[0])
+    # one future per 300-byte file, all waited on at once, made the work quadratic (131 s for 20k files)
+    assert submitted[0] <= 3000 // 256 + 1, submitted[0]
+    assert most[0] <= 4 * 2
+
+
+def test_a_manifest_of_thousands_of_files_syncs_the_filesystem_once_instead_of_a_fsync_per_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    from trainguard import atomic
+    from trainguard.checks.checkpoint import manifest
+
+    if not atomic.can_sync_filesystem():
+        pytest.skip("no syncfs here (not Linux): the per-file fsync path is the only one")
+    folder = _many_small_files(tmp_path / "checkpoint-7", 1500)
+    fsyncs, syncs = [0], [0]
+    real_fsync, real_sync = os.fsync, atomic.sync_filesystem
+    monkeypatch.setattr(os, "fsync", lambda fd: (fsyncs.__setitem__(0, fsyncs[0] + 1), real_fsync(fd))[1])
+    monkeypatch.setattr(manifest, "sync_filesystem", lambda p: (syncs.__setitem__(0, syncs[0] + 1), real_sync(p))[1])
+
+    ckpt.write_manifest(folder)
+
+    assert syncs[0] == 1
+    assert fsyncs[0] < 50, fsyncs[0]  # the 20 subfolders and the manifest's own files, not one per file
+    report = ckpt.verify_checkpoint(folder)
+    assert report.ok and report.mode == "manifest"
+    # past a thousand files the JSON is compact (json's indenting encoder is pure Python); it reads the same
+    assert "\n" not in (folder / ckpt.METADATA_NAME).read_text().strip()
+    assert len(json.loads((folder / ckpt.METADATA_NAME).read_text())["files"]) == 1500
+
+
+def test_without_a_filesystem_sync_every_file_is_fsynced(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    from trainguard.checks.checkpoint import manifest
+
+    folder = _many_small_files(tmp_path / "checkpoint-7", 600)
+    monkeypatch.setattr(manifest, "can_sync_filesystem", lambda: False)
+    fsyncs = [0]
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (fsyncs.__setitem__(0, fsyncs[0] + 1), real_fsync(fd))[1])
+    ckpt.write_manifest(folder)
+    assert fsyncs[0] >= 600
+    assert ckpt.verify_checkpoint(folder).ok

@@ -17,10 +17,12 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import json
 import os
 import secrets
 import stat
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
@@ -63,6 +65,53 @@ def fsync_dir(path: PathLike) -> None:
     except OSError:
         # Some filesystems (and Windows) refuse fsync on folders; the rename is still atomic there.
         pass
+    finally:
+        os.close(fd)
+
+
+def fsync_file(path: PathLike) -> None:
+    """fsync one regular file (opened read-only, without following a link or blocking on a FIFO)."""
+    fd = os.open(os.fspath(path), os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0))
+    try:
+        with contextlib.suppress(OSError):  # some filesystems refuse fsync on a read-only descriptor
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@functools.cache
+def _syncfs() -> Any:
+    """libc's ``syncfs`` (Linux), or None."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).syncfs
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+def can_sync_filesystem() -> bool:
+    """Whether :func:`sync_filesystem` can work here (Linux's ``syncfs``)."""
+    return _syncfs() is not None
+
+
+def sync_filesystem(path: PathLike) -> bool:
+    """Flush every written file of the filesystem holding ``path`` to disk in one call (Linux ``syncfs``): for a
+    checkpoint of thousands of files, far cheaper than a fsync each. False where it is unavailable or failed."""
+    fn = _syncfs()
+    if fn is None:
+        return False
+    try:
+        fd = os.open(os.fspath(path), os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return False
+    try:
+        return bool(fn(fd) == 0)
     finally:
         os.close(fd)
 

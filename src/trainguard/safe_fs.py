@@ -280,7 +280,8 @@ def nesting_depth(value: Any, limit: int) -> int:
             if deepest > limit:
                 return deepest
             children = node.values() if isinstance(node, dict) else node
-            todo.extend((child, level + 1) for child in children)
+            # only containers are queued: a manifest of 20k files holds 80k leaves (#28)
+            todo.extend((child, level + 1) for child in children if isinstance(child, (dict, list)))
     return deepest
 
 

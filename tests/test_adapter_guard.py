@@ -15,8 +15,10 @@ its own): the head's adapter trains, every layer's adapter stays dead.
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +31,7 @@ from trainguard.callbacks.adapter_guard import AdapterGuard
 from trainguard.checks.adapter import adapter_parameters, module_list, no_grad_parameters, zero_parameters
 from trainguard.errors import AdapterError
 
-from _rig import TESTS_DIR, make_tiny_llama, make_trainer, run_torchrun, subprocess_env
+from _rig import TESTS_DIR, make_tiny_llama, make_trainer, run_torchrun, subprocess_env, training_args
 
 LAYER_MODULES = [f"model.layers.{i}.self_attn.{m}" for i in (0, 1) for m in ("q_proj", "v_proj")]
 
@@ -110,6 +112,21 @@ def test_checkpointing_without_input_grads_is_stopped_at_the_first_optimizer_ste
     assert "gradient checkpointing" in err.what and "enable_input_require_grads" in err.what
     assert "enable_input_require_grads" in err.next_step and "use_reentrant" in err.next_step
     assert set(err.evidence["modules"]) == {f"base_model.model.{m}" for m in LAYER_MODULES}
+
+
+def test_the_checkpointing_advice_is_spelt_for_the_installed_transformers_and_raises_no_warning(tmp_path: Path) -> None:
+    """The `next:` line's keyword is the one the installed TrainingArguments takes without a deprecation warning
+    (5.23 renamed gradient_checkpointing_kwargs to activation_checkpointing_kwargs; the old name warns)."""
+    model = without_input_grads(peft_model(("q_proj", "v_proj", "lm_head")))
+    trainer = make_trainer(tmp_path, model=model, callbacks=[AdapterGuard()], max_steps=2, **CHECKPOINTING)
+    with pytest.raises(AdapterError) as caught:
+        trainer.train()
+    spelling = re.search(r"(\w+)=\{'use_reentrant': False\}", caught.value.next_step)
+    assert spelling, caught.value.next_step
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a FutureWarning (or any other) from the advice itself fails here
+        args = training_args(tmp_path / "advised", **{spelling.group(1): {"use_reentrant": False}})
+    assert args.gradient_checkpointing_kwargs == {"use_reentrant": False}  # taken, under either name
 
 
 def test_checkpointing_with_input_grads_trains_untouched(tmp_path: Path) -> None:

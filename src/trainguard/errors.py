@@ -300,8 +300,9 @@ class AdapterError(TrainGuardError):
 
     default_next_step = (
         "Check that the adapter's parameters require grad and receive gradients: with gradient checkpointing call "
-        "model.enable_input_require_grads() (or pass gradient_checkpointing_kwargs={'use_reentrant': False}); check "
-        "target_modules against the model's module names."
+        "model.enable_input_require_grads() (or pass {'use_reentrant': False} as activation_checkpointing_kwargs, "
+        "gradient_checkpointing_kwargs before transformers 5.23); check target_modules against the model's module "
+        "names."
     )
 
 

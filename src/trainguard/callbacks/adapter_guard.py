@@ -27,10 +27,35 @@ _GC_CAUSE = (
     "gradient checkpointing is on and the checkpointed layers' inputs do not require grad (use_reentrant=True "
     "without model.enable_input_require_grads()), so no gradient flows back into the adapters inside them"
 )
-_GC_NEXT = (
-    "Call model.enable_input_require_grads() before training (peft.prepare_model_for_kbit_training does it), or pass "
-    "gradient_checkpointing_kwargs={'use_reentrant': False}; then start the run again."
-)
+
+
+def _checkpointing_kwargs_field() -> str:
+    """The ``TrainingArguments`` field that takes ``torch.utils.checkpoint``'s keyword arguments on the installed
+    transformers: ``activation_checkpointing_kwargs`` from 5.23 on, where the old name still works but warns
+    (``FutureWarning``, removed in v6); ``gradient_checkpointing_kwargs`` before. Read from the dataclass's fields,
+    not the version number, so a backport or a rename in a later release is followed as it is."""
+    import dataclasses
+
+    from transformers import TrainingArguments
+
+    names = {f.name for f in dataclasses.fields(TrainingArguments)}
+    return (
+        "activation_checkpointing_kwargs"
+        if "activation_checkpointing_kwargs" in names
+        else "gradient_checkpointing_kwargs"
+    )
+
+
+def _gc_next() -> str:
+    # The advice is spelt for the installed release: advice that itself triggers a deprecation warning sends the user
+    # to fix the wrong thing first.
+    return (
+        "Call model.enable_input_require_grads() before training (peft.prepare_model_for_kbit_training does it), or "
+        f"pass {_checkpointing_kwargs_field()}={{'use_reentrant': False}} to TrainingArguments; then start the run "
+        "again."
+    )
+
+
 _PATH_CAUSE = (
     "these modules are not on the path from the inputs to the loss (not called in forward, a target_modules entry "
     "that matches a module the forward pass skips, or everything upstream detached)"
@@ -187,7 +212,7 @@ class AdapterGuard(GuardCallback):
             if dead and (checkpointing or len(dead) == len(self._params)):
                 cause = _GC_CAUSE if checkpointing else _PATH_CAUSE
                 error = self._error(
-                    "received no gradient", dead, state.global_step + 1, cause, _GC_NEXT if checkpointing else None
+                    "received no gradient", dead, state.global_step + 1, cause, _gc_next() if checkpointing else None
                 )
             self._decide(error, state.global_step + 1)
         return control

@@ -295,3 +295,59 @@ def test_an_error_without_a_step_of_its_own_is_placed_by_where_the_trainer_was(i
     assert cl.failing_step(RuntimeError("boom"), 4, in_step=in_step) == expected
     named = trainguard.NonFiniteError("x", where={"step": 7})
     assert cl.failing_step(named, 4, in_step=in_step) == 7
+
+
+# ---- issue #28 item 1: a run that commits checkpoints past its start makes progress; it is not a loop ----
+_ROUND = ["--guards", "crash_loop_guard", "--max-steps", "9", "--save-steps", "1", "--max-repeats", "2"]
+
+
+def _round(output_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, str(SCRIPT), str(output_dir), *_ROUND, "--kill-rank", "0", "--kill-signal", "KILL", *args],
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+
+
+@pytest.mark.slow
+def test_sigkilled_runs_that_commit_checkpoints_are_progress_and_a_real_loop_is_still_stopped(tmp_path: Path):
+    output_dir = tmp_path / "run"
+    # Killed with SIGKILL each time (no record of how it ended), restarted with resume_from_checkpoint=True.
+    plan = [
+        ("--kill-at", "3"),  # fresh: commits checkpoints 1-2, dies in step 3
+        ("--kill-at", "3", "--resume"),  # from checkpoint-2: dies at once, nothing new
+        ("--kill-at", "7", "--resume"),  # from checkpoint-2 again: commits 3-6 first, then dies
+    ]
+    for args in plan:
+        assert _round(output_dir, *args).returncode == -9
+    assert [r.start["step"] for r in cl.load_runs(output_dir)] == [0, 2, 2]
+    assert [r.outcome for r in cl.load_runs(output_dir)] == ["unknown"] * 3
+
+    # Two deaths in a row started from step 2, but the second committed checkpoints 3-6: this start resumes from
+    # checkpoint-6, which is progress, not a loop (it was refused: "the last 2 runs … started from step 2").
+    resumed = _round(output_dir, "--kill-at", "7", "--resume")
+    assert resumed.returncode == -9, resumed.stderr[-3000:]
+    assert "crash loop" not in resumed.stderr.lower()
+    assert _round(output_dir, "--kill-at", "7", "--resume").returncode == -9  # from checkpoint-6 again, nothing new
+
+    # Now the same death twice from checkpoint-6 with nothing committed in between: a loop, stopped.
+    refused = _round(output_dir, "--kill-at", "7", "--resume")
+    assert refused.returncode == 1
+    assert "PreflightError" in refused.stderr and "started from step 6" in refused.stderr
+    assert [r.start["step"] for r in cl.load_runs(output_dir)] == [0, 2, 2, 6, 6]
+
+
+def test_a_later_start_in_the_history_is_progress_and_breaks_the_streak(tmp_path: Path):
+    output_dir = tmp_path / "run"
+    for i, step in enumerate([50, 50, 80]):  # the third started later: the second committed past 50
+        cl.record_start(output_dir, run_id=f"k{i}", step=step, extra={"host": "node-that-died"})
+    assert cl.find_crash_loop(output_dir, max_repeats=2) is None
+    cl.record_start(output_dir, run_id="k3", step=80, extra={"host": "node-that-died"})
+    loop = cl.find_crash_loop(output_dir, max_repeats=2)
+    assert loop is not None and loop.step == 80 and loop.count == 2
+    # a start that resumes past the newest run's start is progress too
+    assert cl.find_crash_loop(output_dir, max_repeats=2, progress_step=90) is None
+    assert cl.find_crash_loop(output_dir, max_repeats=2, progress_step=80) is not None

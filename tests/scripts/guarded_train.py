@@ -4,7 +4,8 @@ Run directly (one process) or under torchrun. Prints one ``RESULT {json}`` line 
 
     python guarded_train.py OUTPUT_DIR [--max-steps N] [--guards run_lock,crash_loop_guard,graceful_stop]
         [--progress FILE] [--step-sleep S] [--oom-at STEP] [--oom-if-batch-over N] [--apply-oom-fix]
-        [--batch N] [--signals TERM,USR1] [--kill-rank R --kill-at STEP]
+        [--batch N] [--signals TERM,USR1] [--kill-rank R --kill-at STEP [--kill-signal KILL]]
+        [--save-steps N] [--resume] [--max-repeats N]
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import time
 from typing import Any
@@ -58,8 +60,10 @@ class _Probe(GuardCallback):
             with open(o.progress, "a") as fh:
                 fh.write(f"{state.global_step}\n")
         if o.kill_rank is not None and distributed.rank() == o.kill_rank and state.global_step == o.kill_at:
+            if o.kill_signal == "KILL":  # dies here, before this step's save: no record, no cleanup
+                os.kill(os.getpid(), signal.SIGKILL)
             # An outside process sends the signal, so it lands at an arbitrary point of a later step.
-            subprocess.Popen(["kill", "-TERM", str(os.getpid())])
+            subprocess.Popen(["kill", f"-{o.kill_signal}", str(os.getpid())])
         return control
 
 
@@ -77,6 +81,10 @@ def main() -> None:
     parser.add_argument("--signals", default="TERM,USR1")
     parser.add_argument("--kill-rank", type=int, default=None)
     parser.add_argument("--kill-at", type=int, default=3)
+    parser.add_argument("--kill-signal", default="TERM")
+    parser.add_argument("--save-steps", type=int, default=0)
+    parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--max-repeats", type=int, default=3)
     opts = parser.parse_args()
 
     names = [g for g in opts.guards.split(",") if g]
@@ -86,7 +94,7 @@ def main() -> None:
         if name == "run_lock":
             guards.append(trainguard.RunLock())
         elif name == "crash_loop_guard":
-            guards.append(trainguard.CrashLoopGuard(apply_oom_fix=opts.apply_oom_fix))
+            guards.append(trainguard.CrashLoopGuard(apply_oom_fix=opts.apply_oom_fix, max_repeats=opts.max_repeats))
         elif name == "graceful_stop":
             stop = trainguard.GracefulStop(signals=opts.signals.split(","))
             guards.append(stop)
@@ -99,8 +107,9 @@ def main() -> None:
         max_steps=opts.max_steps,
         per_device_train_batch_size=opts.batch,
         logging_steps=1000,
+        **({"save_strategy": "steps", "save_steps": opts.save_steps} if opts.save_steps else {}),
     )
-    output = trainer.train()
+    output = trainer.train(resume_from_checkpoint=True if opts.resume else None)
     result = {
         "rank": distributed.rank(),
         "global_step": output.global_step,

@@ -11,6 +11,8 @@ from .. import distributed
 from ..alerts import AlertSink, get_logger
 from ..bounds import whole_number, yes_no
 from ..checks import crash_loop
+from ..checks._layout import checkpoint_step
+from ..checks._resume import resolve_resume_checkpoint
 from ..errors import PreflightError, UnsafeFileError
 from . import _trainer_compat
 from ._base import GuardCallback
@@ -94,13 +96,16 @@ class CrashLoopGuard(GuardCallback):
     def before_train(self, trainer: Any, resume_from_checkpoint: Any) -> Any:
         self._prepared = False
         self._started = False
-        self._prepare(trainer, trainer.args)
+        self._prepare(trainer, trainer.args, resume_from_checkpoint)
         return resume_from_checkpoint
 
-    def _prepare(self, trainer: Any, args: Any) -> None:
+    def _prepare(self, trainer: Any, args: Any, resume_from_checkpoint: Any = None) -> None:
         if self._prepared:
             return
         self._prepared = True
+        # Where this start resumes from: past where the failing runs started, it is progress, not a loop.
+        resumed = resolve_resume_checkpoint(args.output_dir, resume_from_checkpoint)
+        resume_step = (checkpoint_step(resumed) or 0) if resumed is not None else 0
         # The decision is taken on rank 0 (it reads the log) and broadcast with the run id, so all ranks act alike.
         payload: tuple[str, crash_loop.StartDecision] | BaseException | None = None
         if distributed.is_main_process():
@@ -112,6 +117,7 @@ class CrashLoopGuard(GuardCallback):
                     max_repeats=self.max_repeats,
                     apply_oom_fix=self.apply_oom_fix,
                     can_change_batch=not getattr(trainer, "is_deepspeed_enabled", False),
+                    resume_step=resume_step,
                 )
                 self._history_note = decision.history
                 payload = (uuid.uuid4().hex, decision)

@@ -396,11 +396,19 @@ class CrashLoop:
 
 
 def find_crash_loop(
-    output_dir: PathLike, *, max_repeats: int = 3, runs: Iterable[RunRecord] | None = None
+    output_dir: PathLike,
+    *,
+    max_repeats: int = 3,
+    runs: Iterable[RunRecord] | None = None,
+    progress_step: int | None = None,
 ) -> CrashLoop | None:
     """The failure that ended the newest ``max_repeats`` (or more) finished runs in a row, or None.
 
-    Runs still running and interrupted runs are skipped; a clean end breaks the streak.
+    Runs still running and interrupted runs are skipped; a clean end breaks the streak, and so does progress: a run
+    after which the next one started from a later step (it committed a checkpoint past its own start, and the next
+    resumed from it) is not the repeat of a loop, even if it died the same way. ``progress_step`` is the step the
+    coming start resumes from, which decides that for the newest run (None: unknown, no progress). A loop is the
+    same failure at the same place with nothing new committed.
 
     Example::
 
@@ -413,12 +421,15 @@ def find_crash_loop(
     ]
     if not history or history[-1].outcome == "clean":
         return None
+    starts = [_as_int(r.start.get("step")) for r in history]
+    later = [*starts[1:], progress_step if progress_step is not None else -1]
+    progressed = [after > start for start, after in zip(starts, later, strict=True)]
     newest = history[-1]
     best: CrashLoop | None = None
     for signature in sorted(newest.signatures):
         streak: list[RunRecord] = []
-        for run in reversed(history):
-            if signature not in run.signatures:
+        for run, made_progress in zip(reversed(history), reversed(progressed), strict=True):
+            if signature not in run.signatures or made_progress:
                 break
             streak.append(run)
         step, name = signature
@@ -509,6 +520,7 @@ def decide_start(
     max_repeats: int = 3,
     apply_oom_fix: bool = False,
     can_change_batch: bool = True,
+    resume_step: int | None = None,
 ) -> StartDecision:
     """Decide, from the runs recorded in ``output_dir``, whether a run with these batch settings may start.
 
@@ -516,6 +528,8 @@ def decide_start(
     batch the last failing run used when it kept this run's global batch (so repeated OOMs keep halving), else of
     the given settings; refused instead when the batch cannot be halved evenly or ``can_change_batch`` is False
     (DeepSpeed holds the batch size in its own config). Any other loop: refuse with :func:`crash_loop_error`.
+    ``resume_step``: the step this start resumes from (0 for a fresh start); past the step the failing runs
+    started from, it is progress and no loop.
 
     Example::
 
@@ -525,7 +539,7 @@ def decide_start(
     """
     runs = load_runs(output_dir)
     abnormal = sum(1 for r in runs if r.outcome in ("failed", "unknown"))
-    loop = find_crash_loop(output_dir, max_repeats=max_repeats, runs=runs)
+    loop = find_crash_loop(output_dir, max_repeats=max_repeats, runs=runs, progress_step=resume_step)
     if loop is None:
         return StartDecision("go", runs=len(runs), abnormal=abnormal)
     bs, ga = int(per_device_train_batch_size), int(gradient_accumulation_steps)

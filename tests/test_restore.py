@@ -170,6 +170,8 @@ def test_restore_waits_for_a_live_run_and_refuses_what_trainguard_did_not_set_as
     assert code == 1 and "holds the lock" in err and moved.is_dir()
     code, _, err = _restore(capsys, str(run / "checkpoint-4"))
     assert code == 2 and "not a checkpoint trainguard set aside" in err
+    code, _, err = _restore(capsys, str(moved.parent / "checkpoint-9.20260101T000000Z"))
+    assert code == 2 and "not a folder" in err
     code, out, _ = _restore(capsys, str(moved), "--accept-inexact", "--json")
     assert code == 0 and json.loads(out)["action"] == "restored, not bit-exact"
 

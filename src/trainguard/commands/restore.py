@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from typing import Any
 
 from ..checks.restore import locate_set_aside, restore_checkpoint
@@ -54,7 +55,10 @@ def run(args: argparse.Namespace) -> int:
     from ..cli import EXIT_OK, EXIT_USAGE, emit_json
 
     what = None
-    if locate_set_aside(args.path) is None:
+    path = Path(args.path)
+    if locate_set_aside(path) is not None and (path.is_symlink() or not path.is_dir()):
+        what = f"not a folder: {display_name(path)}" + (" (a link, never followed)" if path.is_symlink() else "")
+    elif locate_set_aside(path) is None:
         what = (
             f"not a checkpoint trainguard set aside: {display_name(args.path)} "
             "(`trainguard clean OUTPUT_DIR` lists them)"

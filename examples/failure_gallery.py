@@ -154,8 +154,14 @@ class StartStep(TrainerCallback):
         return control
 
 
-def first_line(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"[:160]
+def first_line(exc: BaseException, limit: int = 300) -> str:
+    """The error's class and first line; a line longer than ``limit`` ends at its last clause that fits, marked with
+    an ellipsis, never in the middle of a word or a quoted value."""
+    text = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+    if len(text) <= limit:
+        return text
+    cut = max(text.rfind("; ", 0, limit), text.rfind(": ", 0, limit), text.rfind(", ", 0, limit))
+    return (text[:cut] if cut > 0 else text[: text.rfind(" ", 0, limit)]) + " …"
 
 
 @contextlib.contextmanager
@@ -662,7 +668,8 @@ def gallery_tokenizer() -> Any:
 
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    bpe = trainers.BpeTrainer(vocab_size=128, special_tokens=["<pad>", "<unk>", "<s>", "</s>"])
+    # show_progress=False: the Rust progress bar writes empty lines to stdout even when it is not a terminal.
+    bpe = trainers.BpeTrainer(vocab_size=128, special_tokens=["<pad>", "<unk>", "<s>", "</s>"], show_progress=False)
     tok.train_from_iterator(["the model never stops when its eos token is wrong"] * 8, trainer=bpe)
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", bos_token="<s>", eos_token="</s>"

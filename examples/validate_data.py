@@ -48,7 +48,9 @@ def make_tokenizer() -> Any:
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     corpus = [LONG, "what does a run lock prevent two runs writing one output dir why verify checkpoints"] * 8
-    tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=128, special_tokens=["<pad>", "<unk>"]))
+    tok.train_from_iterator(
+        corpus, trainers.BpeTrainer(vocab_size=128, special_tokens=["<pad>", "<unk>"], show_progress=False)
+    )
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>")
 
 
@@ -117,7 +119,7 @@ def main() -> None:
     tok = make_tokenizer()
     report = trainguard.validate_data(path, tokenizer=tok, max_length=MAX_LENGTH)
     report.print()
-    print(f"\nreport.ok = {report.ok}; {len(report.errors)} error kind(s); JSON: report.to_json()")
+    print(f"\nreport.ok = {report.ok}; {len(report.error_kinds)} error kind(s); JSON: report.to_json()")
 
     print("\n== DataGuard on the tokenized, truncated train set ==")
     train_with_data_guard(tokenized_rows(path, tok), work / "run")

@@ -210,7 +210,7 @@ def test_a_mistyped_resume_path_raises_the_plain_trainers_value_error_with_advic
         )
     err = guarded.value
     assert isinstance(err, CheckpointIntegrityError) and type(plain.value) is ValueError
-    assert err.what == f"the checkpoint {typo} does not exist" and err.where["file"] == str(typo)
+    assert err.what == f"the checkpoint {typo} does not exist" and err.where["folder"] == str(typo)
     assert "typo" in err.next_step and "backup" not in str(err)
     assert f"Beside it in {run}: checkpoint-2, checkpoint-4." in err.next_step  # the path meant, most likely
     assert (run / "checkpoint-4").is_dir() and not typo.exists()  # nothing was moved or made

@@ -88,7 +88,7 @@ def test_second_run_is_refused_at_once_naming_the_holders_pid_host_start_and_com
     assert f"PID {holder.pid}" in str(err)
     assert err.where["host"] == os.uname().nodename
     assert err.where["file"].endswith(".trainguard.lock")
-    assert "started 20" in err.what and "(UTC)" in err.what
+    assert "started 20" in err.what and "Z, command" in err.what and "UTC" not in err.what
     assert "command: python" in err.what and "-c" in err.what
 
 

@@ -77,6 +77,7 @@ exit status:
 _SUBCOMMANDS: tuple[str, ...] = (
     "trainguard.commands.clean",
     "trainguard.commands.inspect",
+    "trainguard.commands.restore",
     "trainguard.commands.validate_data",
     "trainguard.commands.verify",
 )

@@ -39,6 +39,7 @@ __all__ = [
     "MalformedFileError",
     "NonFiniteError",
     "PreflightError",
+    "RestoreRefusedError",
     "ResumeAttestationError",
     "RunLockedError",
     "SaveAuditError",
@@ -49,7 +50,7 @@ __all__ = [
 ]
 
 # Keys rendered first and in this order; any other key follows in insertion order.
-_WHERE_ORDER = ("file", "line", "field", "step", "rank", "host", "pid")
+_WHERE_ORDER = ("file", "folder", "line", "field", "step", "rank", "host", "pid")
 
 
 class TrainGuardError(Exception):
@@ -334,4 +335,15 @@ class ConfigError(TrainGuardError, ValueError):
     default_next_step = (
         "Fix or unset the setting named above; docs/integrations.md lists every variable and key, and the guard's "
         "own page lists its options."
+    )
+
+
+class RestoreRefusedError(CheckpointIntegrityError):
+    """``trainguard restore`` would not bring a set-aside checkpoint back: the path is not one trainguard set aside,
+    its ``checkpoint-N`` name is taken in the output_dir, or its damage needs the user's explicit say
+    (``--accept-inexact`` for missing RNG state, ``--force`` for anything else). Nothing was moved."""
+
+    default_next_step = (
+        "`trainguard clean OUTPUT_DIR` lists what is set aside and `trainguard verify` what is wrong with it; "
+        "docs/checkpoint-integrity.md, 'Bringing a set-aside checkpoint back', explains the choices."
     )

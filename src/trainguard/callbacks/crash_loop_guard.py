@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import uuid
 import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -13,6 +12,7 @@ from ..bounds import whole_number, yes_no
 from ..checks import crash_loop
 from ..checks._layout import checkpoint_step
 from ..checks._resume import resolve_resume_checkpoint
+from ..checks.lineage import new_id
 from ..errors import PreflightError, UnsafeFileError
 from . import _trainer_compat
 from ._base import GuardCallback
@@ -120,7 +120,7 @@ class CrashLoopGuard(GuardCallback):
                     resume_step=resume_step,
                 )
                 self._history_note = decision.history
-                payload = (uuid.uuid4().hex, decision)
+                payload = (new_id(), decision)  # the run-id style of every trainguard record
             except Exception as exc:  # an unreadable folder must stop every rank, not hang the others
                 payload = exc
         payload = distributed.broadcast_object(payload)
@@ -167,7 +167,7 @@ class CrashLoopGuard(GuardCallback):
         self._started = True
         trainer = self.trainer
         self._trainer_for_step = weakref.ref(trainer) if trainer is not None else None
-        run_id = self.run_id or uuid.uuid4().hex
+        run_id = self.run_id or new_id()
         if args.should_save:
             self._record(
                 crash_loop.record_start, str(args.output_dir), run_id=run_id, step=state.global_step, batch=_batch(args)

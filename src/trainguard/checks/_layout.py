@@ -16,6 +16,7 @@ import re
 from pathlib import Path
 
 __all__ = [
+    "ACCEPTED_INEXACT",
     "ARCHIVE_DIR",
     "CHECKPOINT_RE",
     "JIT_SENTINEL",
@@ -67,6 +68,9 @@ RECORD_PATTERNS: tuple[str, ...] = (
     MANIFEST_NAME,
     SAVING_MARKER,
 )
+#: The key of a manifest's lineage record holding the user's acceptance of a resume that is not bit-exact (missing RNG
+#: state), written by ``trainguard restore --accept-inexact``.
+ACCEPTED_INEXACT = "accepted_inexact"
 #: Written by the Trainer's JIT checkpointing before a save and removed after it; nothing in transformers reads it.
 JIT_SENTINEL = "checkpoint-is-incomplete.txt"
 #: The Trainer writes it last in every save.

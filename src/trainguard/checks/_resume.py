@@ -136,7 +136,7 @@ def read_trainer_state(checkpoint: str | os.PathLike[str]) -> dict[str, Any]:
     if not folder.is_dir():  # a ValueError too, as the plain Trainer's "Can't find a valid checkpoint at ..."
         raise CheckpointNotFoundError(
             f"the checkpoint to resume from does not exist: {display_name(folder)}",
-            where={"file": display_name(folder)},
+            where={"folder": display_name(folder)},
         )
     if not file.is_file():
         raise CheckpointIntegrityError(

@@ -335,7 +335,7 @@ def fresh_start_error(output_dir: str | os.PathLike[str], origins: list[Checkpoi
         f"a fresh start (no resume_from_checkpoint) into {output_dir}, which already holds {len(origins)} "
         f"checkpoint(s) of another run: {shown}. Started as it is, this run would save over some of them, a later "
         "resume_from_checkpoint=True could continue the other run, and save_total_limit would delete them",
-        where={"file": str(output_dir), "checkpoint": str(origins[-1].path)},
+        where={"folder": str(output_dir), "checkpoint": str(origins[-1].path)},
         next_step=(
             "Continue them: trainer.train(resume_from_checkpoint=True). Or archive them first: "
             "trainguard.start_fresh(trainer) moves them into trainguard-archive/ (never deleted). Or give this run "

@@ -454,7 +454,7 @@ def _locked_error(output_dir: Path, lock_file: Path, info_file: Path) -> RunLock
     started = holder.get("started_utc", "unknown")
     command = holder.get("command", "unknown")
     return RunLockedError(
-        f"{output_dir} is in use by another run: PID {pid} on {host}, started {started} (UTC), command: {command}",
+        f"{output_dir} is in use by another run: PID {pid} on {host}, started {started}, command: {command}",
         where={"file": str(lock_file), "host": host, "pid": pid},
         next_step=(
             f"Wait for PID {pid} on {host} to finish, stop it, or give this run another output_dir. The kernel "

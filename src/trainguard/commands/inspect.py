@@ -32,11 +32,12 @@ from ..checks import crash_loop
 from ..checks import lineage as _lineage
 from ..checks._layout import ARCHIVE_DIR, QUARANTINE_DIR
 from ..checks._resume import checkpoint_dirs, checkpoint_step
+from ..checks.checkpoint.manifest import checkpoint_totals
 from ..checks.preflight import format_bytes
 from ..checks.run_lock import lock_status
 from ..display import printable, printable_tree
 from ..errors import TrainGuardError
-from ..safe_fs import iter_files, load_json
+from ..safe_fs import load_json
 
 __all__ = ["inspect_output_dir", "register"]
 
@@ -65,18 +66,6 @@ def _read_json(path: Path) -> Any:
         return {"unreadable": f"{type(exc).__name__}: {exc.what}"}
     except OSError as exc:
         return {"unreadable": f"{type(exc).__name__}: {exc}"}
-
-
-def _size(folder: Path) -> tuple[int, int]:
-    files = total = 0
-    for item in iter_files(folder):
-        try:
-            if item.is_file():
-                files += 1
-                total += item.stat().st_size
-        except OSError:
-            continue
-    return files, total
 
 
 def _verifier() -> Any:
@@ -117,7 +106,7 @@ def _checkpoints(folder: Path, verify: bool) -> list[dict[str, Any]]:
     verifier = _verifier() if verify else None
     out: list[dict[str, Any]] = []
     for step, path in found:
-        files, total = _size(path)
+        files, total = checkpoint_totals(path)  # the count `trainguard verify` shows
         entry: dict[str, Any] = {"name": path.name, "step": step, "path": str(path), "files": files, "bytes": total}
         origin = _lineage.checkpoint_origin(path)
         entry["origin"] = origin.to_dict()
@@ -238,7 +227,7 @@ def _print(report: dict[str, Any]) -> None:
     holder = lock.get("holder") or {}
     if holder:
         who = (
-            f"PID {holder.get('pid')} on {holder.get('host')}, started {holder.get('started_utc')} UTC, "
+            f"PID {holder.get('pid')} on {holder.get('host')}, started {holder.get('started_utc')}, "
             f"command: {holder.get('command')}"
         )
     elif lock.get("holder_error"):

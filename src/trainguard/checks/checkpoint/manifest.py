@@ -34,7 +34,7 @@ from ...atomic import (
     sync_filesystem,
 )
 from ...errors import TrainGuardError, UnsafeFileError
-from ...safe_fs import describe_kind, display_name, load_json, open_read, read_bytes
+from ...safe_fs import describe_kind, display_name, iter_files, load_json, open_read, read_bytes
 from .. import lineage as _lineage
 from .._layout import (
     JIT_SENTINEL,
@@ -328,6 +328,27 @@ class FolderListing:
     special: dict[str, str] = field(default_factory=dict)
     temps: list[str] = field(default_factory=list)
     nested_manifests: list[str] = field(default_factory=list)
+
+
+def checkpoint_totals(folder: str | os.PathLike[str]) -> tuple[int, int]:
+    """``(files, bytes)`` of a checkpoint folder: the one count ``trainguard verify`` and ``trainguard inspect`` both
+    show. Every regular file in it at any depth, trainguard's manifest included (what ``du`` and ``ls -R`` see), by
+    its size; links and special files are neither counted nor followed.
+
+    Example::
+
+        checkpoint_totals("out/checkpoint-50")   # (10, 393400)
+    """
+    files = total = 0
+    for item in iter_files(folder):
+        try:
+            info = os.lstat(item)
+        except OSError:
+            continue  # removed while we counted
+        if stat.S_ISREG(info.st_mode):
+            files += 1
+            total += info.st_size
+    return files, total
 
 
 def scan_folder(folder: Path) -> FolderListing:

@@ -225,7 +225,7 @@ def resume_choice(
         raise LineageError(
             f"resume_from_checkpoint=True in {output_dir}: no checkpoint there belongs to the current run lineage "
             f"({choice.scope.describe()}); the ones there are another run's: {others}",
-            where={"file": str(output_dir), "checkpoint": str(choice.excluded[-1].path)},
+            where={"folder": str(output_dir), "checkpoint": str(choice.excluded[-1].path)},
             next_step=(
                 "To continue one of them, pass its path: train(resume_from_checkpoint='.../checkpoint-N') (its run "
                 "lineage then becomes current). To start over, train without resume_from_checkpoint "
@@ -238,13 +238,21 @@ def resume_choice(
     raise CheckpointIntegrityError(
         f"none of the {len(choice.failures)} checkpoint(s) of the current run lineage in {output_dir} verifies: "
         f"{listing}",
-        where={"file": str(output_dir)},
+        where={"folder": str(output_dir)},
         next_step=(
             "Start fresh (train() without resume_from_checkpoint), or restore a checkpoint from a backup; "
-            f"the failed ones are kept{' in ' + QUARANTINE_DIR + '/' if set_aside else ''}.{others_note}"
+            f"the failed ones are kept{' in ' + QUARANTINE_DIR + '/' if set_aside else ''}"
+            f"{_RESTORE_HINT if set_aside else ''}.{others_note}"
         ),
         evidence={"checkpoints": [r.to_dict() for r, _ in choice.failures]},
     )
+
+
+_RESTORE_HINT = (
+    " (`trainguard restore PATH` brings one back: at once when it verifies again, with --accept-inexact when it "
+    "lacks only its RNG state, with --force as it is; a checkpoint modified on purpose is then vouched for with "
+    "`trainguard manifest PATH --force`)"
+)
 
 
 def resolve_verified_resume(

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import lineage as _lineage
-from .._layout import ARCHIVE_DIR
+from .._layout import ACCEPTED_INEXACT, ARCHIVE_DIR
 from .._resume import checkpoint_dirs, resolve_resume_checkpoint
 from ..fresh_start import archive_checkpoints
 from .report import CheckpointReport
@@ -60,6 +60,10 @@ class StartDecision:
         self.model_only = bool(origin.record.get("save_only_model"))
         if output_dir and origin.run:
             self.after_save = _lineage.after_save(output_dir, origin.path.name, origin.run)
+        if self.after_save and isinstance(origin.record.get(ACCEPTED_INEXACT), dict):
+            # The user accepted a resume without the saved RNG state (`trainguard restore --accept-inexact`): the
+            # resume says so once, so the first step's random state is not compared (it cannot match).
+            self.after_save = [{**o, "rng": None} if isinstance(o, dict) else o for o in self.after_save]
         return self
 
 
@@ -161,6 +165,8 @@ def decide_resume(
 
     def failed(report: CheckpointReport, moved: Path | None) -> None:
         where = f"set aside to {moved}" if moved is not None else "skipped (left in place)"
+        if moved is not None:  # the way back, named where the user first meets the move
+            where += f" (`trainguard restore {moved}` brings it back)"
         problems = "; ".join(p.format() for p in report.problems)
         decision.notes.append(("warning", f"{report.path.name} failed verification, {where}: {problems}"))
         decision.failed.append(report.path.name)
@@ -178,6 +184,19 @@ def decide_resume(
         decision.notes.append(("warning", f"resuming from {choice.path.name}, {decision.status}"))
     else:
         decision.status = "verified"
+    accepted = choice.origin.record.get(ACCEPTED_INEXACT) if choice.origin is not None else None
+    if isinstance(accepted, dict):
+        missing = accepted.get("missing")
+        lacks = ", ".join(str(m) for m in missing) if isinstance(missing, list) and missing else "its RNG state"
+        decision.status += ", not bit-exact"
+        decision.notes.append(
+            (
+                "warning",
+                f"resuming from {choice.path.name}, not bit-exact: it lacks {lacks} (accepted with `trainguard "
+                f"restore --accept-inexact` at {accepted.get('utc', 'an unrecorded time')}), so dropout and other "
+                "random draws differ from the uninterrupted run",
+            )
+        )
     decision.path = str(choice.path)
     decision.lineage, decision.adopts_unrecorded = lineage_for(output_dir, choice.origin)
     decision.parent = choice.origin

@@ -23,7 +23,15 @@ from .._layout import (
 from .._resume import checkpoint_dirs, trainer_state_problem
 from .formats import check_format, describes_checkpoint, issue_kind, loaded_on_resume, special_extra
 from .layouts import check_layouts
-from .manifest import FolderListing, has_manifest, hash_many, parse_sha256_file, read_metadata, scan_folder
+from .manifest import (
+    FolderListing,
+    checkpoint_totals,
+    has_manifest,
+    hash_many,
+    parse_sha256_file,
+    read_metadata,
+    scan_folder,
+)
 from .report import CheckpointReport, Problem
 
 __all__ = ["check_checkpoint", "integrity_error", "not_found_error", "verify_checkpoint"]
@@ -120,8 +128,6 @@ def _check_with_manifest(
     empty = _not_a_checkpoint(n for n in expected if n != METADATA_NAME)
     if empty is not None:
         problems.append(Problem(MANIFEST_NAME, empty.kind, f"the manifest {empty.detail}"))
-    report.files = len(expected)
-    report.bytes = sum(actual.get(n, 0) for n in expected)
 
     sizes: dict[str, int] = {}
     if METADATA_NAME in expected and METADATA_NAME in actual:
@@ -210,9 +216,8 @@ def _check_with_manifest(
         if isinstance(value, BaseException):
             problems.append(Problem(name, "unreadable", f"unreadable ({type(value).__name__}: {value})"))
         elif value != expected[name]:
-            problems.append(
-                Problem(name, "changed", f"content changed: sha256 {value[:12]}…, {expected[name][:12]}… when saved")
-            )
+            now, saved = value[:12], expected[name][:12]
+            problems.append(Problem(name, "changed", f"content changed: sha256 now {now}…, {saved}… when saved"))
         else:
             report.hashed_bytes += actual[name]
     if len(digests) < len(to_hash):
@@ -245,8 +250,6 @@ def _check_structure_only(folder: Path, report: CheckpointReport, require_state:
     listing = scan_folder(folder)
     blocked = _listing_findings(listing, report, allow_links_out=allow_links_out)
     actual = {n: size for n, size in listing.files.items() if n not in blocked}
-    report.files = len(actual)
-    report.bytes = sum(actual.values())
     if require_state and "trainer_state.json" not in actual:
         problems.append(
             Problem(
@@ -349,6 +352,7 @@ def check_checkpoint(
             if p.file not in named
         )
         report.problems.extend(_node_copy_gaps(folder, record.get("node_copy"), {p.file for p in report.problems}))
+    report.files, report.bytes = checkpoint_totals(folder)
     report.ok = not report.problems
     report.seconds = time.perf_counter() - start
     return report
@@ -405,6 +409,10 @@ def _older_verified(folder: Path, workers: int | None, allow_links_out: bool = F
     return None
 
 
+# Problems an intended edit also leaves (a file re-saved, converted or resharded), unlike a truncation or a kill.
+_MODIFIED = frozenset({"changed", "size", "extra", "missing"})
+
+
 def integrity_error(report: CheckpointReport, *, alternative: Path | None = None) -> CheckpointIntegrityError:
     """The :class:`CheckpointIntegrityError` for a failed report: every problem named, the next step concrete.
 
@@ -419,10 +427,12 @@ def integrity_error(report: CheckpointReport, *, alternative: Path | None = None
     what = f"{folder.name} failed verification ({len(report.problems)} problem(s)): " + "; ".join(
         p.format() for p in report.problems
     )
-    where: dict[str, Any] = {"file": display_name(folder / named[0]) if named else display_name(folder)}
+    # A problem with the folder as a whole (nothing a checkpoint holds, an interrupted save) names the folder.
+    where: dict[str, Any] = {"file": display_name(folder / named[0])} if named else {"folder": display_name(folder)}
     if len(set(named)) > 1:
         where["files"] = ", ".join(display_name(n) for n in dict.fromkeys(named))
-    where["checkpoint"] = display_name(folder)
+    if named:
+        where["checkpoint"] = display_name(folder)
     if alternative is not None:
         next_step = (
             f"Resume from {alternative}, the newest older checkpoint that verifies: pass that path, or use "
@@ -436,6 +446,11 @@ def integrity_error(report: CheckpointReport, *, alternative: Path | None = None
         )
     if error_type is CheckpointIncompleteError:
         what = f"{folder.name} holds no model weights (a save that never wrote them, or an empty folder); " + what
+    if any(p.kind in _MODIFIED for p in report.problems):
+        next_step += (
+            f" If {folder.name} was modified after its save on purpose (resharded, converted, a file re-saved), "
+            f"vouch for it as it is now with `trainguard manifest {display_name(folder)} --force`."
+        )
     return error_type(
         what,
         where=where,
@@ -484,7 +499,7 @@ def not_found_error(folder: Path, *, alternative: Path | None = None) -> Checkpo
         nearby += f" {display_name(alternative)} is the newest older checkpoint that verifies."
     return CheckpointNotFoundError(
         f"the checkpoint {display_name(folder)} {what}",
-        where={"file": display_name(folder)},
+        where={"folder": display_name(folder)},
         next_step=CheckpointNotFoundError.default_next_step + nearby,
         evidence={
             "checkpoint": str(folder),

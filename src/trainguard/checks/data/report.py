@@ -108,6 +108,16 @@ class DataReport:
     def issues(self) -> list[DataIssue]:
         return [*self.errors, *self.warnings]
 
+    @property
+    def error_kinds(self) -> list[str]:
+        """The distinct error codes (one code can be reported for several fields or files)."""
+        return sorted({i.code for i in self.errors})
+
+    @property
+    def warning_kinds(self) -> list[str]:
+        """The distinct warning codes."""
+        return sorted({i.code for i in self.warnings})
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "ok": self.ok,
@@ -134,7 +144,7 @@ class DataReport:
             f"{i.code} at {i.where}" + (f" ({i.field})" if i.field else "") + f" x{i.count}: {i.message}"
             for i in self.errors[:5]
         ]
-        more = f"; and {len(self.errors) - 5} more kind(s)" if len(self.errors) > 5 else ""
+        more = f"; and {len(self.errors) - 5} more" if len(self.errors) > 5 else ""
         where: dict[str, Any] = {"file": first.file}
         if first.line is not None:
             where["line"] = first.line
@@ -143,7 +153,7 @@ class DataReport:
         if first.field:
             where["field"] = first.field
         raise DataValidationError(
-            f"data validation failed: {len(self.errors)} kind(s) of error, {total} occurrence(s): "
+            f"data validation failed: {len(self.error_kinds)} kind(s) of error, {total} occurrence(s): "
             + "; ".join(lines)
             + more,
             where=where,
@@ -160,7 +170,7 @@ class DataReport:
         status = "OK" if self.ok else "FAILED"
         head = (
             f"{', '.join(s.get('sources', [])) or 'data'}: {status} "
-            f"({len(self.errors)} error kind(s), {len(self.warnings)} warning kind(s))"
+            f"({len(self.error_kinds)} error kind(s), {len(self.warning_kinds)} warning kind(s))"
         )
         out = [head]
         fmt = s.get("format")

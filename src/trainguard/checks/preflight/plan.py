@@ -354,7 +354,7 @@ def save_stopped_error(output_dir: PathLike, step: int, detail: Mapping[str, Any
         )
     return PreflightError(
         what,
-        where={"file": str(output_dir), "step": step, "rank": rank},
+        where={"folder": str(output_dir), "step": step, "rank": rank},
         next_step=(
             f"Free space on that disk (or move older checkpoints away), then resume with "
             f"trainer.train(resume_from_checkpoint=True) from {newest}; steps after it are redone."

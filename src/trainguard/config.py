@@ -701,7 +701,8 @@ def build_guards(
                 raise  # given in code: the guard's own message is right as it is
             source = dict(configured[option_name])
             raise ConfigError(
-                f"{cls_name} refused its configured {option_name} ({_describe(source)}): {exc.what}",
+                # where= names the file, line or variable: said once, there
+                f"{cls_name} refused its configured {option_name}: {exc.what}",
                 where=source,
                 next_step=f"{exc.next_step} Or unset it for the default.",
                 evidence=exc.evidence,

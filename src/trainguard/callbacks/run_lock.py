@@ -10,7 +10,7 @@ from .. import distributed
 from ..alerts import AlertSink
 from ..bounds import yes_no
 from ..checks.run_lock import INFO_NAME, LOCK_NAME, RunLockHandle, acquire_run_lock, read_holder
-from ..errors import RunLockedError
+from ..errors import RunLockedError, TrainGuardError, at_call_site
 from ._base import GuardCallback
 
 if TYPE_CHECKING:
@@ -74,7 +74,10 @@ class RunLock(GuardCallback):
 
     def on_init_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> Any:
         super().on_init_end(args, state, control, **kwargs)
-        self._take(args)
+        try:
+            self._take(args)
+        except TrainGuardError as err:  # it names the holder and what to do: the frames below add nothing
+            raise at_call_site(err)  # noqa: B904 - trainguard refused: the message below says why
         return control
 
     def on_train_begin(

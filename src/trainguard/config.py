@@ -681,14 +681,14 @@ def build_guards(
         if option is not _MISSING and not isinstance(option, dict):
             raise TypeError(f"all_guards({key}=...) takes a dict of options, a guard instance or False")
         merged: dict[str, tuple[Any, Mapping[str, Any]]] = {}
-        source: dict[str, Layer] = {}
+        origin: dict[str, Layer] = {}  # the layer each merged option came from
         for layer in layers:
             merged.update(layer.guards.get(key, {}))
-            source.update(dict.fromkeys(layer.guards.get(key, {}), layer))
+            origin.update(dict.fromkeys(layer.guards.get(key, {}), layer))
         enabled = merged.pop(ENABLED, (True, {}))[0]
         if option is _MISSING and not enabled:
-            if source[ENABLED] is not defaults:
-                applied.setdefault(id(source[ENABLED]), (source[ENABLED], [], []))[1].append(key)
+            if origin[ENABLED] is not defaults:
+                applied.setdefault(id(origin[ENABLED]), (origin[ENABLED], [], []))[1].append(key)
             continue
         module_name, cls_name = target.split(":")
         cls = getattr(importlib.import_module(module_name), cls_name)
@@ -698,8 +698,8 @@ def build_guards(
         kwargs.update(given)
         configured = {name: where for name, (_value, where) in merged.items() if name not in given}
         for name in configured:
-            if source[name] is not defaults:
-                applied.setdefault(id(source[name]), (source[name], [], []))[2].append(f"{key}.{name}")
+            if origin[name] is not defaults:
+                applied.setdefault(id(origin[name]), (origin[name], [], []))[2].append(f"{key}.{name}")
         try:
             guards.append(cls(**kwargs))
         except ConfigError as exc:

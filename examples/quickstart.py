@@ -62,7 +62,9 @@ def main() -> None:
     print(f"\ntrained {result.global_step} steps, final loss {result.training_loss:.3f}, output in {output_dir}")
     print(f"trainguard {trainguard.__version__}: {len(guards)} guard(s) attached")
     for guard in guards:
-        print(f"  {guard.guard_name:<22} {guard.summary()}")
+        line = guard.summary()
+        if line:  # "" means the guard has nothing to tell about this run (e.g. AdapterGuard without a PEFT model)
+            print(f"  {guard.guard_name:<22} {line}")
     events = output_dir / "trainguard-events.jsonl"
     print(f"alerts: {events if events.exists() else 'none raised'}")
 

@@ -35,21 +35,23 @@ def _compat() -> ModuleType:
 
 def _assert_sensible_summaries(summaries: dict[str, str], *, resumed: bool, kind: str) -> None:
     assert list(summaries) == GUARD_NAMES, "every guard attached, in all_guards() order"
+    silent = {"run_reporter"} | ({"adapter_guard"} if kind != "sft_lora" else set())  # nothing to tell: ""
     for name, line in summaries.items():
-        assert isinstance(line, str) and line.strip(), name
+        assert isinstance(line, str) and (line.strip() or name in silent), name
         assert "\n" not in line, name
         assert "not checked" not in line, (name, line)
-    assert summaries["run_lock"].startswith("holds ")
+    assert summaries["run_reporter"] == ""  # report_to="none": nothing was published
+    assert summaries["run_lock"].endswith(" locked against other runs until this process exits")
     assert "no crash loop" in summaries["crash_loop_guard"]
     assert "no stop requested" in summaries["graceful_stop"]
     assert "save(s) checked for space" in summaries["preflight_guard"]
     assert summaries["nan_guard"] == "all values finite"
-    assert "0 stall dump(s)" in summaries["hang_watchdog"]
+    assert "step(s) measured" in summaries["hang_watchdog"] and "stall" not in summaries["hang_watchdog"]
     assert "checked 32 row(s)" in summaries["data_guard"]
     if kind == "sft_lora":
         assert summaries["adapter_guard"].startswith("every adapter parameter trains (checked through step ")
     else:
-        assert summaries["adapter_guard"] == "not a PEFT model: nothing to check"
+        assert summaries["adapter_guard"] == ""
     if resumed:
         assert summaries["checkpoint_verifier"].startswith("1 manifest(s) written, lineage ")
         assert ", resumed from checkpoint-4, " in summaries["checkpoint_verifier"]

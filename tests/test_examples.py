@@ -16,6 +16,13 @@ def test_quickstart_trains_with_all_guards_and_reports_them(tmp_path: Path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "trained 12 steps" in result.stdout
     assert "guard(s) attached" in result.stdout
+    # every row tells something and is true when read (#29 item 5): no filler, no claim about trackers with
+    # report_to="none", no lock "held" by a PID that has exited by the time anyone reads the line
+    report = result.stdout.split("guard(s) attached", 1)[1]
+    for filler in ("nothing to check", "stall dump", "published to", "(PID "):
+        assert filler not in report, (filler, report)
+    assert "locked against other runs until this process exits" in report
+    assert all(len(line.split(maxsplit=1)) == 2 for line in report.splitlines() if line.startswith("  "))
 
 
 def test_sft_trainer_example_validates_the_data_and_fine_tunes_a_lora_adapter_with_every_guard(tmp_path: Path):

@@ -98,6 +98,7 @@ def test_the_default_action_keeps_the_run_alive_dumps_again_and_reports_when_pro
     assert 3 in stalled_steps
     measured = len({2, 3, 4, 5} - stalled_steps)  # step 1 is the first step: never measured
     assert f"{measured} step(s) measured" in result["summary"], result["summary"]
+    assert f"; {len(stalls)} stall dump(s): trainguard-hang-rank0-" in result["summary"], result["summary"]
 
 
 # ---------------------------------------------------------------------- a step stuck in C holding the GIL

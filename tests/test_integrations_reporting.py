@@ -86,7 +86,8 @@ if stop == "after_train":
     guards.append(StopAfterTrain())
 if stop == "nan-run-deleted":
     guards.insert(0, DeleteTrackerRun())
-trainer = make_trainer(out, model=model, callbacks=[*guards, RunReporter()], max_steps=6, report_to=[tracker])
+reporter = RunReporter()
+trainer = make_trainer(out, model=model, callbacks=[*guards, reporter], max_steps=6, report_to=[tracker])
 result = {"error": None}
 try:
     trainer.train()
@@ -97,6 +98,7 @@ except trainguard.TrainGuardError as err:
 result["fingerprint"] = dataset_guard.run_identity["train"]["fingerprint"]
 result["log_history_keys"] = sorted({key for entry in trainer.state.log_history for key in entry})
 result["imported"] = sorted(m for m in ("wandb", "mlflow") if m in sys.modules)
+result["reporter"] = reporter.summary()
 print("RESULT " + json.dumps(result))
 '''
 
@@ -286,6 +288,7 @@ def test_tensorboard_event_files_hold_the_guards_counters_and_key_figures(tmp_pa
     }
     assert texts["trainguard/dataset_guard/train_fingerprint/text_summary"] == result["fingerprint"]
     assert "step budget" in texts["trainguard/hang_watchdog/summary/text_summary"]
+    assert result["reporter"] == "key figures published to TensorBoard"  # where they went, and only there
     # the scalars came from the TensorBoard callback's own writer, not from trainer.log
     assert not [k for k in result["log_history_keys"] if k.startswith("trainguard/")]
 

@@ -109,6 +109,9 @@ class Alert:
         rank: The global rank that saw it; defaults to this process's rank.
         evidence: JSON-able facts behind the alert (values, paths, fingerprints).
         time: UTC time in ISO 8601; defaults to now.
+        raised: The guard raises this alert's finding as its error next (a refusal): the error is what the user
+            reads, so the logger keeps the alert at DEBUG and the console says it once; every other sink (events
+            file, webhook, trackers) gets it as usual.
 
     Example::
 
@@ -123,6 +126,7 @@ class Alert:
     rank: int = field(default_factory=distributed.rank)
     evidence: Mapping[str, Any] = field(default_factory=dict)
     time: str = field(default_factory=_utc_now)
+    raised: bool = False
 
     def __post_init__(self) -> None:
         if self.level not in LEVELS:
@@ -168,13 +172,14 @@ def _level_index(level: str) -> int:
 
 
 class LoggerSink:
-    """Logs every alert on the ``trainguard`` logger at the matching level."""
+    """Logs every alert on the ``trainguard`` logger at the matching level; an alert the guard also raises
+    (``Alert.raised``) at DEBUG, because the error that follows says the same, with where and what next."""
 
     def __init__(self, logger: logging.Logger | None = None) -> None:
         self.logger = logger or get_logger()
 
     def send(self, alert: Alert) -> None:
-        self.logger.log(_LOG_LEVELS[alert.level], alert.format())
+        self.logger.log(logging.DEBUG if alert.raised else _LOG_LEVELS[alert.level], alert.format())
 
 
 class JsonlSink:

@@ -48,6 +48,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import json
+import logging
 import os
 import re
 import sys
@@ -666,9 +667,9 @@ def build_guards(
     if file is None:
         file = file_layer(config_path, table, environ)
     layers = [layer for layer in (defaults, file, tool_layer, env) if layer is not None]  # low -> high
-    used = [layer.name for layer in layers if layer.guards and layer is not defaults]
-    if used:
-        get_logger().info("trainguard: guard settings from %s", ", ".join(used))
+    # What each source really changed (after precedence): said once, at the end, so a file nobody remembers
+    # putting beside the script cannot switch a guard off unseen.
+    applied: dict[int, tuple[Layer, list[str], list[str]]] = {}
     guards: list[Any] = []
     for key, target in table:
         option = explicit.get(key, _MISSING)
@@ -680,10 +681,14 @@ def build_guards(
         if option is not _MISSING and not isinstance(option, dict):
             raise TypeError(f"all_guards({key}=...) takes a dict of options, a guard instance or False")
         merged: dict[str, tuple[Any, Mapping[str, Any]]] = {}
+        origin: dict[str, Layer] = {}  # the layer each merged option came from
         for layer in layers:
             merged.update(layer.guards.get(key, {}))
+            origin.update(dict.fromkeys(layer.guards.get(key, {}), layer))
         enabled = merged.pop(ENABLED, (True, {}))[0]
         if option is _MISSING and not enabled:
+            if origin[ENABLED] is not defaults:
+                applied.setdefault(id(origin[ENABLED]), (origin[ENABLED], [], []))[1].append(key)
             continue
         module_name, cls_name = target.split(":")
         cls = getattr(importlib.import_module(module_name), cls_name)
@@ -692,6 +697,9 @@ def build_guards(
         kwargs = {name: value for name, (value, _where) in merged.items()}
         kwargs.update(given)
         configured = {name: where for name, (_value, where) in merged.items() if name not in given}
+        for name in configured:
+            if origin[name] is not defaults:
+                applied.setdefault(id(origin[name]), (origin[name], [], []))[2].append(f"{key}.{name}")
         try:
             guards.append(cls(**kwargs))
         except ConfigError as exc:
@@ -701,7 +709,8 @@ def build_guards(
                 raise  # given in code: the guard's own message is right as it is
             source = dict(configured[option_name])
             raise ConfigError(
-                f"{cls_name} refused its configured {option_name} ({_describe(source)}): {exc.what}",
+                # where= names the file, line or variable: said once, there
+                f"{cls_name} refused its configured {option_name}: {exc.what}",
                 where=source,
                 next_step=f"{exc.next_step} Or unset it for the default.",
                 evidence=exc.evidence,
@@ -714,7 +723,22 @@ def build_guards(
                 where={name: _describe(where) for name, where in configured.items()},
                 evidence={"options": {name: kwargs[name] for name in configured}},
             ) from exc
+    _say_applied(list(applied.values()), quiet=tool_layer)
     return guards
+
+
+def _say_applied(applied: Sequence[tuple[Layer, list[str], list[str]]], *, quiet: Layer | None) -> None:
+    """One line naming each source that changed the guards and what it turned off and set (never the values: a
+    webhook URL is a secret). WARNING when a ``trainguard.toml`` or the environment did it, because nothing in the
+    script shows them; INFO when only the tool's own YAML did (the user passed that file to the tool)."""
+    parts = []
+    for layer, off, options in applied:
+        what = ([f"turned off {', '.join(off)}"] if off else []) + ([f"set {', '.join(options)}"] if options else [])
+        name = "the environment" if layer.name == "environment" else layer.name
+        parts.append(f"{name} ({'; '.join(what)})")
+    if parts:
+        level = logging.INFO if all(layer is quiet for layer, _, _ in applied) else logging.WARNING
+        get_logger().log(level, "trainguard: applied guard settings from %s", " and from ".join(parts))
 
 
 def _describe(where: Mapping[str, Any]) -> str:

@@ -19,8 +19,9 @@ Example::
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 from .display import printable
 
@@ -111,6 +112,24 @@ class TrainGuardError(Exception):
             "next_step": self.next_step,
             "evidence": {k: _jsonable(v) for k, v in self.evidence.items()},
         }
+
+
+_E = TypeVar("_E", bound=BaseException)
+
+
+def at_call_site(err: _E) -> _E:
+    """``err`` with its traceback cut, to re-raise at the boundary of what the user called (``trainer.train()``,
+    ``all_guards()``, ``Trainer(...)``): ``raise at_call_site(err)`` inside ``except ... as err``.
+
+    A refusal is a message, not a crash: its text says what, where and what next, and the dozen frames inside
+    trainguard and the Trainer that led to it only bury that. The full traceback goes to the ``trainguard`` logger
+    at DEBUG, for whoever debugs trainguard itself. The error's own cause and context (the ``OSError`` behind it)
+    are kept: re-raising the object being handled does not chain it to itself.
+    """
+    log = logging.getLogger("trainguard")
+    if log.isEnabledFor(logging.DEBUG):
+        log.debug("trainguard: where %s was raised", type(err).__name__, exc_info=err)
+    return err.with_traceback(None)
 
 
 def _rebuild(

@@ -73,5 +73,9 @@ def all_guards(**overrides: Any) -> list[GuardCallback]:
         trainer = Trainer(..., callbacks=trainguard.all_guards(checkpoint_verifier=False))
     """
     from ..config import build_guards
+    from ..errors import TrainGuardError, at_call_site
 
-    return build_guards(_GUARDS, overrides)
+    try:
+        return build_guards(_GUARDS, overrides)
+    except TrainGuardError as err:  # a ConfigError names the file, line and option: the frames below add nothing
+        raise at_call_site(err)  # noqa: B904 - trainguard refused: the message below says why

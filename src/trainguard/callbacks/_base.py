@@ -12,7 +12,7 @@ from transformers import TrainerCallback
 from .. import distributed
 from ..alerts import Alert, Alerter, AlertSink, CounterSink, WebhookSink, default_sinks, get_logger
 from ..checks._layout import RECORD_PATTERNS
-from ..errors import TrainGuardError
+from ..errors import TrainGuardError, at_call_site
 from ._trainer_compat import find_trainer, install_upload_filter
 
 if TYPE_CHECKING:
@@ -31,6 +31,9 @@ def install_train_hook(trainer: Any) -> None:
     :meth:`GuardCallback.on_train_error` when training raises (the Trainer has no ``on_exception`` event).
 
     One wrapper serves every guard, whatever their number, and the user's code still calls ``trainer.train(...)``.
+    A :class:`~trainguard.errors.TrainGuardError` leaves it with its traceback cut to this frame
+    (:func:`~trainguard.errors.at_call_site`): the refusal's message is the news, not trainguard's frames. Any other
+    exception leaves exactly as it came.
     """
     if getattr(trainer, _HOOK_MARK, False):
         return
@@ -38,9 +41,12 @@ def install_train_hook(trainer: Any) -> None:
 
     @functools.wraps(original)
     def train(resume_from_checkpoint: Any = None, *args: Any, **kwargs: Any) -> Any:
-        for callback in list(trainer.callback_handler.callbacks):
-            if isinstance(callback, GuardCallback):
-                resume_from_checkpoint = callback.before_train(trainer, resume_from_checkpoint)
+        try:
+            for callback in list(trainer.callback_handler.callbacks):
+                if isinstance(callback, GuardCallback):
+                    resume_from_checkpoint = callback.before_train(trainer, resume_from_checkpoint)
+        except TrainGuardError as exc:
+            raise at_call_site(exc)  # noqa: B904 - trainguard refused: the message below says why
         try:
             output = original(resume_from_checkpoint, *args, **kwargs)
         except BaseException as exc:
@@ -53,14 +59,16 @@ def install_train_hook(trainer: Any) -> None:
                             "trainguard %s.on_train_error failed: %s", type(callback).__name__, hook_exc
                         )
             _report_stop(trainer, exc)
-            raise
+            if isinstance(exc, TrainGuardError):
+                raise at_call_site(exc)  # noqa: B904 - trainguard refused: the message below says why
+            raise  # anything else leaves exactly as it came (rule 0)
         try:
             for callback in list(trainer.callback_handler.callbacks):
                 if isinstance(callback, GuardCallback):
                     callback.after_train(trainer, output)
         except TrainGuardError as exc:
             _report_stop(trainer, exc)
-            raise
+            raise at_call_site(exc)  # noqa: B904 - trainguard refused: the message below says why
         for callback in list(trainer.callback_handler.callbacks):
             if isinstance(callback, GuardCallback):
                 again = callback.rerun_request(trainer)
@@ -211,9 +219,11 @@ class GuardCallback(TrainerCallback):
                 wait()
 
     def summary(self) -> str:
-        """One line on what this guard checked in the run so far (guards override it with their specifics)."""
+        """One line on what this guard checked in the run so far (guards override it with their specifics), true
+        when it is read; ``""`` when there is nothing to tell (a report of the run leaves the guard out)."""
         history = self._alerter.history if self._alerter is not None else []
-        return f"{sum(1 for a in history if a.guard == self.guard_name)} alert(s)"
+        alerts = sum(1 for a in history if a.guard == self.guard_name)
+        return f"{alerts} alert(s)" if alerts else ""
 
     # ------------------------------------------------------------------------------------------------ refusals
     def refuse_together(
@@ -240,7 +250,7 @@ class GuardCallback(TrainerCallback):
                 raise error
         if alert_level is not None:
             what = getattr(error, "what", str(error))
-            self.alert(alert_level, what, step=step, evidence=getattr(error, "evidence", None))
+            self.alert(alert_level, what, step=step, evidence=getattr(error, "evidence", None), raised=True)
         raise error
 
     # ------------------------------------------------------------------------------------------------ alerts
@@ -251,8 +261,10 @@ class GuardCallback(TrainerCallback):
         *,
         step: int | None = None,
         evidence: Mapping[str, Any] | None = None,
+        raised: bool = False,
     ) -> Alert:
-        """Send an alert from this guard through every sink and return it."""
+        """Send an alert from this guard through every sink and return it. ``raised=True``: the guard raises the
+        same finding as its error next, so the console shows it once, in the error (see ``Alert.raised``)."""
         return self.alerter.emit(
             Alert(
                 guard=self.guard_name,
@@ -261,6 +273,7 @@ class GuardCallback(TrainerCallback):
                 step=step,
                 rank=distributed.rank(),
                 evidence=dict(evidence or {}),
+                raised=raised,
             )
         )
 

@@ -146,7 +146,7 @@ class SaveAuditor:
             },
         )
         if problems:
-            self._alert("error", error.what, step=step, evidence=error.evidence)
+            self._alert("error", error.what, step=step, evidence=error.evidence, raised=self.audit == "raise")
         if self.audit == "raise":
             self._refuse(
                 error if problems else None,

@@ -174,7 +174,7 @@ class AdapterGuard(GuardCallback):
         self._reset()
         model: Any = kwargs.get("model")
         if not is_peft_model(model):
-            self._summary = "not a PEFT model: nothing to check"
+            self._summary = ""  # nothing to tell: a summary row saying so would be filler
             return control
         if _sharded(self.trainer, args):
             self._summary = "skipped: parameters are sharded or their gradients live in the engine (FSDP/DeepSpeed)"

@@ -199,7 +199,9 @@ class CheckpointVerifier(GuardCallback):
                     decision = on_main_then_share(decide)
         except (CheckpointIntegrityError, LineageError) as err:
             if distributed.is_main_process():
-                self.alert("error", f"{'start' if fresh else 'resume'} refused: {err.what}", evidence=err.evidence)
+                self.alert(
+                    "error", f"{'start' if fresh else 'resume'} refused: {err.what}", evidence=err.evidence, raised=True
+                )
             raise
         self._adopt(decision)
         self._decision = decision
@@ -291,7 +293,7 @@ class CheckpointVerifier(GuardCallback):
                     )
                 except LineageError as err:
                     if distributed.is_main_process():
-                        self.alert("error", f"start refused: {err.what}", evidence=err.evidence)
+                        self.alert("error", f"start refused: {err.what}", evidence=err.evidence, raised=True)
                     raise
         if self.lineage is None:
             self._adopt(_start.StartDecision())
@@ -329,7 +331,12 @@ class CheckpointVerifier(GuardCallback):
             )
         except CheckpointIntegrityError as err:
             if distributed.is_main_process():
-                self.alert("error", f"the loaded checkpoint fails verification: {err.what}", evidence=err.evidence)
+                self.alert(
+                    "error",
+                    f"the loaded checkpoint fails verification: {err.what}",
+                    evidence=err.evidence,
+                    raised=True,
+                )
             raise
         if checked is not None:
             self._adopt(checked)

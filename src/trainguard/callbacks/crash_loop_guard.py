@@ -132,7 +132,7 @@ class CrashLoopGuard(GuardCallback):
             err = decision.error
             assert isinstance(err, PreflightError)
             if distributed.is_main_process():
-                self.alert("error", err.what, evidence=err.evidence)
+                self.alert("error", err.what, evidence=err.evidence, raised=True)
             raise err
         if decision.action == "fix":
             assert decision.before is not None and decision.after is not None and decision.loop is not None

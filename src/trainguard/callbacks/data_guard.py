@@ -153,7 +153,7 @@ class DataGuard(GuardCallback):
         evidence = {k: v for k, v in result.to_dict().items() if k != "skipped"}
         message = "; ".join(findings) if findings else "another rank found rows that teach nothing"
         if refuse:
-            self.alert("error", f"refusing to train: {message}", step=0, evidence=evidence)
+            self.alert("error", f"refusing to train: {message}", step=0, evidence=evidence, raised=True)
             firsts = result.over_limit_examples or result.empty_examples or result.masked_examples
             first = firsts[0] if firsts else None
             raise DataValidationError(

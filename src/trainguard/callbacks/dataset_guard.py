@@ -180,7 +180,7 @@ class DatasetGuard(GuardCallback, ExportableState):
         except (DatasetMismatchError, TokenizerMismatchError) as err:
             self._summary = f"refused the resume: {err.what}"
             if distributed.is_main_process():
-                self.alert("error", err.what, evidence=err.evidence)
+                self.alert("error", err.what, evidence=err.evidence, raised=True)
             raise
         self.run_identity = outcome["record"]
         _CURRENT[trainer] = outcome["record"]

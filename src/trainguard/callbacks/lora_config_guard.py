@@ -85,7 +85,7 @@ class LoraConfigGuard(GuardCallback):
         except TrainGuardError as err:
             self._summary = f"refused the resume: {err.what}"
             if distributed.is_main_process():
-                self.alert("error", err.what, evidence=err.evidence)
+                self.alert("error", err.what, evidence=err.evidence, raised=True)
             raise
         if distributed.is_main_process():
             for message in warnings:

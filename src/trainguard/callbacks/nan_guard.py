@@ -331,7 +331,7 @@ class NanGuard(GuardCallback):
             finding, action=self.action, output_dir=output_dir, detected_at=detected_at, weights_in_memory=weights
         )
         if report:
-            self.alert("error", error.what, step=finding.step, evidence=error.evidence)
+            self.alert("error", error.what, step=finding.step, evidence=error.evidence, raised=True)
         raise error
 
     def _weights_in_memory(self) -> str | None:

@@ -10,7 +10,7 @@ from .. import distributed
 from ..alerts import AlertSink
 from ..bounds import yes_no
 from ..checks.run_lock import INFO_NAME, LOCK_NAME, RunLockHandle, acquire_run_lock, read_holder
-from ..errors import RunLockedError
+from ..errors import RunLockedError, TrainGuardError, at_call_site
 from ._base import GuardCallback
 
 if TYPE_CHECKING:
@@ -71,10 +71,14 @@ class RunLock(GuardCallback):
         self.release_at_train_end = yes_no("release_at_train_end", release_at_train_end, owner="RunLock")
         self.handle: RunLockHandle | None = None
         self._locked_dir: str | None = None
+        self._released_dir: str | None = None  # what release() gave back, for a summary that is still true
 
     def on_init_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> Any:
         super().on_init_end(args, state, control, **kwargs)
-        self._take(args)
+        try:
+            self._take(args)
+        except TrainGuardError as err:  # it names the holder and what to do: the frames below add nothing
+            raise at_call_site(err)  # noqa: B904 - trainguard refused: the message below says why
         return control
 
     def on_train_begin(
@@ -115,6 +119,7 @@ class RunLock(GuardCallback):
             self.handle.release()  # output_dir changed between init and train: hold only the current one
         self.handle = handle
         self._locked_dir = output_dir
+        self._released_dir = None
         if handle is not None and (not handle.enforced or handle.reach != "ok"):
             self.alert("warning", f"run lock on {output_dir}: {handle.note}", evidence={"reach": handle.reach})
 
@@ -127,17 +132,24 @@ class RunLock(GuardCallback):
         """Release the lock now (it is otherwise held until the process exits)."""
         if self.handle is not None:
             self.handle.release()
+            if self.handle.enforced:
+                self._released_dir = self._locked_dir
         self.handle = None
         self._locked_dir = None
 
     def summary(self) -> str:
+        # True when read, also after this process ends: the lock lives as long as the process, so a line printed at
+        # the end of a script says so rather than "holds ... (PID n)", which is false by the time anyone acts on it.
         if self.handle is None:
+            if self._released_dir is not None:
+                return f"{self._released_dir} was locked against other runs; released"
             return "no lock taken on this rank (not a writing rank)" if self._locked_dir else "no lock taken yet"
         if not self.handle.enforced:
             return f"NOT locked ({self.handle.note})"
         if not self.handle.held:
-            return f"lock on {self._locked_dir} {self.handle.note or 'released'}"
-        return f"holds {self.handle.lock_file} (PID {os.getpid()}); {self.handle.reach} on this filesystem"
+            return f"{self._locked_dir} was locked against other runs; {self.handle.note or 'released'}"
+        reach = "" if self.handle.reach == "ok" else f" ({self.handle.reach}: {self.handle.note})"
+        return f"{self._locked_dir} locked against other runs until this process exits{reach}"
 
 
 def _other_rank_refused(output_dir: str) -> RunLockedError:

@@ -50,4 +50,8 @@ class RunReporter(GuardCallback):
         return super().on_train_end(args, state, control, **kwargs)
 
     def summary(self) -> str:
-        return "key figures published to the active trackers" if reporting.reporting_enabled() else "reporting off"
+        # Only what happened: with report_to="none" (or TRAINGUARD_REPORTING=0) nothing was published, and a line
+        # saying it was would be false; nothing to tell is "".
+        reached = reporting.published_to(self.trainer) if self.trainer is not None else []
+        names = {"mlflow": "MLflow", "tensorboard": "TensorBoard", "wandb": "W&B"}
+        return f"key figures published to {', '.join(names.get(r, r) for r in reached)}" if reached else ""

@@ -19,7 +19,7 @@ import stat
 import sys
 from typing import Any
 
-from ..checks.data import FORMATS, load_tokenizer, validate_data
+from ..checks.data import FORMATS, load_tokenizer, sniff_format, validate_data
 from ..display import printable
 from ..errors import UnsafeFileError
 from ..safe_fs import describe_kind, display_name, display_text, open_read
@@ -104,11 +104,32 @@ def _check_readable(path: str | None) -> None:
     os.close(open_read(path))
 
 
+def _max_length_without_tokenizer(args: argparse.Namespace) -> str | None:
+    """Why ``--max-length`` cannot be applied, or None. Rows of token ids are measured without a tokenizer; text
+    rows are not (only characters are counted), so there the limit would be ignored without a word."""
+    if args.max_length is None or args.tokenizer:
+        return None
+    try:
+        fmt = args.format if args.format != "auto" else sniff_format(args.path)
+    except (OSError, TypeError, ValueError):
+        return None  # the pass below names what is wrong with PATH
+    if fmt in ("tokenized", "unknown"):  # unknown: the pass reports the format problem itself
+        return None
+    return (
+        f"--max-length {args.max_length} needs --tokenizer DIR: {display_name(args.path)} is read as {fmt} rows, whose "
+        "length in tokens only the tokenizer training uses can count (without it only characters are counted). "
+        "Pass --tokenizer, or leave out --max-length."
+    )
+
+
 def run(args: argparse.Namespace) -> int:
     if args.max_length is not None and args.max_length <= 0:
         return _usage_error(f"--max-length must be positive, not {args.max_length}", args.json)
     _check_readable(args.path)
     _check_readable(args.eval_path)
+    refused = _max_length_without_tokenizer(args)
+    if refused is not None:
+        return _usage_error(refused, args.json)
     tokenizer = None
     if args.tokenizer:
         try:

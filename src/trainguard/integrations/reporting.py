@@ -54,6 +54,7 @@ __all__ = [
     "log_numbers",
     "publish_end",
     "publish_start",
+    "published_to",
     "report_stop",
     "reporting_enabled",
 ]
@@ -69,6 +70,7 @@ _MAX_TEXT = 5000
 # W&B alert titles must be shorter than 64 characters.
 _MAX_TITLE = 63
 _RUNS_ATTR = "_trainguard_tracker_runs"
+_PUBLISHED_ATTR = "_trainguard_published_to"
 _SHARED_ALERTER = "_trainguard_alerter"  # the attribute callbacks/_base.py keeps the shared alerter in
 
 _warned: set[str] = set()
@@ -231,8 +233,9 @@ def _figures_of(guard: Any) -> dict[str, Any]:
             out["step_budget_s"] = float(seconds)
             out["step_budget_rule"] = str(rule)
     summary = getattr(guard, "summary", None)
-    if callable(summary):
-        out["summary"] = str(summary())
+    line = str(summary()) if callable(summary) else ""
+    if line:  # a guard with nothing to tell says "" (a "not a PEFT model" row would only be noise in a tracker)
+        out["summary"] = line
     return {f"trainguard/{name}/{key}": value for key, value in out.items()}
 
 
@@ -372,12 +375,14 @@ def publish_start(trainer: Any) -> dict[str, Any]:
         return {}
     figures = key_figures(trainer)
     runs: dict[str, str] = {}
+    reached: set[str] = set()
     if distributed.is_main_process():
         run = _wandb_run()
         if run is not None:
             try:
                 run.config.update(figures, allow_val_change=True)
                 runs["wandb"] = str(run.id)
+                reached.add("wandb")
             except Exception as exc:
                 _warn_once("put trainguard's key figures into the W&B config", exc)
         try:
@@ -385,6 +390,7 @@ def publish_start(trainer: Any) -> dict[str, Any]:
             if run_id is not None:
                 runs["mlflow"] = run_id
                 _mlflow_tags(run_id, figures)
+                reached.add("mlflow")
         except Exception as exc:
             _warn_once("put trainguard's key figures into MLflow tags", exc)
         try:
@@ -394,11 +400,19 @@ def publish_start(trainer: Any) -> dict[str, Any]:
                 for key, value in figures.items():
                     writer.add_text(key, str(value), step)
                 writer.flush()
+                reached.add("tensorboard")
         except Exception as exc:
             _warn_once("put trainguard's key figures into TensorBoard", exc)
     setattr(trainer, _RUNS_ATTR, runs)
-    log_numbers(trainer, _numeric(figures))  # never raises
+    reached.update(log_numbers(trainer, _numeric(figures)))  # never raises
+    setattr(trainer, _PUBLISHED_ATTR, sorted(reached))
     return figures
+
+
+def published_to(trainer: Any) -> list[str]:
+    """The trackers :func:`publish_start` put this training's key figures into (``"mlflow"``, ``"tensorboard"``,
+    ``"wandb"``): empty before it ran, with reporting off, and when the run reports to no tracker."""
+    return list(getattr(trainer, _PUBLISHED_ATTR, []))
 
 
 def publish_end(trainer: Any, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:

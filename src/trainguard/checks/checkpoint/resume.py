@@ -35,7 +35,7 @@ def set_aside_checkpoint(checkpoint: str | os.PathLike[str], reason: str, *, pro
 
     The rename stays on the same filesystem (atomic), and the new name is outside the Trainer's ``checkpoint-*``
     glob, so neither ``get_last_checkpoint`` nor rotation ever sees it again. The reason is written beside it as
-    ``<new name>.reason.json``.
+    ``<new name>.reason.json``. The move is logged at INFO: the caller says it to the user, once (the returned path).
 
     Returns:
         The folder's new path.
@@ -46,7 +46,7 @@ def set_aside_checkpoint(checkpoint: str | os.PathLike[str], reason: str, *, pro
     """
     folder = Path(checkpoint)
     target = _lineage.move_aside(folder, reason, into=QUARANTINE_DIR, problems=list(problems))
-    get_logger().warning("trainguard: set aside %s -> %s (%s)", folder, target, reason)
+    get_logger().info("trainguard: set aside %s -> %s (%s)", folder, target, reason)
     return target
 
 
@@ -133,8 +133,13 @@ def choose_checkpoint(
         moved: Path | None = None
         if set_aside:
             moved = set_aside_checkpoint(origin.path, reason, problems=report.problems)
-        else:
-            get_logger().warning("trainguard: skipping %s: %s", origin.path, reason)
+        # Said once: by on_failure when the caller reports failures itself (CheckpointVerifier alerts each one),
+        # else here.
+        if on_failure is None:
+            if moved is not None:
+                get_logger().warning("trainguard: set aside %s -> %s (%s)", origin.path, moved, reason)
+            else:
+                get_logger().warning("trainguard: skipping %s: %s", origin.path, reason)
         choice.failures.append((report, moved))
         if on_failure is not None:
             on_failure(report, moved)

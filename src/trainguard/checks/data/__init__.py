@@ -37,7 +37,7 @@ from .readers import iter_parts
 from .report import DataIssue, DataReport
 from .tokenized import IGNORE_INDEX, TokenizedCheck, check_tokenized_dataset
 from .tokens import load_tokenizer
-from .validate import validate_data
+from .validate import sniff_format, validate_data
 from .verdict import Verdict, judge_tokenized
 
 __all__ = [
@@ -56,5 +56,6 @@ __all__ = [
     "iter_parts",
     "judge_tokenized",
     "load_tokenizer",
+    "sniff_format",
     "validate_data",
 ]

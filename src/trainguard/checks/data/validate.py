@@ -41,7 +41,7 @@ from .report import DataReport, Issues
 from .rows import RowTable, percentiles
 from .tokens import Encoder, TokenCounter, load_tokenizer
 
-__all__ = ["validate_data"]
+__all__ = ["sniff_format", "validate_data"]
 
 _FAST_BATCH = 2048  # well-typed rows hashed together on the fast path
 
@@ -246,6 +246,26 @@ def _source_label(source: Any) -> str:
     if isinstance(source, (str, os.PathLike)):
         return str(source)
     return type(source).__name__
+
+
+def sniff_format(source: Any) -> str:
+    """The record format ``format="auto"`` would detect in ``source``, from its first records only (nothing
+    further is read): one of :data:`FORMATS`' names, or ``"unknown"``.
+
+    Example::
+
+        sniff_format("train.jsonl")  # 'tokenized' for rows of input_ids
+    """
+    issues = Issues(0)
+    buffer: list[tuple[Part, Chunk]] = []
+    dicts = 0
+    for part in iter_parts(source, issues):
+        for chunk in part.chunks:
+            buffer.append((part, chunk))
+            dicts += sum(type(v) is dict for v in chunk[1])
+            if dicts >= DETECT_ROWS or len(buffer) >= 20:  # as _Pass.run stops buffering
+                return detect_format(buffer, issues)
+    return detect_format(buffer, issues)
 
 
 def validate_data(

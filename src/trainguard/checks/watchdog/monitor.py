@@ -559,14 +559,14 @@ class Watchdog:
         )
 
     def summary(self) -> str:
-        """One line: budgets in force and stalls seen."""
+        """One line: budgets in force and the stalls seen (named only when there were some)."""
         step, rule = self.step_budget()
+        line = f"step budget {step:g} s ({rule}); {self.steps_measured} step(s) measured"
         stalls = [r for r in self.reports if r.kind == "stall"]
-        files = ", ".join(str(r.file.name) for r in stalls if r.file) or "none"
-        return (
-            f"step budget {step:g} s ({rule}); {self.steps_measured} step(s) measured; "
-            f"{len(stalls)} stall dump(s): {files}"
-        )
+        if stalls:
+            files = ", ".join(str(r.file.name) for r in stalls if r.file) or "not written"
+            line += f"; {len(stalls)} stall dump(s): {files}"
+        return line
 
 
 def _stop_active() -> None:

@@ -46,12 +46,13 @@ import functools
 import importlib
 import inspect
 import sys
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextvars import ContextVar
+from collections.abc import Callable, Mapping, Sequence
 from types import FrameType
 from typing import Any, Protocol
 
 from .._util import feature_off
+from ._patches import PatchHandle, process_patches, routing
+from ._patches import install_dispatcher as _install_dispatcher
 
 __all__ = [
     "CheckpointHooks",
@@ -76,7 +77,6 @@ __all__ = [
 ]
 
 _MARK = "_trainguard_checkpoint_hooks"
-_ROUTES: ContextVar[Mapping[str, Callable[..., Any]] | None] = ContextVar("trainguard_routes", default=None)
 
 
 class CheckpointHooks(Protocol):
@@ -98,70 +98,6 @@ class CheckpointHooks(Protocol):
         """The checkpoints the Trainer's end-of-training cleanup (``save_total_limit=1`` with a best checkpoint) may
         delete, besides the best one."""
         ...
-
-
-@contextlib.contextmanager
-def routing(**handlers: Callable[..., Any]) -> Iterator[None]:
-    """Route the named module functions to ``handlers`` in this thread for the duration of the block."""
-    token = _ROUTES.set({**(_ROUTES.get() or {}), **handlers})
-    try:
-        yield
-    finally:
-        _ROUTES.reset(token)
-
-
-class PatchHandle:
-    """A process-wide replacement of ``module.name`` by trainguard's dispatcher; :meth:`remove` puts the original
-    back (while the dispatcher is still the one installed: a later patch by someone else is left alone)."""
-
-    def __init__(self, module: Any, name: str, original: Callable[..., Any], dispatcher: Callable[..., Any]) -> None:
-        self.module, self.name, self.original, self.dispatcher = module, name, original, dispatcher
-
-    @property
-    def active(self) -> bool:
-        """Whether ``module.name`` is still this handle's dispatcher."""
-        return getattr(self.module, self.name, None) is self.dispatcher
-
-    def remove(self) -> None:
-        """Put the original function back; a no-op when it was removed already."""
-        if self.active:
-            setattr(self.module, self.name, self.original)
-        _PATCHES.pop((id(self.module), self.name), None)
-
-
-_PATCHES: dict[tuple[int, str], PatchHandle] = {}
-
-
-def process_patches() -> list[PatchHandle]:
-    """The process-wide patches installed so far, each removable (:meth:`PatchHandle.remove`)."""
-    return [handle for handle in _PATCHES.values() if handle.active]
-
-
-def _install_dispatcher(module: Any, name: str) -> PatchHandle | None:
-    """Replace ``module.name`` once per process by a dispatcher honouring :func:`routing`; None if it is missing."""
-    original = getattr(module, name, None)
-    if original is None:
-        return None
-    known = _PATCHES.get((id(module), name))
-    if known is not None and known.active:
-        return known
-    if getattr(original, _MARK, False):  # installed by an earlier copy of this module (a reload): adopt it
-        handle = PatchHandle(module, name, getattr(original, "__wrapped__", original), original)
-        _PATCHES[(id(module), name)] = handle
-        return handle
-
-    @functools.wraps(original)
-    def dispatch(*args: Any, **kwargs: Any) -> Any:
-        handler = (_ROUTES.get() or {}).get(name)
-        if handler is None:
-            return original(*args, **kwargs)
-        return handler(original, *args, **kwargs)
-
-    setattr(dispatch, _MARK, True)
-    setattr(module, name, dispatch)
-    handle = PatchHandle(module, name, original, dispatch)
-    _PATCHES[(id(module), name)] = handle
-    return handle
 
 
 def output_dir_for(trainer: Any, trial: Any = None) -> str:

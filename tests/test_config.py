@@ -99,7 +99,7 @@ def test_a_tool_yaml_layer_sits_between_the_environment_and_trainguard_toml(
     from trainguard.callbacks import _GUARDS
 
     (tmp_path / "trainguard.toml").write_text('[nan_guard]\naction = "warn"\npatience = 3\n')
-    yaml_layer = mapping_layer({"nan_guard": {"action": "stop"}}, name="axolotl YAML")
+    yaml_layer = mapping_layer({"nan_guard": {"action": "stop"}}, name="axolotl YAML", table=_GUARDS)
     guard = by_key(build_guards(_GUARDS, {}, tool_layer=yaml_layer))["nan_guard"]
     assert guard.action == "stop" and guard.patience == 3
     monkeypatch.setenv("TRAINGUARD_NAN_ACTION", "raise")

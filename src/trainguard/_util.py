@@ -8,12 +8,14 @@ Example::
 
 from __future__ import annotations
 
+import logging
 import os
+import threading
 import time
 from datetime import datetime, timezone
 from typing import Any
 
-__all__ = ["default_workers", "drop_gradients", "pid_alive", "utc_now", "utc_stamp"]
+__all__ = ["default_workers", "drop_gradients", "feature_off", "pid_alive", "private_missing", "utc_now", "utc_stamp"]
 
 
 def utc_now(timespec: str = "seconds", when: float | None = None) -> str:
@@ -53,3 +55,27 @@ def drop_gradients(optimizer: Any) -> None:
     for group in getattr(optimizer, "param_groups", []) or []:
         for param in group.get("params", []):
             param.grad = None
+
+
+_MISSING_SAID: set[tuple[str, str]] = set()
+_MISSING_LOCK = threading.Lock()
+
+
+def private_missing(library_name: str, feature: str) -> None:
+    """Say once per process that ``library_name`` (a private name of another library, read by a seam module) is
+    missing in the installed release, so ``feature`` is off. A seam never crashes on such a mismatch: it turns the
+    feature off, and this one log line says which one and why."""
+    feature_off(f"{library_name} is not in the installed release", feature)
+
+
+def feature_off(reason: str, feature: str) -> None:
+    """Say once per process (per reason and feature) that ``feature`` is off because of ``reason``: one warning
+    line on the ``trainguard`` logger, which names what to do."""
+    key = (reason, feature)
+    with _MISSING_LOCK:
+        if key in _MISSING_SAID:
+            return
+        _MISSING_SAID.add(key)
+    logging.getLogger("trainguard").warning(
+        "trainguard: %s; %s is off (upgrade trainguard, or report it)", reason, feature
+    )

@@ -45,19 +45,15 @@ from typing import IO, Any, TextIO
 
 from ._version import __version__
 from .atomic import TEMP_MARKER
+from .commands._output import EXIT_ERROR, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, emit_json
+from .commands._output import dumps as _dumps
 from .display import PrintableWriter, printable
 from .errors import TrainGuardError, UnsafeFileError
 from .redact import redact_text
-from .safe_fs import display_json, display_text
+from .safe_fs import display_text
 
 __all__ = ["EXIT_ERROR", "EXIT_FAILED", "EXIT_INTERRUPTED", "EXIT_OK", "EXIT_USAGE", "ISSUES_URL", "main"]
 
-EXIT_OK = 0
-EXIT_FAILED = 1
-#: Usage, I/O or internal error.
-EXIT_ERROR = 2
-EXIT_USAGE = EXIT_ERROR
-EXIT_INTERRUPTED = 130
 
 #: Where an internal error asks to be reported (``[project.urls] Issues`` in pyproject.toml).
 ISSUES_URL = "https://github.com/trainguard/trainguard/issues"
@@ -141,23 +137,11 @@ def build_parser(*, json_output: bool = False) -> argparse.ArgumentParser:
         if each is parser:
             continue
         # Central, so that every subcommand (whoever writes it) takes the same --debug and shows the same table.
-        if "--debug" not in each._option_string_actions:
+        with contextlib.suppress(argparse.ArgumentError):  # a subcommand that defines its own --debug keeps it
             each.add_argument("--debug", action="store_true", help="show the full traceback of an error")
         if each.epilog is None:
             each.epilog = EXIT_STATUS_HELP
     return parser
-
-
-def emit_json(document: Any) -> None:
-    """Print ``document`` as JSON on stdout (the ``--json`` output of every subcommand).
-
-    Every string in it is made printable first (:func:`~trainguard.safe_fs.display_json`): a file name that is not
-    UTF-8 or a lone surrogate from a data file is shown escaped instead of failing the whole document."""
-    sys.stdout.write(_dumps(document) + "\n")
-
-
-def _dumps(document: Any) -> str:
-    return json.dumps(display_json(document), indent=2, ensure_ascii=False, default=lambda o: display_text(str(o)))
 
 
 def _write_escaped(stream: IO[str], text: str) -> None:

@@ -144,10 +144,12 @@ def _known_guards(table: Sequence[tuple[str, str]]) -> list[str]:
     return [key for key, _ in table] + [key for key in PENDING_GUARDS if key not in {k for k, _ in table}]
 
 
-def _default_table() -> Sequence[tuple[str, str]]:
-    from .callbacks import _GUARDS
-
-    return _GUARDS
+def _table_given(table: Sequence[tuple[str, str]] | None) -> Sequence[tuple[str, str]]:
+    # The table lives with the callbacks, above this module (configuration never imports a callback): the caller
+    # passes it.
+    if table is None:
+        raise TypeError("pass the guards' table: table=trainguard.callbacks._GUARDS")
+    return table
 
 
 def _parse_bool(raw: str, where: dict[str, Any]) -> bool:
@@ -203,7 +205,7 @@ def env_layer(table: Sequence[tuple[str, str]] | None = None, environ: Mapping[s
         ConfigError: A variable names no guard, or holds a value its option does not take.
     """
     env = os.environ if environ is None else environ
-    known = _known_guards(table if table is not None else _default_table())
+    known = _known_guards(_table_given(table))
     layer = Layer("environment")
     for name in sorted(env):
         if not name.startswith(ENV_PREFIX):
@@ -490,7 +492,7 @@ def mapping_layer(
     Raises:
         ConfigError: An unknown top-level key or guard, or a guard given something else than a mapping or a bool.
     """
-    known = _known_guards(table if table is not None else _default_table())
+    known = _known_guards(_table_given(table))
     locate = where or (lambda guard, option: {"source": name, "field": f"{guard}.{option}" if option else guard})
     layer = Layer(name)
     for key, value in (data or {}).items():
@@ -618,6 +620,7 @@ def build_guards(
     defaults: Layer | None = None,
     environ: Mapping[str, str] | None = None,
     config_path: str | os.PathLike[str] | None = None,
+    guard_type: type | None = None,
 ) -> list[Any]:
     """One guard per entry of ``table``, with options merged from every source (explicit > environment > tool YAML
     > ``trainguard.toml`` > defaults). :func:`trainguard.all_guards` is this with no tool layer.
@@ -629,6 +632,8 @@ def build_guards(
         defaults: An integration's own defaults, below every other source.
         environ: The environment to read (default ``os.environ``).
         config_path: A ``trainguard.toml`` to read instead of the one :func:`find_config_file` finds.
+        guard_type: The class whose instances ``explicit`` may give as they are (``GuardCallback``, passed by
+            :func:`trainguard.all_guards`: configuration never imports the callbacks); None accepts no instance.
 
     Returns:
         The guards, in ``table`` order; none when the kill switch is on.
@@ -639,8 +644,6 @@ def build_guards(
             guard refuses.
     """
     import importlib
-
-    from .callbacks._base import GuardCallback
 
     known = {key for key, _ in table}
     unknown = sorted(set(explicit) - known)
@@ -675,7 +678,7 @@ def build_guards(
         option = explicit.get(key, _MISSING)
         if option is False or option is None:
             continue
-        if isinstance(option, GuardCallback):
+        if guard_type is not None and isinstance(option, guard_type):
             guards.append(option)
             continue
         if option is not _MISSING and not isinstance(option, dict):

@@ -24,6 +24,8 @@ import os
 import sys
 from typing import Any
 
+from . import _dist_compat
+
 __all__ = [
     "all_ranks",
     "any_rank",
@@ -180,7 +182,10 @@ def _store() -> Any:
     dist = _dist()
     if dist is None:
         raise RuntimeError("no torch.distributed process group is initialised: there is no c10d store")
-    return dist.distributed_c10d._get_default_store()
+    store = _dist_compat.default_store(dist)
+    if store is None:  # this torch has no such call (said once in the log): the side channel is off
+        raise RuntimeError("this torch release gives no access to the c10d store")
+    return store
 
 
 def store_set(key: str, value: str) -> None:
@@ -227,6 +232,6 @@ def collective_count() -> int | None:
     if dist is None:
         return None
     try:
-        return int(dist.distributed_c10d._get_default_group()._get_sequence_number_for_group())
+        return _dist_compat.sequence_number(dist)
     except Exception:  # a backend without sequence numbers
         return None

@@ -76,6 +76,6 @@ def all_guards(**overrides: Any) -> list[GuardCallback]:
     from ..errors import TrainGuardError, at_call_site
 
     try:
-        return build_guards(_GUARDS, overrides)
+        return build_guards(_GUARDS, overrides, guard_type=GuardCallback)
     except TrainGuardError as err:  # a ConfigError names the file, line and option: the frames below add nothing
         raise at_call_site(err)  # noqa: B904 - trainguard refused: the message below says why

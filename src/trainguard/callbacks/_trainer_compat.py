@@ -44,14 +44,19 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib
+import inspect
 import sys
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextvars import ContextVar
+from collections.abc import Callable, Mapping, Sequence
 from types import FrameType
 from typing import Any, Protocol
 
+from .._util import feature_off
+from ._patches import PatchHandle, process_patches, routing
+from ._patches import install_dispatcher as _install_dispatcher
+
 __all__ = [
     "CheckpointHooks",
+    "PatchHandle",
     "as_saved",
     "engine_layout",
     "engine_name",
@@ -62,6 +67,7 @@ __all__ = [
     "is_jit_sigterm_handler",
     "load_checkpoint_weights",
     "output_dir_for",
+    "process_patches",
     "resume_facts",
     "routing",
     "save_spec",
@@ -71,7 +77,6 @@ __all__ = [
 ]
 
 _MARK = "_trainguard_checkpoint_hooks"
-_ROUTES: ContextVar[Mapping[str, Callable[..., Any]] | None] = ContextVar("trainguard_routes", default=None)
 
 
 class CheckpointHooks(Protocol):
@@ -95,36 +100,6 @@ class CheckpointHooks(Protocol):
         ...
 
 
-@contextlib.contextmanager
-def routing(**handlers: Callable[..., Any]) -> Iterator[None]:
-    """Route the named module functions to ``handlers`` in this thread for the duration of the block."""
-    token = _ROUTES.set({**(_ROUTES.get() or {}), **handlers})
-    try:
-        yield
-    finally:
-        _ROUTES.reset(token)
-
-
-def _install_dispatcher(module: Any, name: str) -> bool:
-    """Replace ``module.name`` once per process by a dispatcher honouring :func:`routing`; False if it is missing."""
-    original = getattr(module, name, None)
-    if original is None:
-        return False
-    if getattr(original, _MARK, False):
-        return True
-
-    @functools.wraps(original)
-    def dispatch(*args: Any, **kwargs: Any) -> Any:
-        handler = (_ROUTES.get() or {}).get(name)
-        if handler is None:
-            return original(*args, **kwargs)
-        return handler(original, *args, **kwargs)
-
-    setattr(dispatch, _MARK, True)
-    setattr(module, name, dispatch)
-    return True
-
-
 def output_dir_for(trainer: Any, trial: Any = None) -> str:
     """Where this trainer writes ``checkpoint-N`` folders (a hyper-parameter search trial has its own)."""
     get = getattr(trainer, "_get_output_dir", None)
@@ -134,10 +109,28 @@ def output_dir_for(trainer: Any, trial: Any = None) -> str:
     return str(trainer.args.output_dir)
 
 
-def _bind(args: tuple[Any, ...], kwargs: dict[str, Any], names: tuple[str, ...]) -> dict[str, Any]:
-    bound = dict(zip(names, args, strict=False))
-    bound.update(kwargs)
-    return bound
+def _bind(
+    fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], needed: tuple[str, ...], feature: str
+) -> dict[str, Any] | None:
+    """The arguments of a call of ``fn``, by its real signature (``inspect.signature(fn).bind``), or None when the
+    call does not fit it or the signature lacks a name in ``needed``: the transformers release changed the
+    function, so ``feature`` is off for this call (said once in the log) instead of reading the wrong argument."""
+    try:
+        signature = inspect.signature(fn)
+        bound = signature.bind(*args, **kwargs)
+    except (TypeError, ValueError) as err:
+        feature_off(f"{getattr(fn, '__qualname__', fn)!s} takes other arguments than expected ({err})", feature)
+        return None
+    lacking = [name for name in needed if name not in signature.parameters]
+    if lacking:
+        feature_off(f"{getattr(fn, '__qualname__', fn)!s} has no argument {', '.join(lacking)}", feature)
+        return None
+    bound.apply_defaults()
+    return dict(bound.arguments)
+
+
+_ROTATE_ARGS = ("output_dir", "save_total_limit", "best_model_checkpoint")
+_SORT_ARGS = ("output_dir", "best_model_checkpoint")
 
 
 def install_checkpoint_hooks(trainer: Any, hooks: CheckpointHooks) -> list[str]:
@@ -160,12 +153,17 @@ def install_checkpoint_hooks(trainer: Any, hooks: CheckpointHooks) -> list[str]:
     module_sorting = _install_dispatcher(trainer_module, "sort_checkpoints")
 
     def routed_rotation(original: Any, *args: Any, **kwargs: Any) -> None:
-        bound = _bind(args, kwargs, ("output_dir", "save_total_limit", "best_model_checkpoint"))
+        bound = _bind(original, args, kwargs, _ROTATE_ARGS, "rotation protection")
+        if bound is None:
+            return original(*args, **kwargs)
         hooks.rotate(str(bound.get("output_dir")), bound.get("save_total_limit"), bound.get("best_model_checkpoint"))
 
     @functools.wraps(original_save)
     def _save_checkpoint(*args: Any, **kwargs: Any) -> Any:
-        trial = _bind(args, kwargs, ("model", "trial")).get("trial")
+        bound = _bind(original_save, args, kwargs, ("trial",), "save hooks")
+        if bound is None:
+            return original_save(*args, **kwargs)
+        trial = bound.get("trial")
         run_dir = output_dir_for(trainer, trial)
         if not hooks.before_save(trainer, run_dir):
             return None
@@ -185,7 +183,9 @@ def install_checkpoint_hooks(trainer: Any, hooks: CheckpointHooks) -> list[str]:
 
             @functools.wraps(original_rotate)
             def _rotate_checkpoints(*args: Any, **kwargs: Any) -> None:
-                bound = _bind(args, kwargs, ("use_mtime", "output_dir"))
+                bound = _bind(original_rotate, args, kwargs, ("output_dir",), "rotation protection")
+                if bound is None:
+                    return original_rotate(*args, **kwargs)
                 run_dir = bound.get("output_dir") or trainer.args.output_dir
                 hooks.rotate(str(run_dir), trainer.args.save_total_limit, trainer.state.best_model_checkpoint)
 
@@ -195,7 +195,9 @@ def install_checkpoint_hooks(trainer: Any, hooks: CheckpointHooks) -> list[str]:
     if module_sorting and original_finalize is not None:
 
         def routed_sorting(original: Any, *args: Any, **kwargs: Any) -> list[str]:
-            bound = _bind(args, kwargs, ("output_dir", "checkpoint_prefix", "use_mtime", "best_model_checkpoint"))
+            bound = _bind(original, args, kwargs, _SORT_ARGS, "end-of-training cleanup protection")
+            if bound is None:
+                return original(*args, **kwargs)  # type: ignore[no-any-return]
             return hooks.end_of_training_candidates(str(bound.get("output_dir")), bound.get("best_model_checkpoint"))
 
         @functools.wraps(original_finalize)
@@ -213,7 +215,9 @@ def install_checkpoint_hooks(trainer: Any, hooks: CheckpointHooks) -> list[str]:
 
             @functools.wraps(original_sorted)
             def _sorted_checkpoints(*args: Any, **kwargs: Any) -> list[str]:
-                bound = _bind(args, kwargs, ("output_dir", "checkpoint_prefix", "use_mtime"))
+                bound = _bind(original_sorted, args, kwargs, ("output_dir",), "end-of-training cleanup protection")
+                if bound is None:
+                    return original_sorted(*args, **kwargs)  # type: ignore[no-any-return]
                 run_dir = bound.get("output_dir") or trainer.args.output_dir
                 return hooks.end_of_training_candidates(str(run_dir), trainer.state.best_model_checkpoint)
 

@@ -17,6 +17,7 @@ from ..checks.adapter import (
 )
 from ..errors import AdapterError
 from ._base import GuardCallback
+from ._trainer_compat import engine_layout
 
 if TYPE_CHECKING:
     from transformers import TrainerControl, TrainerState, TrainingArguments
@@ -78,9 +79,7 @@ def _active_adapters(model: Any) -> list[str] | None:
 
 
 def _sharded(trainer: Any, args: Any) -> bool:
-    if trainer is not None and (
-        getattr(trainer, "is_deepspeed_enabled", False) or getattr(trainer, "is_fsdp_enabled", False)
-    ):
+    if trainer is not None and engine_layout(trainer) != "plain":
         return True
     return bool(getattr(args, "deepspeed", None)) or bool(getattr(args, "fsdp", None))
 

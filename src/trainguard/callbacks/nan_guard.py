@@ -353,7 +353,7 @@ class NanGuard(GuardCallback):
         trainer = self.trainer or find_trainer()
         if trainer is not None:
             self._install(trainer)
-            self._update_pending = not getattr(trainer, "is_deepspeed_enabled", False)
+            self._update_pending = _trainer_compat.engine_layout(trainer) != "deepspeed"
         elif distributed.is_main_process():
             self.alert(
                 "warning",
@@ -456,9 +456,7 @@ class NanGuard(GuardCallback):
 
     def _sharded(self) -> bool:
         trainer = self.trainer
-        return distributed.is_distributed() and bool(
-            getattr(trainer, "is_fsdp_enabled", False) or getattr(trainer, "is_deepspeed_enabled", False)
-        )
+        return distributed.is_distributed() and _trainer_compat.engine_layout(trainer) != "plain"
 
     def on_evaluate(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> Any:
         metrics = kwargs.get("metrics") or {}

@@ -46,6 +46,7 @@ from ..checks.preflight import (
 from ..checks.set_aside import set_aside_excess
 from ..errors import PreflightError, TrainGuardError
 from ._base import GuardCallback
+from ._trainer_compat import engine_layout
 
 if TYPE_CHECKING:
     from transformers import TrainerControl, TrainerState, TrainingArguments
@@ -58,11 +59,12 @@ def _engine_problem(trainer: Any) -> PreflightError | None:
 
     args = trainer.args
     requested = requested_engine(getattr(args, "fsdp", None), getattr(args, "deepspeed", None), dict(os.environ))
+    layout = engine_layout(trainer)
     active = (
         "deepspeed"
-        if getattr(trainer, "is_deepspeed_enabled", False)
+        if layout == "deepspeed"
         else "fsdp"
-        if getattr(trainer, "is_fsdp_enabled", False) or getattr(trainer, "is_fsdp_xla_enabled", False)
+        if layout != "plain" or getattr(trainer, "is_fsdp_xla_enabled", False)  # XLA's FSDP saves its own way
         else str(getattr(getattr(trainer.accelerator, "state", None), "distributed_type", "plain")).split(".")[-1]
     )
     setting = f"fsdp={args.fsdp!r}" if requested == "fsdp" and getattr(args, "fsdp", None) else ""

@@ -393,7 +393,7 @@ class SpikeGuard(GuardCallback):
         else:
             self._sync = getattr(device, "type", "cpu") == "cpu" or self.policy == "skip"
         fp16_scaler = _trainer_compat.fp16_scaler_active(trainer)
-        self._can_skip = not getattr(trainer, "is_deepspeed_enabled", False) and not fp16_scaler
+        self._can_skip = _trainer_compat.engine_layout(trainer) != "deepspeed" and not fp16_scaler
         if self.policy != "alert" and not self._can_skip and distributed.is_main_process():
             if fp16_scaler:
                 why = "an fp16 GradScaler needs the gradients it unscaled at its step, so no update can be withheld"

@@ -70,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
     left = [item for item in items if item not in removed]
     incomplete = bool(args.yes and left)
     if args.json:
-        from ..cli import emit_json
+        from ._output import emit_json
 
         emit_json(
             {

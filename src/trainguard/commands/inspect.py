@@ -335,7 +335,7 @@ def _print(report: dict[str, Any]) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..cli import EXIT_OK, EXIT_USAGE, emit_json
+    from ._output import EXIT_OK, EXIT_USAGE, emit_json
 
     folder = Path(args.path)
     if not folder.is_dir():

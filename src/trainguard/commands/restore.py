@@ -52,7 +52,7 @@ def register(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..cli import EXIT_OK, EXIT_USAGE, emit_json
+    from ._output import EXIT_OK, EXIT_USAGE, emit_json
 
     what = None
     path = Path(args.path)

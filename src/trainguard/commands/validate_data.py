@@ -76,7 +76,7 @@ def register(subparsers: Any) -> None:
 
 def _usage_error(message: str, as_json: bool) -> int:
     if as_json:
-        from ..cli import emit_json
+        from ._output import emit_json
 
         emit_json({"ok": False, "error": "UsageError", "what": display_text(message)})
     else:
@@ -150,7 +150,7 @@ def run(args: argparse.Namespace) -> int:
     except FileNotFoundError as err:
         return _usage_error(str(err), args.json)
     if args.json:
-        from ..cli import emit_json
+        from ._output import emit_json
 
         emit_json(report.to_dict())
     else:

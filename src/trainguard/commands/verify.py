@@ -75,7 +75,7 @@ def register(subparsers: Any) -> None:
 
 # ------------------------------------------------------------------------------------------------ helpers
 def _usage_error(message: str, as_json: bool, command: str) -> int:
-    from ..cli import EXIT_USAGE, emit_json
+    from ._output import EXIT_USAGE, emit_json
 
     if as_json:
         emit_json({"ok": False, "error": "UsageError", "what": message})
@@ -209,7 +209,7 @@ def _row_json(row: dict[str, Any], output_dir: Path | None) -> dict[str, Any]:
 
 # ------------------------------------------------------------------------------------------------- verify
 def run_verify(args: argparse.Namespace) -> int:
-    from ..cli import EXIT_FAILED, EXIT_OK, emit_json
+    from ._output import EXIT_FAILED, EXIT_OK, emit_json
 
     path = Path(args.path)
     if args.workers is not None and args.workers < 1:
@@ -314,7 +314,7 @@ def _adopted(folder: Path) -> dict[str, Any]:
 
 
 def run_manifest(args: argparse.Namespace) -> int:
-    from ..cli import EXIT_FAILED, EXIT_OK, emit_json
+    from ._output import EXIT_FAILED, EXIT_OK, emit_json
 
     path = Path(args.path)
     if args.workers is not None and args.workers < 1:

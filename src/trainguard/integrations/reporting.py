@@ -44,6 +44,7 @@ from typing import Any
 from .. import distributed
 from ..alerts import LEVELS, Alert, CounterSink, get_logger
 from ..redact import redact_text
+from ._tracker_compat import mlflow_callback_started, wandb_run_finished
 
 __all__ = [
     "REPORTING_ENV",
@@ -99,7 +100,7 @@ def _wandb_run() -> Any:
     """The active W&B run, without importing wandb when the process has not."""
     wandb = sys.modules.get("wandb")
     run = getattr(wandb, "run", None) if wandb is not None else None
-    return run if run is not None and not getattr(run, "_is_finished", False) else None
+    return run if run is not None and not wandb_run_finished(run) else None
 
 
 def _mlflow() -> Any:
@@ -275,10 +276,7 @@ def _mlflow_run_id(trainer: Any) -> str | None:
     if active is not None:
         return str(active.info.run_id)
     handler = getattr(trainer, "callback_handler", None)
-    started = any(
-        getattr(cb, "_initialized", False) and any(c.__name__ == "MLflowCallback" for c in type(cb).__mro__)
-        for cb in getattr(handler, "callbacks", [])
-    )
+    started = any(mlflow_callback_started(cb) for cb in getattr(handler, "callbacks", []))
     last = mlflow.last_active_run() if started else None
     return str(last.info.run_id) if last is not None else None
 

@@ -41,6 +41,7 @@ from typing import Any
 
 from ...errors import DataValidationError
 from ...safe_fs import iter_files
+from ._datasets_compat import indices_table, streaming_pipeline
 
 __all__ = [
     "RECORD_SCHEME",
@@ -120,7 +121,7 @@ def describe_dataset(data: Any) -> DatasetIdentity:
         import datasets
 
         if isinstance(data, datasets.Dataset):
-            return _describe_arrow(data.data.table, _indices_table(data))
+            return _describe_arrow(data.data.table, indices_table(data))
         if isinstance(data, datasets.IterableDataset):
             return _describe_iterable(data)
         if isinstance(data, (datasets.DatasetDict, datasets.IterableDatasetDict)):
@@ -142,11 +143,6 @@ def describe_dataset(data: Any) -> DatasetIdentity:
 
 
 # ------------------------------------------------------------------------------------------------------- arrow
-def _indices_table(ds: Any) -> Any:
-    indices = getattr(ds, "_indices", None)
-    return None if indices is None else getattr(indices, "table", indices)
-
-
 class _Streams:
     """One xxh3 stream per (column path, role), combined in path order at the end.
 
@@ -416,11 +412,12 @@ def _describe_rows(rows: Any) -> DatasetIdentity:
 
 # ---------------------------------------------------------------------------------------------------- streaming
 def _describe_iterable(ds: Any) -> DatasetIdentity:
-    ex = getattr(ds, "_ex_iterable", None)
+    pipeline = streaming_pipeline(ds)
+    ex = pipeline.source if pipeline is not None else None
     kwargs = getattr(ex, "kwargs", None)
     files = kwargs.get("original_files") or kwargs.get("base_files") if isinstance(kwargs, Mapping) else None
     plain_source = type(ex).__name__ in ("ArrowExamplesIterable", "ExamplesIterable")
-    extra_steps = getattr(ds, "_formatting", None) is not None or bool(getattr(ds, "_shuffling", None))
+    extra_steps = pipeline is None or pipeline.extra_steps
     if plain_source and not extra_steps and files and all(isinstance(f, str) and Path(f).is_file() for f in files):
         return _describe_files([Path(f) for f in files])
     raise ValueError(

@@ -405,7 +405,7 @@ def safe_merge(
             if base_path is not None
             else str(
                 getattr(base_model, "name_or_path", "")
-                or getattr(getattr(base_model, "config", None), "_name_or_path", "")
+                or getattr(getattr(base_model, "config", None), "name_or_path", "")
             )
         )
         record = {

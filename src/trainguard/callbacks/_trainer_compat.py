@@ -197,7 +197,7 @@ def install_checkpoint_hooks(trainer: Any, hooks: CheckpointHooks) -> list[str]:
         def routed_sorting(original: Any, *args: Any, **kwargs: Any) -> list[str]:
             bound = _bind(original, args, kwargs, _SORT_ARGS, "end-of-training cleanup protection")
             if bound is None:
-                return original(*args, **kwargs)  # type: ignore[no-any-return]
+                return original(*args, **kwargs)
             return hooks.end_of_training_candidates(str(bound.get("output_dir")), bound.get("best_model_checkpoint"))
 
         @functools.wraps(original_finalize)
@@ -217,7 +217,7 @@ def install_checkpoint_hooks(trainer: Any, hooks: CheckpointHooks) -> list[str]:
             def _sorted_checkpoints(*args: Any, **kwargs: Any) -> list[str]:
                 bound = _bind(original_sorted, args, kwargs, ("output_dir",), "end-of-training cleanup protection")
                 if bound is None:
-                    return original_sorted(*args, **kwargs)  # type: ignore[no-any-return]
+                    return original_sorted(*args, **kwargs)
                 run_dir = bound.get("output_dir") or trainer.args.output_dir
                 return hooks.end_of_training_candidates(str(run_dir), trainer.state.best_model_checkpoint)
 

@@ -34,12 +34,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 def hot_path() -> None:
     import torch
 
+    from trainguard.callbacks._step_probe import StepProbe
     from trainguard.callbacks.nan_guard import NanGuard
-    from trainguard.checks.nan import StepFlagCollector
 
     guard = NanGuard(alert_sinks=[])
     guard._hooked = True
-    guard._flags = StepFlagCollector(device=torch.device("cpu"))  # one process, as on_train_begin finds it
+    guard._probe = probe = StepProbe()  # the Trainer's step probe, as on_train_begin leaves it on one process
+    probe.subscribe(guard, values=True, sync=True)
+    probe.begin(torch.device("cpu"))
     loss, norm, items = torch.tensor(2.5), torch.tensor(1.25), torch.tensor(64.0)
     step_args = (None, None, items)  # training_step(model, inputs, num_items_in_batch)
     args = SimpleNamespace(output_dir=None)
@@ -61,6 +63,7 @@ def hot_path() -> None:
             guard._after_training_step(loss, step_args, {})
             guard._after_grad_norm(norm)
             guard.on_pre_optimizer_step(args, state, control)
+            state.global_step += 1  # the probe shares one record per step
 
     def full_decision() -> None:
         # What a step costs when the fast path does not apply (2+ ranks, or a value went bad): the flag vector,
@@ -68,7 +71,8 @@ def hot_path() -> None:
         for _ in range(n):
             guard._after_training_step(loss, step_args, {})
             guard._after_grad_norm(norm)
-            guard._judge(guard._flags.read(guard._flags.take(1)), args, control, before_update=True)
+            flags = guard._flags
+            guard._judge(flags.read(flags.take(1)), args, control, before_update=True)
 
     loss_us = best_of(observe) / n * 1e6
     grad_us = best_of(grad) / n * 1e6

@@ -177,3 +177,19 @@ def test_without_trainer_hooks_the_logged_grad_norm_is_the_fallback(tmp_path: Pa
         guard.on_log(args, state, control, logs={"loss": 0.0, "grad_norm": NAN, "learning_rate": 1e-3})
     assert (caught.value.where["field"], caught.value.where["step"]) == ("grad_norm", 4)
     assert control.should_save is False
+
+
+def test_nan_guards_spike_warning_is_the_spike_detectors_ratio_rule() -> None:
+    from trainguard.checks.spike import SpikeDetector
+
+    losses = [9.0, 2.0, 2.0, 2.0, 30.0, 40.0, 2.0, NAN, 50.0, 1e9]
+    health = LossHealth(spike_factor=5.0, spike_window=4, spike_warmup=3, zero_loss_steps=None)
+    detector = SpikeDetector(window=4, warmup=3, factor=5.0)
+    judged = [
+        (step, bool(health.update(v, step=step)), detector.observe(step, loss=v)) for step, v in enumerate(losses)
+    ]
+    flagged = [step for step, _, finding in judged if finding is not None]
+    assert flagged == [4, 5, 9]  # the same window, median and NaN handling; one episode reported once
+    assert [step for step, reported, _ in judged if reported] == [4, 9]
+    assert health.spikes == len(flagged)
+    assert judged[4][2] is not None and judged[4][2].ratio == 15.0 and judged[4][2].median == 2.0

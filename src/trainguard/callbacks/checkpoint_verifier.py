@@ -23,6 +23,7 @@ from . import _nodes, _trainer_compat
 from ._base import GuardCallback
 from ._save_audit import SaveAuditor
 from ._split_hashing import SplitHasher
+from ._step_probe import install_step_probe
 
 if TYPE_CHECKING:
     from transformers import TrainerControl, TrainerState, TrainingArguments
@@ -159,7 +160,7 @@ class CheckpointVerifier(GuardCallback):
                 get_logger().warning("[checkpoint_verifier] off on this transformers version: %s", feature)
             self._hooked = not any(feature.startswith("save hooks") for feature in missing)
             if self._auditor.attest != "off":
-                _trainer_compat.install_step_hooks(self.trainer, self, before_step=self._auditor.before_step)
+                install_step_probe(self.trainer).subscribe(self, before_step=self._auditor.before_step)
         return control
 
     # ------------------------------------------------------------------------------------------- resume

@@ -1,8 +1,8 @@
 """``NanGuard``: stop at the first non-finite step, never save a poisoned checkpoint, all ranks agree.
 
-The Trainer adapter: options, step hooks (through ``_trainer_compat``), events and the decision to act. What is
-checked, how one step's flags are collected and shared across ranks, and what a finding says live in
-:mod:`trainguard.checks.nan`.
+The Trainer adapter: options, events and the decision to act. Each step's values come from the Trainer's one step
+probe (:mod:`._step_probe`, shared with SpikeGuard); what is checked, how one step's flags are collected and shared
+across ranks, and what a finding says live in :mod:`trainguard.checks.nan`.
 """
 
 from __future__ import annotations
@@ -30,12 +30,12 @@ from ..checks.nan import (
     nonfinite_error,
     nonfinite_metrics,
     nonfinite_parameters,
-    process_topology,
     stop_evidence,
 )
 from ..errors import NonFiniteError
 from . import _trainer_compat
 from ._base import GuardCallback, find_trainer
+from ._step_probe import StepProbe, install_step_probe
 
 if TYPE_CHECKING:
     from transformers import TrainerControl, TrainerState, TrainingArguments
@@ -65,9 +65,10 @@ class NanGuard(GuardCallback):
     ``on_step_end`` and read one step later, so there is no extra host-device synchronisation per step; on a step
     that will save, evaluate or end training they are read at once, so a bad step is never checkpointed.
 
-    Every rank shares its flags in one tiny all-reduce per step, so a NaN seen by one rank stops all of them at
-    the same step. With an active fp16 ``GradScaler``, a step whose loss is finite but whose gradients overflow is
-    the scaler's own skip, not an alarm, until more than ``max_skipped_steps`` happen in a row.
+    Every rank shares its flags in one tiny all-reduce per step (the step probe's, shared with
+    :class:`~trainguard.SpikeGuard`), so a NaN seen by one rank stops all of them at the same step. With an active
+    fp16 ``GradScaler``, a step whose loss is finite but whose gradients overflow is the scaler's own skip, not an
+    alarm, until more than ``max_skipped_steps`` happen in a row.
 
     Args:
         action: ``"raise"`` (default): raise :class:`~trainguard.NonFiniteError` from ``train()``, so a script
@@ -83,7 +84,8 @@ class NanGuard(GuardCallback):
         max_skipped_steps: With an fp16 loss scaler, this many overflow skips in a row are normal loss-scale
             search; one more means the loss scale has collapsed and counts as a non-finite failure.
         spike_factor: Warn when a logged loss exceeds this many times the median of the last ``spike_window``
-            logged losses (after ``spike_warmup`` of them). None disables it.
+            logged losses (after ``spike_warmup`` of them). None disables it. This is SpikeGuard's detector
+            (:class:`~trainguard.checks.spike.SpikeDetector`) with its ratio rule, on the logged losses.
         spike_window: Baseline length, in logged losses.
         spike_warmup: Logged losses seen before spikes are judged.
         zero_loss_steps: Warn when this many logged losses in a row are exactly 0.0 (all labels masked). None
@@ -170,7 +172,8 @@ class NanGuard(GuardCallback):
         self._device_flags = False
         self._update_pending = True
         self._sync_now = True
-        self._flags = StepFlagCollector()  # this step's observations; a new one (device, ranks) per train()
+        self._probe: StepProbe | None = None
+        self._current: StepFlags | None = None  # this step's flags, read at on_step_end (sync=False)
         self._pending: StepFlags | None = None  # flags of the last step, read one step later (sync=False)
         self._nonfinite_since_log = False
         self._empty_since_log = False
@@ -192,39 +195,33 @@ class NanGuard(GuardCallback):
         return "all values finite" + (f" ({', '.join(extra)})" if extra else "")
 
     # ------------------------------------------------------------------------------------------------ hooks
-    def _install(self, trainer: Any) -> None:
-        """See every micro-batch's raw loss and the gradient norm the Trainer computes (for clipping), on this
-        instance only. On an accelerator both only queue a device op; on the CPU they read the value (one
-        ``.item()``), which costs less than any tensor op. Once per trainer."""
-        missing = _trainer_compat.install_step_hooks(
-            trainer, self, on_loss=self._after_training_step, on_grad_norm=self._after_grad_norm
-        )
+    @property
+    def _flags(self) -> StepFlagCollector:
+        """This step's observations: the step probe's collector."""
+        return self._own_probe().collector
+
+    def _own_probe(self) -> StepProbe:
+        if self._probe is None:
+            self._probe = StepProbe()  # not installed on a Trainer: fed by hand (_after_training_step, ...)
+        return self._probe
+
+    def _install(self, trainer: Any, device: Any) -> None:
+        """Subscribe to the Trainer's step probe (installed once per Trainer): every micro-batch's raw loss and the
+        gradient norm the Trainer computes (for clipping), on this instance only."""
+        self._probe = install_step_probe(trainer)
+        missing = self._probe.subscribe(self, values=True, sync=bool(self._sync_now), device_flags=self._device_flags)
+        self._probe.begin(device)
         for feature in missing:
             get_logger().warning("[nan_guard] off in this run: %s", feature)
         self._hooked = True
 
-    # Both run on every micro-batch / step, with cold caches, where Python costs several times its timeit figure:
-    # the common case (a finite value on the CPU) is one .item() and a few attribute reads, inlined here (the
-    # label-token count is not looked at for a finite loss); StepFlagCollector.observe_* handle every other case.
     def _after_training_step(self, loss: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        flags = self._flags
-        if not flags.device_flags and getattr(loss, "is_cpu", False) and loss.numel() == 1:
-            value = loss.item()
-            if math.isfinite(value):
-                flags.losses.append(value)
-                if flags.loss_bad is None:
-                    flags.loss_bad = False
-                return
-        # training_step(model, inputs, num_items_in_batch): the label-token count the loss is divided by.
-        flags.observe_loss(loss, kwargs.get("num_items_in_batch", args[2] if len(args) > 2 else None))
+        """One micro-batch's loss, as the probe sees it (for a loop of your own)."""
+        self._own_probe().on_loss(loss, args, kwargs)
 
     def _after_grad_norm(self, norm: Any) -> None:
-        flags = self._flags
-        if not flags.device_flags and getattr(norm, "is_cpu", False) and norm.numel() == 1:
-            flags.grad_norm = value = norm.item()
-            flags.grad_bad = not math.isfinite(value)
-        else:
-            flags.observe_grad_norm(norm)
+        """The step's gradient norm, as the probe sees it (for a loop of your own)."""
+        self._own_probe().on_grad_norm(norm)
 
     # -------------------------------------------------------------------------------------------- decisions
     def _scaler_active(self) -> bool:
@@ -350,9 +347,16 @@ class NanGuard(GuardCallback):
     ) -> Any:
         if self._alerter is None or self.trainer is None:
             self._attach(args)  # added with trainer.add_callback(): on_init_end never reached this guard
+        import torch
+
+        device = getattr(args, "device", None) or torch.device("cpu")
+        device_type = getattr(device, "type", "cpu")
+        self._sync_now = self.sync if self.sync is not None else (device_type == "cpu" or self.patience > 0)
         trainer = self.trainer or find_trainer()
         if trainer is not None:
-            self._install(trainer)
+            # The process group exists by now (the Trainer's accelerator made it). A new train() (or
+            # auto_find_batch_size re-running the loop after an OOM) starts clean; findings stay.
+            self._install(trainer, device)
             self._update_pending = _trainer_compat.engine_layout(trainer) != "deepspeed"
         elif distributed.is_main_process():
             self.alert(
@@ -360,17 +364,7 @@ class NanGuard(GuardCallback):
                 "could not reach the Trainer: falling back to the logged loss and grad_norm (checked only at "
                 "logging steps, after the update)",
             )
-        import torch
-
-        device = getattr(args, "device", None) or torch.device("cpu")
-        device_type = getattr(device, "type", "cpu")
-        self._sync_now = self.sync if self.sync is not None else (device_type == "cpu" or self.patience > 0)
-        # The process group exists by now (the Trainer's accelerator made it). A new train() (or
-        # auto_find_batch_size re-running the loop after an OOM) starts clean; findings stay.
-        world_size, rank, group = process_topology()
-        self._flags = StepFlagCollector(
-            device_flags=self._device_flags, device=device, world_size=world_size, rank=rank, group=group
-        )
+        self._current = None
         self._pending = None
         self.tripped = None
         self._patience.streak = 0
@@ -381,42 +375,39 @@ class NanGuard(GuardCallback):
     def on_pre_optimizer_step(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> Any:
-        if not self._hooked or not self._sync_now:
+        if not self._hooked or self._probe is None:
             return control
-        flags = self._flags
-        if (
-            flags.loss_bad is False
-            and (flags.grad_bad is None or flags.grad_bad is False)
-            and flags.empty is None
-            and flags.group is None
-        ):
-            # The common step on one process: every value seen on the host, all finite. Nothing to share or judge.
+        flags = self._probe.take(state.global_step + 1)
+        if not self._sync_now:
+            self._current = flags  # read at on_step_end, or one step later
+            return control
+        values = flags.values
+        if values is not None and not (values[0] or values[1] or values[2]):
+            # The common step on the CPU: every value seen on the host, all finite. Nothing to judge.
             self._patience.streak = self._scaler_streak.streak = 0
             self._warned_streak = False
-            flags.reset()
             return control
-        verdict = flags.read(flags.take(state.global_step + 1))
+        verdict = self._probe.read(flags)
         # Under DeepSpeed the engine already stepped inside backward: nothing is left to skip or prevent.
         self._judge(verdict, args, control, before_update=self._update_pending, optimizer=kwargs.get("optimizer"))
         return control
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> Any:
-        if self._hooked and not self._sync_now:
-            flags, previous, self._pending = self._flags, self._pending, None
+        if self._hooked and not self._sync_now and self._probe is not None:
+            probe, previous, self._pending = self._probe, self._pending, None
             if previous is not None:
                 self._judge(
-                    flags.read(previous), args, control, before_update=False, detected_at=int(state.global_step)
+                    probe.read(previous), args, control, before_update=False, detected_at=int(state.global_step)
                 )
-            current = flags.take(state.global_step)
-            flags.start_copy(current)
-            if (
+            current, self._current = self._current, None
+            if current is not None and (
                 control.should_save
                 or control.should_evaluate
                 or control.should_training_stop
                 or (state.max_steps and state.global_step >= state.max_steps)
             ):
                 # A save (or the end, where the user's script saves) is coming: it synchronises anyway.
-                self._judge(flags.read(current), args, control, before_update=False)
+                self._judge(probe.read(current), args, control, before_update=False)
             else:
                 self._pending = current
         if self.tripped is not None or control.should_save:
@@ -431,8 +422,8 @@ class NanGuard(GuardCallback):
 
     def _judge_pending(self, args: TrainingArguments, state: TrainerState, control: TrainerControl) -> None:
         previous, self._pending = self._pending, None
-        if previous is not None:
-            verdict = self._flags.read(previous)
+        if previous is not None and self._probe is not None:
+            verdict = self._probe.read(previous)
             self._judge(verdict, args, control, before_update=False, detected_at=int(state.global_step))
 
     def _guard_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model: Any) -> None:

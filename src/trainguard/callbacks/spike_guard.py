@@ -1,7 +1,8 @@
 """``SpikeGuard``: see a loss or gradient-norm spike at the step it happens, and alert, skip the update, or roll back.
 
-The Trainer adapter: per-step values from the step hooks (through ``_trainer_compat``), the cross-rank mean, the
-policy. The z-score, the sample ids and the choice of checkpoint live in :mod:`trainguard.checks.spike`.
+The Trainer adapter: per-step values (the cross-rank mean loss, the gradient norm) from the Trainer's one step probe
+(:mod:`._step_probe`, shared with NanGuard), the policy. The z-score, the sample ids and the choice of checkpoint
+live in :mod:`trainguard.checks.spike`.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from ..alerts import AlertSink, get_logger
 from ..atomic import append_line
 from ..bounds import MAX_FACTOR, finite_number, whole_number, yes_no
 from ..checks.lineage import checkpoint_origin
-from ..checks.nan import process_topology
+from ..checks.nan import StepFlags, process_topology
 from ..checks.spike import (
     POLICIES,
     SpikeDetector,
@@ -39,6 +40,7 @@ from ..checks.spike_history import (
 from ..errors import LossSpikeError
 from . import _trainer_compat
 from ._base import GuardCallback, find_trainer
+from ._step_probe import StepProbe, install_step_probe
 
 if TYPE_CHECKING:
     from transformers import TrainerControl, TrainerState, TrainingArguments
@@ -51,38 +53,6 @@ SPIKES_FILE = "trainguard-spikes.jsonl"
 _CHECKPOINT_PREFIX = "checkpoint-"
 #: Micro-batches held for one optimizer step at most (gradient accumulation beyond this keeps the newest ones).
 _MAX_HELD = 1024
-
-
-def _is_tensor(value: Any) -> bool:
-    return type(value).__module__.startswith("torch") and hasattr(value, "detach")
-
-
-def _on_host(value: Any) -> bool:
-    return not _is_tensor(value) or getattr(getattr(value, "device", None), "type", "cpu") == "cpu"
-
-
-class _Pending:
-    """One step's ``[loss, grad_norm]`` on an accelerator, copied to the host behind the step's work (pinned buffer
-    and an event), so reading it one step later waits for nothing."""
-
-    def __init__(self, step: int, vector: Any, batches: list[tuple[Any, Any]]) -> None:
-        import torch
-
-        self.step = step
-        self.batches = batches  # the step's micro-batches, for the sample ids should it be a spike
-        cuda = vector.device.type == "cuda"
-        self.host = torch.empty(vector.shape, dtype=vector.dtype, pin_memory=cuda)
-        # Asynchronous only where an event can say when it landed (CUDA); elsewhere a plain copy.
-        self.host.copy_(vector, non_blocking=cuda)
-        self.event = torch.cuda.Event() if cuda else None
-        if self.event is not None:
-            self.event.record()
-
-    def read(self) -> tuple[float | None, float | None]:
-        if self.event is not None:
-            self.event.synchronize()
-        loss, grad = (float(v) for v in self.host.tolist())
-        return (loss if loss == loss else None), (grad if grad == grad else None)  # NaN marks "none"
 
 
 class SpikeGuard(GuardCallback):
@@ -116,7 +86,8 @@ class SpikeGuard(GuardCallback):
     Cost: on CPU every value is already on the host. On an accelerator, with ``alert`` or ``rollback`` the step's
     values are copied to the host behind the step's work and judged one step later (no extra host synchronisation;
     a step that saves, evaluates or ends is judged at once, so a spike is never checkpointed); ``skip`` must decide
-    before the update, so it reads two numbers per step. Several ranks share one two-number all-reduce per step.
+    before the update, so it reads two numbers per step. Several ranks share one all-reduce per step: the step
+    probe's, which also carries NanGuard's flags.
     Under DeepSpeed (the update happens inside ``backward``) or with an fp16 ``GradScaler`` (its step needs the
     gradients it unscaled) no update can be withheld: ``skip`` acts as ``alert``, a rollback's replay applies the
     batches it would skip, and the guard says so at the start.
@@ -192,10 +163,10 @@ class SpikeGuard(GuardCallback):
         #: This lineage's rollbacks (confirmed on resume, or done here), carried into every manifest committed next.
         self._history: list[Rollback] = []
         self._announced: set[tuple[str, int, tuple[int, ...]]] = set()
-        self._losses: list[Any] = []
-        self._grad: Any = None
         self._batches: list[tuple[Any, Any]] = []
-        self._pending: _Pending | None = None
+        self._probe: StepProbe | None = None
+        # The last step's record and its micro-batches, judged one step later (sync=False).
+        self._pending: tuple[StepFlags, list[tuple[Any, Any]]] | None = None
         self._sync = True
         self._can_skip = True
         self._hooked = False
@@ -214,64 +185,21 @@ class SpikeGuard(GuardCallback):
             if len(self._batches) > _MAX_HELD:  # a loop that never reaches on_pre_optimizer_step: hold no more
                 del self._batches[0]
 
-    def _on_loss(self, loss: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        if _is_tensor(loss):
-            if loss.device.type == "cpu":
-                loss = float(loss) if loss.dim() == 0 else float(loss.detach().float().mean())
-            else:
-                loss = loss.detach()  # stays on the device: read later, without a sync of its own
-        self._losses.append(loss)
-        if len(self._losses) > _MAX_HELD:
-            del self._losses[0]
-
-    def _on_grad_norm(self, norm: Any) -> None:
-        if _is_tensor(norm) and _on_host(norm):
-            norm = float(norm)
-        self._grad = norm
-
-    def _install(self, trainer: Any) -> None:
-        missing = _trainer_compat.install_step_hooks(
-            trainer, self, on_loss=self._on_loss, on_grad_norm=self._on_grad_norm, before_step=self._before_step
+    def _install(self, trainer: Any, device: Any) -> None:
+        self._probe = install_step_probe(trainer)
+        missing = self._probe.subscribe(
+            self, before_step=self._before_step, values=True, sync=self._sync, mean_loss=True
         )
+        self._probe.begin(device)
         self._hooked = True
         for feature in missing:
             get_logger().info("[spike_guard] %s is off", feature)
 
-    # ------------------------------------------------------------------------------------------ step values
-    def _take(self, step: int) -> tuple[float | None, float | None] | _Pending | None:
-        """This step's (loss, grad_norm), shared across ranks: floats, a pending device copy, or None (no loss)."""
-        losses, grad, self._losses, self._grad = self._losses, self._grad, [], None
-        if not losses and self._group is None:
-            return None
-        if self._sync and self._group is None and all(not _is_tensor(v) for v in losses) and not _is_tensor(grad):
-            loss = sum(losses) / len(losses)
-            return loss, (float(grad) if grad is not None else None)
-        import torch
-
-        device = next((v.device for v in losses if _is_tensor(v)), None)
-        if self._group is not None and self._group.get_backend() == "nccl":
-            device = torch.device("cuda", torch.cuda.current_device())
-        device = device or torch.device("cpu")
-        parts = [
-            v.float().reshape(()).to(device) if _is_tensor(v) else torch.tensor(float(v), device=device) for v in losses
-        ]
-        total = torch.stack(parts).sum() if parts else torch.zeros((), device=device)
-        vector = torch.stack([total, torch.tensor(float(len(parts)), device=device)])
-        if self._group is not None:
-            self._group.all_reduce(vector)  # SUM: every rank gets the global mean loss
-        loss = vector[0] / vector[1].clamp(min=1)
-        loss = torch.where(vector[1] > 0, loss, torch.full_like(loss, float("nan")))
-        if grad is None:
-            norm = torch.full_like(loss, float("nan"))
-        elif _is_tensor(grad):
-            norm = grad.detach().float().reshape(()).to(device)
-        else:
-            norm = torch.tensor(float(grad), device=device)
-        values = torch.stack([loss, norm])
-        if self._sync:
-            first, second = (float(v) for v in values.tolist())
-            return (first if first == first else None), (second if second == second else None)
-        return _Pending(step, values, self._batches)
+    def _values(self, flags: StepFlags) -> tuple[float | None, float | None]:
+        """A step's (mean loss over ranks, gradient norm), None where there is none (or it is NaN)."""
+        assert self._probe is not None
+        verdict = self._probe.read(flags)
+        return verdict.mean_loss, verdict.grad_value
 
     # ----------------------------------------------------------------------------------------------- events
     def before_train(self, trainer: Any, resume_from_checkpoint: Any) -> Any:
@@ -383,8 +311,6 @@ class SpikeGuard(GuardCallback):
         if self._alerter is None or self.trainer is None:
             self._attach(args)
         trainer = self.trainer or find_trainer()
-        if trainer is not None and not self._hooked:
-            self._install(trainer)
         import torch
 
         device = getattr(args, "device", None) or torch.device("cpu")
@@ -392,6 +318,8 @@ class SpikeGuard(GuardCallback):
             self._sync = self.sync
         else:
             self._sync = getattr(device, "type", "cpu") == "cpu" or self.policy == "skip"
+        if trainer is not None:
+            self._install(trainer, device)
         fp16_scaler = _trainer_compat.fp16_scaler_active(trainer)
         self._can_skip = _trainer_compat.engine_layout(trainer) != "deepspeed" and not fp16_scaler
         if self.policy != "alert" and not self._can_skip and distributed.is_main_process():
@@ -402,27 +330,26 @@ class SpikeGuard(GuardCallback):
             effect = "policy 'skip' only alerts" if self.policy == "skip" else "a rollback's replay cannot skip batches"
             self.alert("warning", f"{why}: {effect} in this run (use bf16, or no DeepSpeed, to withhold updates)")
         self._group = process_topology()[2]  # torch.distributed when several ranks take part, else None
-        self._losses, self._grad, self._batches, self._pending = [], None, [], None
+        self._batches, self._pending = [], None
         return control
 
     def on_pre_optimizer_step(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> Any:
-        if not self._hooked:
+        if not self._hooked or self._probe is None:
             return control
         step = int(state.global_step) + 1
         optimizer = kwargs.get("optimizer")
+        taken = self._probe.take(step)  # every step, on every rank: the collective pairs up
         if self._pending is not None:  # sync=False: last step's values, copied while this step ran
             pending, self._pending = self._pending, None
             self._judge_pending(pending, args, control)
             if self._rollback_to is not None or self._give_up is not None:
                 # The run goes back to before the spike: this step's update is not applied either.
-                self._take(step)
                 self._batches = []
                 if self._can_skip:
                     drop_gradients(optimizer)
                 return control
-        taken = self._take(step)
         if step in self._skip_steps:
             # A batch a rollback decided to skip: withheld, and kept out of the window (it is the spike again).
             self._skip_steps.discard(step)
@@ -432,10 +359,10 @@ class SpikeGuard(GuardCallback):
             self._batches = []
             self._record({"event": "skipped_batch", "step": step, "reason": "rolled back"})
             return control
-        if isinstance(taken, _Pending):
-            self._pending = taken
-        elif taken is not None:
-            self._judge(step, *taken, args, control, before_update=True, optimizer=optimizer)
+        if not self._sync:
+            self._pending = (taken, self._batches)
+        else:
+            self._judge(step, *self._values(taken), args, control, before_update=True, optimizer=optimizer)
         self._batches = []
         return control
 
@@ -478,10 +405,11 @@ class SpikeGuard(GuardCallback):
         self._give_up = None
 
     # ----------------------------------------------------------------------------------------------- acting
-    def _judge_pending(self, pending: _Pending, args: Any, control: Any) -> None:
-        held, self._batches = self._batches, pending.batches
+    def _judge_pending(self, pending: tuple[StepFlags, list[tuple[Any, Any]]], args: Any, control: Any) -> None:
+        flags, batches = pending
+        held, self._batches = self._batches, batches
         try:
-            self._judge(pending.step, *pending.read(), args, control, before_update=False)
+            self._judge(flags.step, *self._values(flags), args, control, before_update=False)
         finally:
             self._batches = held
 

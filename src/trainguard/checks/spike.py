@@ -32,7 +32,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..bounds import MAX_FACTOR, finite_number, whole_number
+from ..bounds import MAX_COUNT, MAX_FACTOR, finite_number, whole_number
 
 __all__ = [
     "POLICIES",
@@ -66,6 +66,7 @@ class SpikeFinding:
         precedent: The largest rise above its own median that the window had seen (a heavy tail's size).
         warmup: True when named inside the warm-up (a loss at least :data:`WARMUP_FACTOR` × the median): such a
             finding is only ever an alert.
+        ratio: ``value / median`` (set for every finding; the one that counts under the ratio rule, ``factor``).
     """
 
     step: int
@@ -78,6 +79,7 @@ class SpikeFinding:
     window: int = 0
     precedent: float = 0.0
     warmup: bool = False
+    ratio: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -177,6 +179,11 @@ class SpikeDetector:
     Inside the warm-up a loss at least :data:`WARMUP_FACTOR` (10) times the median of the values so far (at least
     :data:`WARMUP_MIN_VALUES` of them), and beyond the tail rule, is named too, with ``warmup=True``: alert only.
 
+    With ``factor`` set, the detector judges by the **ratio rule** instead (NanGuard's ``spike_factor`` on logged
+    losses): once ``warmup`` finite values of a metric have been seen, a value above ``factor`` times the window's
+    median (a positive median: a ratio against zero or a negative loss means nothing) is a spike; the z-score and the
+    tail rule are off. Same window, same median, same NaN handling: one definition of the baseline, two rules.
+
     Non-finite values are not judged and not kept (NaN and inf are :class:`~trainguard.NanGuard`'s). Every judged
     value joins the window, spikes included, as in OLMo-core: a lasting change of level is a spike at its first
     step only (it is the window's tail from then on), so a skip policy can never freeze a run.
@@ -187,6 +194,8 @@ class SpikeDetector:
         warmup: Steps seen before the z-score judges (default 64: half the default window).
         min_std: A floor on the robust deviation, relative to the median's magnitude, so a perfectly flat window
             (a converged or synthetic loss) does not turn the next tiny wobble into an infinite z-score.
+        factor: The ratio rule's factor (above 1); None (default): the z-score rule. With it, ``window`` and
+            ``warmup`` may be 1 and ``warmup`` may exceed ``window`` (it counts values seen, not values kept).
 
     Raises:
         ConfigError: ``window`` below 2, ``warmup`` below 2 or above ``window``, ``threshold`` not positive or not
@@ -198,14 +207,27 @@ class SpikeDetector:
         finding = detector.observe(1, loss=2.31, grad_norm=0.9)   # None (no spike), or a SpikeFinding
     """
 
-    def __init__(self, window: int = 128, threshold: float = 6.0, warmup: int = 64, min_std: float = 1e-3) -> None:
-        self.window = whole_number("window", window, low=2, owner="SpikeDetector")
-        self.warmup = whole_number("warmup", warmup, low=2, high=self.window, owner="SpikeDetector")
-        self.threshold = finite_number(
-            "threshold", threshold, low=0, high=MAX_FACTOR, low_open=True, owner="SpikeDetector"
+    def __init__(
+        self,
+        window: int = 128,
+        threshold: float = 6.0,
+        warmup: int = 64,
+        min_std: float = 1e-3,
+        *,
+        factor: float | None = None,
+    ) -> None:
+        owner = "SpikeDetector"
+        self.factor = finite_number(
+            "factor", factor, low=1, high=MAX_FACTOR, low_open=True, allow_none=True, owner=owner
         )
+        low = 2 if self.factor is None else 1
+        self.window = whole_number("window", window, low=low, owner=owner)
+        high = self.window if self.factor is None else MAX_COUNT
+        self.warmup = whole_number("warmup", warmup, low=low, high=high, owner=owner)
+        self.threshold = finite_number("threshold", threshold, low=0, high=MAX_FACTOR, low_open=True, owner=owner)
         self.min_std = float(min_std)
         self._windows: dict[str, _Window] = {}
+        self._seen: dict[str, int] = {}  # finite values seen per metric (the ratio rule's warm-up)
 
     def _floor(self, median: float) -> float:
         return self.min_std * max(abs(median), 1e-12)
@@ -213,6 +235,11 @@ class SpikeDetector:
     def _flags(self, metric: str, value: float) -> bool:
         """Whether ``value`` is a spike of ``metric``: a few bisections, the hot path of every step."""
         win = self._windows.get(metric)
+        if self.factor is not None:
+            if win is None or not math.isfinite(value) or self._seen.get(metric, 0) < self.warmup:
+                return False
+            median = win.median()
+            return median > 0 and value > self.factor * median
         if win is None or not math.isfinite(value) or len(win) < 2:
             return False
         median = win.median()
@@ -241,7 +268,24 @@ class SpikeDetector:
         values = {m: float(v) for m, v in (("loss", loss), ("grad_norm", grad_norm)) if v is not None}
         flagged = [m for m, v in values.items() if self._flags(m, v)]
         finding = None
-        if flagged:  # rare: the exact scores, for the message and the record
+        if flagged and self.factor is not None:
+            metric = flagged[0]
+            win = self._windows[metric]
+            median = win.median()
+            ratio = values[metric] / median
+            finding = SpikeFinding(
+                step=int(step),
+                metric=metric,
+                value=values[metric],
+                median=median,
+                scale=median,
+                z=ratio - 1.0,  # (value - median) / scale, with the median as the scale
+                scores={metric: ratio},
+                window=len(win),
+                precedent=win.precedent(),
+                ratio=ratio,
+            )
+        elif flagged:  # rare: the exact scores, for the message and the record
             scores = {m: s for m, v in values.items() if (s := self.score(m, v)) is not None}
             metric = max(flagged, key=lambda m: scores[m][0])
             z, median, scale, n = scores[metric]
@@ -257,6 +301,7 @@ class SpikeDetector:
                 window=n,
                 precedent=win.precedent(),
                 warmup=n < self.warmup,
+                ratio=values[metric] / median if median else 0.0,
             )
         self.add(step, loss=loss, grad_norm=grad_norm)
         return finding
@@ -266,6 +311,7 @@ class SpikeDetector:
         for metric, value in (("loss", loss), ("grad_norm", grad_norm)):
             if value is not None and math.isfinite(float(value)):
                 self._windows.setdefault(metric, _Window(self.window)).append(int(step), float(value))
+                self._seen[metric] = self._seen.get(metric, 0) + 1
 
     def forget_after(self, step: int) -> None:
         """Drop every value of a step after ``step`` (a rollback to ``checkpoint-{step}``)."""

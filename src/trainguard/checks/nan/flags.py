@@ -6,9 +6,9 @@ turns it into a :class:`StepVerdict` that every rank agrees on:
 1. :meth:`~StepFlagCollector.observe_loss` / :meth:`~StepFlagCollector.observe_grad_norm`, per micro-batch and per
    step. A value on the host (CPU training) is read at once (``float``: cheaper than any tensor op); a value on an
    accelerator only queues a device op (:func:`~.values.nonfinite_flag`), so nothing synchronises.
-2. :meth:`~StepFlagCollector.take`, once per optimizer step on every rank: the flags become one int32 vector
-   ``[loss_bad, grad_bad, empty, loss rank code, grad rank code]``, all-reduced (MAX) when several ranks take part,
-   as a :class:`StepFlags`; the collector is then empty for the next step.
+2. :meth:`~StepFlagCollector.take`, once per optimizer step on every rank: the flags, the sum and count of the
+   step's losses (with ``mean_loss``) and which ranks went bad become one float32 vector, all-reduced (SUM) once when
+   several ranks take part, as a :class:`StepFlags`; the collector is then empty for the next step.
 3. :meth:`~StepFlagCollector.start_copy` (optional): queue the device-to-host copy of a device vector behind the
    step's work (pinned buffers and a CUDA event), so that a later :meth:`~StepFlagCollector.read` waits for that step
    only.
@@ -45,19 +45,25 @@ __all__ = ["StepFlagCollector", "StepFlags", "StepVerdict", "process_topology"]
 
 @dataclass
 class StepFlags:
-    """What one optimizer step left behind: the flags and the values behind them (for the message)."""
+    """What one optimizer step left behind: the flags and the values behind them (for the message).
+
+    The shared part, summed across ranks, is ``[loss_bad, grad_bad, empty, loss_sum, loss_count, loss_bad of rank
+    0..W-1, grad_bad of rank 0..W-1]``; this rank's own part is ``[loss_bad, grad_bad, empty, grad_norm]`` (NaN: no
+    norm). A sum says whether *any* rank saw a value go bad, the per-rank slots say *which* ranks did, and the loss sum
+    and count give the mean loss over every rank's micro-batches: one collective for all of it.
+    """
 
     step: int
-    # [loss_bad, grad_bad, empty, loss rank code, grad rank code] all-reduced (MAX) across ranks, then this rank's
-    # [loss_bad, grad_bad, empty]: as host ints when the flags were already on the host (CPU training) ...
-    values: list[int] | None = None
-    # ... else as int32 tensors on the device, read later
+    # shared + local, as host floats when the flags were already on the host (CPU training) ...
+    values: list[float] | None = None
+    # ... else as float32 tensors on the device, read later
     vector: Any = None
-    local: Any = None  # int32 [loss_bad, grad_bad, empty] on this rank
+    local: Any = None
     host: Any = None  # host copy of cat(vector, local), filled asynchronously on CUDA
     event: Any = None  # CUDA event recorded after the copy
     losses: list[Any] = field(default_factory=list)
     grad_norm: Any = None
+    verdict: StepVerdict | None = None  # read once, then kept: several guards read one step
 
 
 @dataclass(frozen=True)
@@ -75,6 +81,9 @@ class StepVerdict:
         local_grad_bad: This rank saw a non-finite gradient norm.
         losses: This rank's micro-batch losses (floats or tensors).
         grad_norm: This rank's gradient norm (a float, a tensor or None).
+        mean_loss: The mean of every rank's micro-batch losses (None without losses, a NaN among them, or when the
+            collector was not asked for it).
+        grad_value: This rank's gradient norm as a float (None when not computed or NaN).
     """
 
     step: int
@@ -87,6 +96,8 @@ class StepVerdict:
     local_grad_bad: bool
     losses: list[Any]
     grad_norm: Any
+    mean_loss: float | None = None
+    grad_value: float | None = None
 
     @property
     def bad(self) -> bool:
@@ -119,6 +130,8 @@ def _collective_device(dist: Any, preferred: Any = None) -> Any:
 
 
 def _is_tensor(value: Any) -> bool:
+    if value is None or value is True or value is False or type(value) is float:
+        return False  # the common host values, without a string comparison
     return type(value).__module__.startswith("torch") and hasattr(value, "detach")
 
 
@@ -145,6 +158,8 @@ class StepFlagCollector:
         world_size: How many ranks take part.
         rank: This rank.
         group: ``torch.distributed`` when ranks share their flags (several ranks), else None.
+        mean_loss: Also share the sum and count of the step's losses, for :attr:`StepVerdict.mean_loss` (SpikeGuard's
+            value); off, no tensor op is spent on it.
     """
 
     def __init__(
@@ -155,8 +170,10 @@ class StepFlagCollector:
         world_size: int = 1,
         rank: int = 0,
         group: Any = None,
+        mean_loss: bool = False,
     ) -> None:
         self.device_flags = device_flags
+        self.mean_loss = mean_loss
         self.device = device
         self.world_size = world_size
         self.rank = rank
@@ -224,60 +241,82 @@ class StepFlagCollector:
 
     # ---------------------------------------------------------------------------------------------- share
     def take(self, step: int) -> StepFlags:
-        """Turn this step's observations into one int32 vector on the device and all-reduce it (MAX); then reset.
+        """Turn this step's observations into one float32 vector (see :class:`StepFlags`), summed across ranks in
+        one all-reduce (queued on the device stream: no host sync); then reset.
 
-        Layout ``[loss_bad, grad_bad, empty, loss rank code, grad rank code]`` where a rank code is
-        ``world - rank`` on a rank that saw the value go bad (so MAX finds the lowest such rank): one collective says
-        *which* value went bad and *where*, and it can stay on the device (NCCL) for the asynchronous read. Every
-        rank must call this exactly once per optimizer step, so the collectives pair up.
+        Every rank must call this exactly once per optimizer step, so the collectives pair up.
         """
-        import torch
-
         world, rank, group = self.world_size, self.rank, self.group
-        raw = (self.loss_bad, self.grad_bad, self.empty)
-        if not any(_is_tensor(flag) for flag in raw):
-            # Every flag is already on the host (CPU training): no tensor unless ranks must share them.
-            mine = [int(bool(flag)) for flag in raw]
-            code = world - rank
-            values = [*mine, mine[0] * code, mine[1] * code]
+        loss_bad, grad_bad, empty = self.loss_bad, self.grad_bad, self.empty
+        losses, norm = self.losses, self.grad_norm
+        # The hot path of every CPU step: plain comparisons, no generator, no tensor.
+        if not (_is_tensor(loss_bad) or _is_tensor(grad_bad) or _is_tensor(empty) or _is_tensor(norm)):
+            # Every value is already on the host (CPU training): no tensor unless ranks must share them.
+            mine = [1.0 if loss_bad else 0.0, 1.0 if grad_bad else 0.0, 1.0 if empty else 0.0]
+            total = float(sum(losses)) if self.mean_loss and losses else 0.0
+            count = float(len(losses)) if self.mean_loss else 0.0
+            slots = [0.0] * (2 * world)
+            if 0 <= rank < world:
+                slots[rank], slots[world + rank] = mine[0], mine[1]
+            shared = [*mine, total, count, *slots]
             if group is not None:
-                shared = torch.tensor(values, dtype=torch.int32, device=_collective_device(group))
-                group.all_reduce(shared, op=group.ReduceOp.MAX)
-                values = [int(v) for v in shared.tolist()]
-            flags = StepFlags(step=step, values=values + mine, losses=self.losses, grad_norm=self.grad_norm)
+                import torch
+
+                vector = torch.tensor(shared, dtype=torch.float32, device=_collective_device(group))
+                group.all_reduce(vector)  # SUM
+                shared = [float(v) for v in vector.tolist()]
+            own = [*mine, float(norm) if norm is not None else math.nan]
+            flags = StepFlags(step=step, values=shared + own, losses=losses, grad_norm=norm)
             self.reset()
             return flags
+        import torch
+
         device = self.device if self.device is not None else torch.device("cpu")
-        local = torch.zeros(3, dtype=torch.int32, device=device)
+        local = torch.zeros(4, dtype=torch.float32, device=device)
         for index, flag in ((0, self.loss_bad), (1, self.grad_bad), (2, self.empty)):
             if flag is None or flag is False:
                 continue
             if flag is True:
                 local[index] = 1
             else:
-                local[index] = flag.to(device=device, dtype=torch.int32)
-        vector = torch.zeros(5, dtype=torch.int32, device=device)
-        vector[:3] = local
-        vector[3:] = local[:2] * (world - rank)
+                local[index] = flag.to(device=device, dtype=torch.float32)
+        if norm is None:
+            local[3] = math.nan
+        elif _is_tensor(norm):
+            local[3] = norm.detach().to(device=device, dtype=torch.float32).reshape(())
+        else:
+            local[3] = float(norm)
+        vector = torch.zeros(5 + 2 * world, dtype=torch.float32, device=device)
+        vector[:3] = local[:3]
+        if self.mean_loss and losses:
+            parts = [
+                v.detach().float().reshape(()).to(device) if _is_tensor(v) else torch.tensor(float(v), device=device)
+                for v in losses
+            ]
+            vector[3] = torch.stack(parts).sum()
+            vector[4] = len(parts)
+        if 0 <= rank < world:
+            vector[5 + rank] = local[0]
+            vector[5 + world + rank] = local[1]
         if group is not None:
             vector = vector.to(_collective_device(group, vector.device))
-            group.all_reduce(vector, op=group.ReduceOp.MAX)  # queued on the device stream: no host sync
-        flags = StepFlags(step=step, vector=vector, local=local, losses=self.losses, grad_norm=self.grad_norm)
+            group.all_reduce(vector)  # SUM, queued on the device stream: no host sync
+        flags = StepFlags(step=step, vector=vector, local=local, losses=losses, grad_norm=norm)
         self.reset()
         return flags
 
     def start_copy(self, flags: StepFlags) -> None:
-        """Queue the device-to-host copy of ``flags`` behind this step's work, without waiting for it."""
+        """Queue the device-to-host copy of ``flags`` behind this step's work, without waiting for it (once)."""
         import torch
 
-        if flags.values is not None:
-            return  # already on the host
+        if flags.values is not None or flags.host is not None:
+            return  # already on the host, or already copying
         both = torch.cat([flags.vector, flags.local.to(flags.vector.device)])
         if both.device.type != "cuda":
             flags.host = both  # CPU: already on the host; other accelerators: read (and synchronised) later
             return
-        if not self._host_buffers:
-            self._host_buffers = [torch.empty(8, dtype=torch.int32, pin_memory=True) for _ in range(2)]
+        if not self._host_buffers or self._host_buffers[0].numel() != both.numel():
+            self._host_buffers = [torch.empty(both.numel(), dtype=both.dtype, pin_memory=True) for _ in range(2)]
             self._events = [torch.cuda.Event() for _ in range(2)]
         # Two alternating buffers: step k's copy is still pending while step k+1's is queued.
         self._flip ^= 1
@@ -288,7 +327,9 @@ class StepFlagCollector:
         flags.host, flags.event = host, event
 
     def read(self, flags: StepFlags) -> StepVerdict:
-        """The verdict of ``flags`` (waits for that step's copy only, where one was started)."""
+        """The verdict of ``flags`` (waits for that step's copy only, where one was started; read once, kept)."""
+        if flags.verdict is not None:
+            return flags.verdict
         if flags.values is not None:
             values = flags.values
         elif flags.host is None:
@@ -299,17 +340,25 @@ class StepFlagCollector:
             if flags.event is not None:
                 flags.event.synchronize()  # waits for that step only, not for work queued after it
             values = flags.host.tolist()
-        loss_bad, grad_bad, empty, loss_code, grad_code, local_loss, local_grad, _ = (int(v) for v in values)
         world = self.world_size
-        return StepVerdict(
+        loss_slots = values[5 : 5 + world]
+        grad_slots = values[5 + world : 5 + 2 * world]
+        local = values[5 + 2 * world :]
+        total, count = values[3], values[4]
+        mean = total / count if count > 0 else math.nan
+        grad = local[3]
+        flags.verdict = StepVerdict(
             step=flags.step,
-            loss_bad=bool(loss_bad),
-            grad_bad=bool(grad_bad),
-            empty=bool(empty),
-            loss_rank=(world - loss_code) if loss_code > 0 else None,
-            grad_rank=(world - grad_code) if grad_code > 0 else None,
-            local_loss_bad=bool(local_loss),
-            local_grad_bad=bool(local_grad),
+            loss_bad=values[0] > 0,
+            grad_bad=values[1] > 0,
+            empty=values[2] > 0,
+            loss_rank=next((r for r, v in enumerate(loss_slots) if v > 0), None),
+            grad_rank=next((r for r, v in enumerate(grad_slots) if v > 0), None),
+            local_loss_bad=local[0] > 0,
+            local_grad_bad=local[1] > 0,
             losses=flags.losses,
             grad_norm=flags.grad_norm,
+            mean_loss=mean if mean == mean else None,  # NaN marks "none"
+            grad_value=grad if grad == grad else None,
         )
+        return flags.verdict

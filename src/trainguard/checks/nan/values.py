@@ -27,13 +27,12 @@ from __future__ import annotations
 
 import math
 import numbers
-import statistics
-from collections import deque
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from ...bounds import MAX_FACTOR, finite_number, whole_number
+from ..spike import SpikeDetector
 
 __all__ = [
     "LossEvent",
@@ -293,6 +292,10 @@ class LossHealth:
     enter the window, so one NaN can never poison the baseline, unlike a running *mean*, and a NaN compared with a
     threshold can never silently pass as "no spike".
 
+    The spike judgement is :class:`~trainguard.checks.spike.SpikeDetector`'s (SpikeGuard's detector) with its ratio
+    rule (``factor=spike_factor``): the same window, median and NaN handling; this class adds the once-per-episode
+    reporting and the zero-loss streak.
+
     Args:
         spike_factor: A loss above ``spike_factor`` times the median of the window is a spike. None disables it.
             The median (not the mean) so that one earlier spike does not raise the bar for the next.
@@ -327,8 +330,11 @@ class LossHealth:
         self.spike_window = whole_number("spike_window", spike_window, low=1, owner=owner)
         self.spike_warmup = whole_number("spike_warmup", spike_warmup, low=1, owner=owner)
         self.zero_loss_steps = whole_number("zero_loss_steps", zero_loss_steps, low=1, allow_none=True, owner=owner)
-        self._window: deque[float] = deque(maxlen=self.spike_window)
-        self._seen = 0
+        self._detector = (
+            None
+            if self.spike_factor is None
+            else SpikeDetector(window=self.spike_window, warmup=self.spike_warmup, factor=self.spike_factor)
+        )
         self._in_spike = False
         self.spikes = 0
         self.zero_streak = 0
@@ -353,31 +359,26 @@ class LossHealth:
                         {"consecutive": self.zero_streak},
                     )
                 )
-        if self.spike_factor is not None:
-            spike = False
-            if self._seen >= self.spike_warmup and self._window:
-                median = statistics.median(self._window)
-                if median > 0 and value > self.spike_factor * median:
-                    spike = True
-                    self.spikes += 1
-                    if not self._in_spike:
-                        events.append(
-                            LossEvent(
-                                "spike",
-                                step,
-                                value,
-                                f"loss spike: {value:.6g} is {value / median:.1f}x the median {median:.6g} "
-                                f"of the last {len(self._window)} losses (threshold {self.spike_factor:g}x)",
-                                {
-                                    "loss": value,
-                                    "median": median,
-                                    "ratio": value / median,
-                                    "factor": self.spike_factor,
-                                    "window": len(self._window),
-                                },
-                            )
+        if self._detector is not None:
+            finding = self._detector.observe(step if step is not None else 0, loss=value)
+            if finding is not None:
+                self.spikes += 1
+                if not self._in_spike:
+                    events.append(
+                        LossEvent(
+                            "spike",
+                            step,
+                            value,
+                            f"loss spike: {value:.6g} is {finding.ratio:.1f}x the median {finding.median:.6g} "
+                            f"of the last {finding.window} losses (threshold {self.spike_factor:g}x)",
+                            {
+                                "loss": value,
+                                "median": finding.median,
+                                "ratio": finding.ratio,
+                                "factor": self.spike_factor,
+                                "window": finding.window,
+                            },
                         )
-            self._in_spike = spike
-        self._window.append(value)
-        self._seen += 1
+                    )
+            self._in_spike = finding is not None
         return events

@@ -18,7 +18,7 @@ from ..checks._resume import on_main_then_share
 from ..checks.checkpoint import start as _start
 from ..checks.checkpoint.commit import Committer
 from ..checks.checkpoint.manifest import known_digests
-from ..errors import CheckpointIntegrityError, LineageError, ResumeAttestationError
+from ..errors import CheckpointIntegrityError, LineageError, ResumeAttestationError, TrainGuardError
 from . import _nodes, _trainer_compat
 from ._base import GuardCallback
 from ._save_audit import SaveAuditor
@@ -311,7 +311,7 @@ class CheckpointVerifier(GuardCallback):
                     world_size=distributed.world_size(),
                 )
                 self._registered = self.run
-            except OSError as err:
+            except (OSError, TrainGuardError) as err:
                 get_logger().warning("[checkpoint_verifier] could not record the run lineage: %s", err)
         trainer = self.trainer
         if trainer is not None and not self._began:  # auto_find_batch_size re-enters on_train_begin: once

@@ -20,6 +20,7 @@ __all__ = [
     "ARCHIVE_DIR",
     "CHECKPOINT_RE",
     "JIT_SENTINEL",
+    "LINEAGE_FORMAT",
     "MANIFEST_FORMAT",
     "MANIFEST_NAME",
     "METADATA_NAME",
@@ -36,6 +37,8 @@ MANIFEST_NAME = "trainguard-manifest.sha256"
 #: Sizes, step, time, versions and the run lineage; written before the marker and listed in it.
 METADATA_NAME = "trainguard-manifest.json"
 MANIFEST_FORMAT = "trainguard-manifest/1"
+#: The format of the lineage registry and of a checkpoint's lineage record.
+LINEAGE_FORMAT = "trainguard-lineage/1"
 #: Inside ``checkpoint-N`` while a trainguard-watched save is in progress (written before the Trainer writes, removed
 #: after the commit marker): a folder that still has it and no marker is an interrupted save, not a legacy one.
 SAVING_MARKER = "trainguard-saving.json"

@@ -5,7 +5,8 @@ each save saw (for the resume attestation).
 Bounded by design: the last 200 lineages and runs, and per save one summary of all ranks (:func:`summarize_ranks`)
 for the last 100 saves, so its size does not grow with ranks x saves (about 24 KiB at 1,024 ranks x 1,000 saves). A
 registry that cannot be read is named in a warning and never rewritten in place: a writer moves it into
-``trainguard-quarantine/`` first. Imports neither torch nor transformers; :mod:`.lineage` re-exports these names.
+``trainguard-quarantine/`` first. Read and written through its record type, :class:`~.records.Registry` (a wrong
+field is named). Imports neither torch nor transformers; :mod:`.lineage` re-exports these names.
 
 Example::
 
@@ -15,10 +16,8 @@ Example::
 
 from __future__ import annotations
 
-import hashlib
 import os
 import platform
-from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -28,6 +27,7 @@ from ..atomic import atomic_write_json
 from ..errors import MalformedFileError, TrainGuardError
 from ..safe_fs import load_json
 from ._layout import LINEAGE_FORMAT, MANIFEST_NAME, METADATA_NAME, RUN_MARKER
+from .records import Registry, summarize_ranks
 from .set_aside import move_aside
 
 if TYPE_CHECKING:
@@ -71,14 +71,17 @@ def _load_registry(path: Path) -> dict[str, Any] | None:
         raise _unreadable(path, reason) from None
     if not isinstance(value, dict):
         raise _unreadable(path, f"it holds a JSON {type(value).__name__}, not an object")
-    return value
+    try:
+        return Registry.from_json(value, source=str(path)).to_json()
+    except MalformedFileError as err:
+        raise _unreadable(path, err.what, field=err.where.get("field")) from None
 
 
-def _unreadable(path: Path, reason: str) -> MalformedFileError:
+def _unreadable(path: Path, reason: str, *, field: str | None = None) -> MalformedFileError:
     return MalformedFileError(
         f"the lineage registry {path} cannot be read ({reason}): which lineage is current, and the runs that "
         "trained here, are unknown",
-        where={"file": str(path)},
+        where={"file": str(path), **({"field": field} if field else {})},
         next_step=(
             "Restore the file from a copy, or move it aside: the next run then records a new registry (trainguard "
             "moves an unreadable one into trainguard-quarantine/ itself before writing, never deleting it). Until "
@@ -130,6 +133,12 @@ def _registry_for_update(folder: Path) -> dict[str, Any]:
             moved,
         )
         return {}
+
+
+def _write(folder: Path, registry: dict[str, Any]) -> None:
+    """Write ``registry`` through its record type (:class:`~.records.Registry`: checked, bounded), atomically."""
+    path = folder / RUN_MARKER
+    atomic_write_json(path, Registry.from_json(registry, source=str(path)).to_json())
 
 
 def adopts_unrecorded(output_dir: str | os.PathLike[str], lineage: str) -> bool:
@@ -203,36 +212,11 @@ def record_run(
         )
     registry["runs"] = runs[-_MAX_RUNS:]
     folder.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(folder / RUN_MARKER, registry)
+    _write(folder, registry)
 
 
 # ------------------------------------------------------------------------------ the first step after a save
 _MAX_AFTER_SAVE = 100  # checkpoints whose next step is remembered; older entries are dropped
-
-
-def _digest_of(values: list[Any]) -> str | None:
-    """One digest of every rank's value in rank order; None when no rank has one."""
-    if not any(isinstance(v, str) and v for v in values):
-        return None
-    joined = "\n".join(v if isinstance(v, str) else "" for v in values)
-    return hashlib.sha256(joined.encode()).hexdigest()[:32]
-
-
-def summarize_ranks(observations: list[Any]) -> dict[str, Any]:
-    """What the first step after a save saw on all ranks, in a size that does not grow with them: the number of
-    ranks, and one digest each of every rank's RNG digest and batch digest (rank order). Two runs whose summaries
-    match saw the same random state and the same batch on every rank; one that differs names which of the two.
-
-    Example::
-
-        summarize_ranks([{"rng": "a1", "batch": "b1"}, {"rng": "a2", "batch": "b2"}])["world_size"]   # 2
-    """
-    items = [o if isinstance(o, Mapping) else {} for o in observations]
-    return {
-        "world_size": len(items),
-        "rng": _digest_of([o.get("rng") for o in items]),
-        "batch": _digest_of([o.get("batch") for o in items]),
-    }
 
 
 def record_after_save(
@@ -249,7 +233,7 @@ def record_after_save(
     registry["after_save"] = dict(list(entries.items())[-_MAX_AFTER_SAVE:])
     registry.setdefault("format", LINEAGE_FORMAT)
     folder.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(folder / RUN_MARKER, registry)
+    _write(folder, registry)
 
 
 def after_save(output_dir: str | os.PathLike[str], checkpoint: str, run: str | None) -> dict[str, Any] | None:
@@ -259,8 +243,6 @@ def after_save(output_dir: str | os.PathLike[str], checkpoint: str, run: str | N
     entry = entries.get(checkpoint) if isinstance(entries, dict) else None
     if not isinstance(entry, dict) or entry.get("run") != run:
         return None
-    if isinstance(entry.get("ranks"), list):  # written by a release before summaries
-        return summarize_ranks(entry["ranks"])
     size = entry.get("world_size")
     if not isinstance(size, int) or isinstance(size, bool) or size < 1:
         return None

@@ -306,7 +306,7 @@ def test_the_facts_and_the_step_after_each_save_are_recorded(run: Path):
     assert facts["per_device_train_batch_size"] == 2 and facts["max_steps"] == 8
     origin = lineage.checkpoint_origin(run / "checkpoint-4")
     after = lineage.after_save(run, "checkpoint-4", origin.run)
-    assert after is not None and len(after) == 1 and after[0]["batch"] and after[0]["rng"]
+    assert after is not None and after["world_size"] == 1 and after["batch"] and after["rng"]
     assert lineage.after_save(run, "checkpoint-8", origin.run) is None  # the run ended at that save
 
 

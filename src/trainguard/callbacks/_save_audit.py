@@ -25,7 +25,7 @@ from ..atomic import atomic_write_text
 from ..checks import lineage as _lineage
 from ..checks.checkpoint import attest
 from ..checks.checkpoint.audit import audit_checkpoint, audit_optimizer
-from ..errors import ResumeAttestationError, SaveAuditError
+from ..errors import ResumeAttestationError, SaveAuditError, TrainGuardError
 from . import _trainer_compat
 
 __all__ = ["ATTEST", "AUDIT", "SaveAuditor"]
@@ -204,19 +204,14 @@ class SaveAuditor:
             self.check_late(step)
             if distributed.is_main_process():
                 # On failure a resume from it simply has nothing to compare with.
-                with contextlib.suppress(OSError):
+                with contextlib.suppress(OSError, TrainGuardError):
                     _lineage.record_after_save(output_dir, checkpoint, run=run, observations=observations)
             return
-        saved_ranks, saved_facts, live_facts = records
-        if not saved_ranks or len(saved_ranks) != len(observations):
+        saved, saved_facts, live_facts = records
+        live = _lineage.summarize_ranks(observations)
+        if not saved or saved.get("world_size") != live["world_size"]:
             return  # the run stopped before its first step after that save, or the world size changed (named above)
-        findings: list[attest.Finding] = []
-        for saved, live in zip(saved_ranks, observations, strict=True):
-            if isinstance(saved, dict) and isinstance(live, dict):
-                findings = attest.compare_observation(saved, live, saved_facts, live_facts)
-                if findings:
-                    break
-        self._report(findings, step)
+        self._report(attest.compare_observation(saved, live, saved_facts, live_facts), step)
 
     def _report(self, findings: list[attest.Finding], step: Any) -> None:
         if not findings:

@@ -51,6 +51,7 @@ from types import FrameType
 from typing import Any, Protocol
 
 from .._util import feature_off
+from ..checks._layout import CheckpointLayout
 from ._patches import PatchHandle, process_patches, routing
 from ._patches import install_dispatcher as _install_dispatcher
 
@@ -101,12 +102,23 @@ class CheckpointHooks(Protocol):
 
 
 def output_dir_for(trainer: Any, trial: Any = None) -> str:
-    """Where this trainer writes ``checkpoint-N`` folders (a hyper-parameter search trial has its own)."""
+    """Where this trainer writes ``checkpoint-N`` folders (a hyper-parameter search trial has its own): for
+    ``trial`` None, the trial the trainer runs now (``hyperparameter_search`` keeps it as ``trainer._trial``)."""
+    if trial is None:
+        trial = getattr(trainer, "_trial", None)
     get = getattr(trainer, "_get_output_dir", None)
     if callable(get):
         with contextlib.suppress(Exception):
             return str(get(trial=trial))
     return str(trainer.args.output_dir)
+
+
+def checkpoint_layout(trainer: Any, args: Any = None) -> CheckpointLayout:
+    """The ``checkpoint-N`` folders of ``trainer``'s run now (:func:`output_dir_for`: a search trial's own run
+    folder); of ``args.output_dir`` when the trainer is not known (a callback used without ``on_init_end``)."""
+    if trainer is None:
+        return CheckpointLayout(str(args.output_dir))
+    return CheckpointLayout(output_dir_for(trainer))
 
 
 def _bind(
@@ -727,7 +739,6 @@ def save_checkpoint_as_at_save_step(trainer: Any) -> str:
 
         folder = save_checkpoint_as_at_save_step(trainer)   # ".../checkpoint-3"  # not run here: needs a Trainer
     """
-    import os
 
     save = getattr(trainer, "_save_checkpoint", None)
     if save is None:
@@ -739,4 +750,4 @@ def save_checkpoint_as_at_save_step(trainer: Any) -> str:
     trainer.control.should_save = True
     save(model, None)
     trainer.control = trainer.callback_handler.on_save(trainer.args, trainer.state, trainer.control)
-    return os.path.join(output_dir_for(trainer), f"checkpoint-{int(trainer.state.global_step)}")
+    return str(checkpoint_layout(trainer).folder_for(int(trainer.state.global_step)))

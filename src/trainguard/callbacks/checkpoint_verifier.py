@@ -13,12 +13,12 @@ from ..alerts import get_logger
 from ..bounds import whole_number, yes_no
 from ..checks import checkpoint as _ckpt
 from ..checks import lineage as _lineage
-from ..checks._layout import JIT_SENTINEL
+from ..checks._layout import JIT_SENTINEL, CheckpointLayout
 from ..checks._resume import on_main_then_share
 from ..checks.checkpoint import start as _start
 from ..checks.checkpoint.commit import Committer
 from ..checks.checkpoint.manifest import known_digests
-from ..errors import CheckpointIntegrityError, LineageError, ResumeAttestationError
+from ..errors import CheckpointIntegrityError, LineageError, ResumeAttestationError, TrainGuardError
 from . import _nodes, _trainer_compat
 from ._base import GuardCallback
 from ._save_audit import SaveAuditor
@@ -312,7 +312,7 @@ class CheckpointVerifier(GuardCallback):
                     world_size=distributed.world_size(),
                 )
                 self._registered = self.run
-            except OSError as err:
+            except (OSError, TrainGuardError) as err:
                 get_logger().warning("[checkpoint_verifier] could not record the run lineage: %s", err)
         trainer = self.trainer
         if trainer is not None and not self._began:  # auto_find_batch_size re-enters on_train_begin: once
@@ -323,7 +323,7 @@ class CheckpointVerifier(GuardCallback):
         return control
 
     def _check_loaded(self, args: Any, state: Any) -> None:
-        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        folder = _trainer_compat.checkpoint_layout(self.trainer, args).folder_for(state.global_step)
         try:
             checked = (
                 on_main_then_share(_start.check_loaded, folder, args.output_dir, self.workers)
@@ -378,7 +378,7 @@ class CheckpointVerifier(GuardCallback):
         if self.lineage is None:  # a save outside train() (e.g. a direct _save_checkpoint call)
             self._adopt(_start.StartDecision())
         step = int(trainer.state.global_step)
-        folder = Path(run_dir) / f"checkpoint-{step}"
+        folder = CheckpointLayout(run_dir).folder_for(step)
         jit = (folder / JIT_SENTINEL).is_file()  # JIT checkpointing writes it just before calling the save
         decision, commit = "save", True
         if self._writes(trainer.args):
@@ -484,8 +484,9 @@ class CheckpointVerifier(GuardCallback):
             if self._hooked:
                 return control  # this save was skipped (already committed by this run at this step)
             # The save hooks are not installed (the Trainer was not found at on_init_end): commit what is there.
-            folder = Path(str(args.output_dir)) / f"checkpoint-{state.global_step}"
-            save = {"folder": folder, "run_dir": str(args.output_dir), "step": int(state.global_step), "jit": False,
+            layout = _trainer_compat.checkpoint_layout(self.trainer, args)
+            folder = layout.folder_for(state.global_step)
+            save = {"folder": folder, "run_dir": str(layout.root), "step": int(state.global_step), "jit": False,
                     "commit": True, "saved_by": "on_save"}  # fmt: skip
         # The audit is a collective (every rank agrees), so it runs before the writing-rank-only part.
         save["commit"] = self._auditor.audit_save(self.trainer, save["folder"], save["step"]) and save["commit"]

@@ -22,6 +22,7 @@ from ..checks.dataset import (
 )
 from ..checks.tokenizer import CHECK_TOKENIZER, resolve_tokenizer, tokenizer_fingerprint
 from ..errors import DatasetMismatchError, TokenizerMismatchError, TrainGuardError
+from . import _trainer_compat
 from ._base import GuardCallback, find_trainer
 
 if TYPE_CHECKING:
@@ -222,7 +223,7 @@ class DatasetGuard(GuardCallback, ExportableState):
             check_resume_identity(
                 stored,
                 current,
-                checkpoint=f"{args.output_dir}/checkpoint-{state.global_step}",
+                checkpoint=str(_trainer_compat.checkpoint_layout(self.trainer, args).folder_for(state.global_step)),
                 global_step=int(state.global_step),
                 max_steps=int(args.max_steps),
                 num_train_epochs=args.num_train_epochs,

@@ -314,7 +314,7 @@ class GracefulStop(GuardCallback):
     def _save_last_good(self, trainer: Any, exc: BaseException, phase: str) -> None:
         step = int(trainer.state.global_step)
         control = trainer.control
-        folder = os.path.join(_trainer_compat.output_dir_for(trainer), f"checkpoint-{step}")
+        folder = str(_trainer_compat.checkpoint_layout(trainer).folder_for(step))
         world_size = distributed.world_size()
         decision = _last_save.decide(
             exc,

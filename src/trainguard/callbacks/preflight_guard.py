@@ -45,6 +45,7 @@ from ..checks.preflight import (
 )
 from ..checks.set_aside import set_aside_excess
 from ..errors import PreflightError, TrainGuardError
+from . import _trainer_compat
 from ._base import GuardCallback
 from ._trainer_compat import engine_layout
 
@@ -318,7 +319,7 @@ class PreflightGuard(GuardCallback):
 
     # ------------------------------------------------------------------------------------- before each save
     def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> Any:
-        self._last_checkpoint = Path(str(args.output_dir)) / f"checkpoint-{state.global_step}"
+        self._last_checkpoint = _trainer_compat.checkpoint_layout(self.trainer, args).folder_for(state.global_step)
         return control
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> Any:

@@ -16,6 +16,7 @@ from .._util import drop_gradients, utc_now
 from ..alerts import AlertSink, get_logger
 from ..atomic import append_line
 from ..bounds import MAX_FACTOR, finite_number, whole_number, yes_no
+from ..checks._layout import checkpoint_step
 from ..checks.lineage import checkpoint_origin
 from ..checks.nan import StepFlags, process_topology
 from ..checks.spike import (
@@ -50,7 +51,6 @@ __all__ = ["SPIKES_FILE", "SpikeGuard"]
 #: The run's spike history in ``output_dir``: one JSON object a line (every spike, skip and rollback).
 SPIKES_FILE = "trainguard-spikes.jsonl"
 
-_CHECKPOINT_PREFIX = "checkpoint-"
 #: Micro-batches held for one optimizer step at most (gradient accumulation beyond this keeps the newest ones).
 _MAX_HELD = 1024
 
@@ -213,7 +213,7 @@ class SpikeGuard(GuardCallback):
             self._history = []
         if resume_from_checkpoint and not isinstance(resume_from_checkpoint, bool):
             folder = os.fspath(resume_from_checkpoint)
-            step = _step_of(folder)
+            step = checkpoint_step(folder)
             if step is not None:
                 self._checkpoints[step] = folder
                 # The window keeps what this process saw up to the checkpoint (a rollback); a new process warms up.
@@ -384,9 +384,8 @@ class SpikeGuard(GuardCallback):
 
     def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> Any:
         trainer = self.trainer
-        run_dir = _trainer_compat.output_dir_for(trainer) if trainer is not None else str(args.output_dir)
         step = int(state.global_step)
-        self._checkpoints[step] = os.path.join(run_dir, f"{_CHECKPOINT_PREFIX}{step}")
+        self._checkpoints[step] = str(_trainer_compat.checkpoint_layout(trainer, args).folder_for(step))
         return control
 
     def rerun_request(self, trainer: Any) -> Any:
@@ -466,7 +465,7 @@ class SpikeGuard(GuardCallback):
         self._skip_steps |= set(skip_steps)
         name = os.path.basename(target)
         lineage = checkpoint_origin(target).lineage
-        back = _step_of(target)
+        back = checkpoint_step(target)
         if lineage is not None and back is not None:
             # What the checkpoints committed after this rollback carry: the only record a later resume obeys.
             record = Rollback(lineage, finding.step, back, tuple(skip_steps))
@@ -563,13 +562,3 @@ class SpikeGuard(GuardCallback):
         if self.rollbacks:
             parts.append(f"{len(self.rollbacks)} rollback(s)")
         return ", ".join(parts)
-
-
-def _step_of(folder: str) -> int | None:
-    name = os.path.basename(os.path.normpath(folder))
-    if not name.startswith(_CHECKPOINT_PREFIX):
-        return None
-    try:
-        return int(name[len(_CHECKPOINT_PREFIX) :])
-    except ValueError:
-        return None

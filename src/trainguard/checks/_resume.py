@@ -19,7 +19,7 @@ from typing import Any
 from .. import distributed
 from ..errors import CheckpointIntegrityError, CheckpointNotFoundError, TrainGuardError
 from ..safe_fs import display_name, load_json
-from ._layout import CHECKPOINT_RE, TRAINER_STATE, checkpoint_step
+from ._layout import TRAINER_STATE, CheckpointLayout, checkpoint_step
 
 __all__ = [
     "TRAINER_STATE",
@@ -35,15 +35,7 @@ __all__ = [
 
 def checkpoint_dirs(output_dir: str | os.PathLike[str]) -> list[Path]:
     """The ``checkpoint-N`` folders directly in ``output_dir``, oldest (lowest N) first; [] when there are none."""
-    folder = Path(output_dir)
-    if not folder.is_dir():
-        return []
-    found = []
-    for entry in folder.iterdir():
-        match = CHECKPOINT_RE.match(entry.name)
-        if match and entry.is_dir():
-            found.append((int(match.group(1)), entry))
-    return [path for _, path in sorted(found)]
+    return CheckpointLayout(output_dir).list()
 
 
 def resolve_resume_checkpoint(output_dir: str | os.PathLike[str] | None, resume_from_checkpoint: Any) -> Path | None:

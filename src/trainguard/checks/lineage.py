@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import platform
 import secrets
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -37,22 +36,30 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from .._util import utc_now, utc_stamp
+from .._util import utc_now
 from ..alerts import get_logger
-from ..atomic import atomic_write_json, fsync_dir
+from ..atomic import atomic_write_json
 from ..errors import LineageError, TrainGuardError
-from ..safe_fs import ensure_dir, load_json, remove_tree
+from ..safe_fs import load_json, remove_tree
 from ._layout import (
     ARCHIVE_DIR,
     JIT_SENTINEL,
+    LINEAGE_FORMAT,
     MANIFEST_NAME,
     METADATA_NAME,
-    QUARANTINE_DIR,
-    RUN_MARKER,
     SAVING_MARKER,
     checkpoint_step,
 )
 from ._resume import checkpoint_dirs
+from .lineage_registry import (
+    adopts_unrecorded,
+    after_save,
+    read_registry,
+    record_after_save,
+    record_run,
+    summarize_ranks,
+)
+from .set_aside import move_aside
 
 __all__ = [
     "LINEAGE_FORMAT",
@@ -76,11 +83,10 @@ __all__ = [
     "record_run",
     "rotate",
     "rotation_plan",
+    "summarize_ranks",
 ]
 
-LINEAGE_FORMAT = "trainguard-lineage/1"
-_MAX_RUNS = 200  # runs kept in the registry; older ones are dropped (their checkpoints still say who wrote them)
-_MAX_RECORD_BYTES = 1 << 20  # a lineage record or registry larger than this is not trainguard's
+_MAX_RECORD_BYTES = 1 << 20  # a lineage record larger than this is not trainguard's
 
 
 def new_id() -> str:
@@ -185,15 +191,6 @@ def checkpoint_origin(folder: str | os.PathLike[str]) -> CheckpointOrigin:
 
 
 # ------------------------------------------------------------------------------------------------ the registry
-def read_registry(output_dir: str | os.PathLike[str]) -> dict[str, Any]:
-    """The output_dir's lineage registry (``trainguard-checkpoints.json``), or ``{}`` when there is none.
-
-    A marker written by a release before lineages (``{"format", "since_utc", "meaning"}``) reads as a registry with
-    no current lineage.
-    """
-    return _read_object(Path(output_dir) / RUN_MARKER) or {}
-
-
 @dataclass(frozen=True)
 class LineageScope:
     """Which checkpoints of an output_dir a ``resume_from_checkpoint=True`` may land on.
@@ -244,77 +241,6 @@ def current_scope(
     return LineageScope(None, True, "none")
 
 
-def adopts_unrecorded(output_dir: str | os.PathLike[str], lineage: str) -> bool:
-    """Whether ``lineage`` grew out of a checkpoint that records no lineage (so legacy checkpoints are its own)."""
-    registry = read_registry(output_dir)
-    current = registry.get("current")
-    if isinstance(current, dict) and current.get("lineage") == lineage:
-        return bool(current.get("adopts_unrecorded", False))
-    lineages = registry.get("lineages")
-    entry = lineages.get(lineage) if isinstance(lineages, dict) else None
-    origin = entry.get("from") if isinstance(entry, dict) else None
-    return isinstance(origin, dict) and origin.get("lineage") is None
-
-
-def record_run(
-    output_dir: str | os.PathLike[str],
-    *,
-    lineage: str,
-    run: str,
-    adopts_unrecorded: bool,
-    resumed_from: CheckpointOrigin | None = None,
-    world_size: int = 1,
-) -> None:
-    """Record in the registry that ``run`` of ``lineage`` trains in ``output_dir`` now, making that lineage current.
-
-    Idempotent for the same run (an ``auto_find_batch_size`` retry re-enters the loop). Atomic; call it from one
-    process. Keeps the last 200 runs.
-    """
-    folder = Path(output_dir)
-    registry = read_registry(folder)
-    now = utc_now()
-    registry["format"] = LINEAGE_FORMAT
-    registry.setdefault("since_utc", now)
-    registry["meaning"] = (
-        f"trainguard's lineage registry: the current lineage (the one resume_from_checkpoint=True continues) and the "
-        f"runs that trained here. Every checkpoint-N trainguard commits has {MANIFEST_NAME} and records its lineage "
-        f"in {METADATA_NAME}."
-    )
-    found = registry.get("current")
-    current: dict[str, Any] = dict(found) if isinstance(found, dict) else {}
-    if current.get("lineage") != lineage:
-        current = {"lineage": lineage, "since_utc": now}
-    current["adopts_unrecorded"] = bool(adopts_unrecorded)
-    registry["current"] = current
-    known = registry.get("lineages")
-    lineages: dict[str, Any] = dict(known) if isinstance(known, dict) else {}
-    if lineage not in lineages:
-        lineages[lineage] = {
-            "started_utc": now,
-            "host": platform.node(),
-            "from": resumed_from.to_dict() if resumed_from is not None else None,
-        }
-    registry["lineages"] = lineages
-    runs = (
-        [r for r in registry.get("runs", []) if isinstance(r, dict)] if isinstance(registry.get("runs"), list) else []
-    )
-    if not any(r.get("run") == run for r in runs):
-        runs.append(
-            {
-                "run": run,
-                "lineage": lineage,
-                "started_utc": now,
-                "host": platform.node(),
-                "pid": os.getpid(),
-                "world_size": int(world_size),
-                "resumed_from": resumed_from.path.name if resumed_from is not None else None,
-            }
-        )
-    registry["runs"] = runs[-_MAX_RUNS:]
-    folder.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(folder / RUN_MARKER, registry)
-
-
 # ----------------------------------------------------------------------------------------------- fresh starts
 def describe_many(origins: Iterable[CheckpointOrigin], limit: int = 12) -> str:
     """``checkpoint-2, checkpoint-4 (lineage X); checkpoint-6 (written without trainguard)``: grouped by writer."""
@@ -348,43 +274,6 @@ def fresh_start_error(output_dir: str | os.PathLike[str], origins: list[Checkpoi
 
 
 # ------------------------------------------------------------------------------------------------------- saves
-def move_aside(folder: str | os.PathLike[str], reason: str, *, into: str = QUARANTINE_DIR, problems: Any = ()) -> Path:
-    """Rename ``folder`` to ``<its parent>/<into>/<name>.<UTC time>`` and write ``<new name>.reason.json`` beside it.
-
-    Never deletes. The rename stays on the same filesystem (atomic), and the new place is outside the Trainer's
-    ``checkpoint-*`` glob, so neither ``get_last_checkpoint`` nor rotation sees it again.
-
-    Returns:
-        The folder's new path.
-
-    Raises:
-        UnsafeFileError: ``<parent>/<into>`` is a link, a file, or leads outside the parent (planted so that the
-            move would carry the checkpoint elsewhere); nothing is moved.
-    """
-    path = Path(folder)
-    # a real folder inside output_dir: a planted link here would carry the checkpoint out of output_dir
-    target_dir = ensure_dir(path.parent / into, inside=path.parent)
-    stamp = utc_stamp()
-    target = target_dir / f"{path.name}.{stamp}"
-    while os.path.lexists(target):
-        target = target_dir / f"{path.name}.{stamp}-{secrets.token_hex(2)}"
-    os.rename(path, target)
-    fsync_dir(path.parent)
-    fsync_dir(target_dir)
-    with contextlib.suppress(OSError, ValueError, TypeError):
-        atomic_write_json(
-            target_dir / f"{target.name}.reason.json",
-            {
-                "from": str(path),
-                "to": str(target),
-                "utc": utc_now(),
-                "reason": reason,
-                "problems": [p.to_dict() if hasattr(p, "to_dict") else str(p) for p in problems],
-            },
-        )
-    return target
-
-
 @dataclass(frozen=True)
 class SaveTarget:
     """What :func:`prepare_save_target` did: ``action`` is ``fresh`` (nothing there), ``moved`` (what was there is
@@ -515,32 +404,3 @@ def rotate(
         get_logger().info("trainguard: deleting %s of this lineage (save_total_limit=%s)", path, limit)
         remove_tree(path)
     return doomed
-
-
-# ------------------------------------------------------------------------------ the first step after a save
-_MAX_AFTER_SAVE = 100  # checkpoints whose next step is remembered; older entries are dropped
-
-
-def record_after_save(
-    output_dir: str | os.PathLike[str], checkpoint: str, *, run: str | None, observations: list[Any]
-) -> None:
-    """Remember what the first step after ``checkpoint`` was saved saw on each rank (RNG and batch digests), for a
-    resume from it to compare with. Atomic; call it from one process."""
-    folder = Path(output_dir)
-    registry = read_registry(folder)
-    found = registry.get("after_save")
-    entries: dict[str, Any] = {k: v for k, v in found.items() if k != checkpoint} if isinstance(found, dict) else {}
-    entries[checkpoint] = {"run": run, "utc": utc_now(), "ranks": observations}
-    registry["after_save"] = dict(list(entries.items())[-_MAX_AFTER_SAVE:])
-    registry.setdefault("format", LINEAGE_FORMAT)
-    folder.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(folder / RUN_MARKER, registry)
-
-
-def after_save(output_dir: str | os.PathLike[str], checkpoint: str, run: str | None) -> list[Any] | None:
-    """What the first step after ``checkpoint`` saw, per rank, when the run that saved it recorded it; else None."""
-    entries = read_registry(output_dir).get("after_save")
-    entry = entries.get(checkpoint) if isinstance(entries, dict) else None
-    if not isinstance(entry, dict) or entry.get("run") != run or not isinstance(entry.get("ranks"), list):
-        return None
-    return list(entry["ranks"])

@@ -20,19 +20,30 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import stat
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .._util import utc_now, utc_stamp
+from ..atomic import atomic_write_json, fsync_dir
 from ..errors import UnsafeFileError
-from ..safe_fs import describe_kind, display_name, remove_tree
+from ..safe_fs import describe_kind, display_name, ensure_dir, remove_tree
 from ._layout import ARCHIVE_DIR, QUARANTINE_DIR
 from ._resume import checkpoint_dirs
 from .preflight.system import directory_size
 
-__all__ = ["SET_ASIDE_DIRS", "SetAside", "list_set_aside", "remove_set_aside", "set_aside_excess", "set_aside_folders"]
+__all__ = [
+    "SET_ASIDE_DIRS",
+    "SetAside",
+    "list_set_aside",
+    "move_aside",
+    "remove_set_aside",
+    "set_aside_excess",
+    "set_aside_folders",
+]
 
 #: The folders of ``output_dir`` trainguard moves checkpoints into instead of deleting them.
 SET_ASIDE_DIRS: tuple[str, ...] = (ARCHIVE_DIR, QUARANTINE_DIR)
@@ -151,3 +162,40 @@ def set_aside_excess(output_dir: PathLike, save_total_limit: int | None) -> dict
         "save_total_limit": int(save_total_limit),
         "folders": sorted({item.folder for item in items}),
     }
+
+
+def move_aside(folder: str | os.PathLike[str], reason: str, *, into: str = QUARANTINE_DIR, problems: Any = ()) -> Path:
+    """Rename ``folder`` to ``<its parent>/<into>/<name>.<UTC time>`` and write ``<new name>.reason.json`` beside it.
+
+    Never deletes. The rename stays on the same filesystem (atomic), and the new place is outside the Trainer's
+    ``checkpoint-*`` glob, so neither ``get_last_checkpoint`` nor rotation sees it again.
+
+    Returns:
+        The folder's new path.
+
+    Raises:
+        UnsafeFileError: ``<parent>/<into>`` is a link, a file, or leads outside the parent (planted so that the
+            move would carry the checkpoint elsewhere); nothing is moved.
+    """
+    path = Path(folder)
+    # a real folder inside output_dir: a planted link here would carry the checkpoint out of output_dir
+    target_dir = ensure_dir(path.parent / into, inside=path.parent)
+    stamp = utc_stamp()
+    target = target_dir / f"{path.name}.{stamp}"
+    while os.path.lexists(target):
+        target = target_dir / f"{path.name}.{stamp}-{secrets.token_hex(2)}"
+    os.rename(path, target)
+    fsync_dir(path.parent)
+    fsync_dir(target_dir)
+    with contextlib.suppress(OSError, ValueError, TypeError):
+        atomic_write_json(
+            target_dir / f"{target.name}.reason.json",
+            {
+                "from": str(path),
+                "to": str(target),
+                "utc": utc_now(),
+                "reason": reason,
+                "problems": [p.to_dict() if hasattr(p, "to_dict") else str(p) for p in problems],
+            },
+        )
+    return target

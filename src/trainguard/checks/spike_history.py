@@ -35,7 +35,7 @@ from typing import Any
 
 from ..errors import MalformedFileError, TrainGuardError
 from ..safe_fs import parse_json, read_bytes, read_tail_lines
-from ._layout import MANIFEST_NAME, METADATA_NAME, checkpoint_step
+from ._layout import MANIFEST_NAME, METADATA_NAME, CheckpointLayout, checkpoint_step
 
 __all__ = [
     "GUARD_KEY",
@@ -79,7 +79,7 @@ class Rollback:
         return {
             "lineage": self.lineage,
             "spike_step": self.spike_step,
-            "checkpoint": f"checkpoint-{self.checkpoint_step}",
+            "checkpoint": CheckpointLayout.name_for(self.checkpoint_step),
             "checkpoint_step": self.checkpoint_step,
             "skip_steps": list(self.skip_steps),
         }
@@ -162,7 +162,7 @@ def committed_rollbacks(
     problems: list[tuple[str, str]] = []
     folders: list[tuple[int, Path, dict[str, Any]]] = [(step if step is not None else -1, path, own)]
     try:
-        siblings = [p for p in path.parent.iterdir() if p.name.startswith("checkpoint-") and p.name != path.name]
+        siblings = [p for p in path.parent.iterdir() if checkpoint_step(p) is not None and p.name != path.name]
     except OSError:
         siblings = []
     for sibling in siblings:

@@ -48,7 +48,7 @@ class StartDecision:
     #: For a resume: the run's facts recorded at that save, and what the first step after it saw on each rank.
     saved_facts: dict[str, Any] | None = None
     model_only: bool = False
-    after_save: list[Any] | None = None
+    after_save: dict[str, Any] | None = None
 
     def attach_records(self, output_dir: str | os.PathLike[str] | None) -> StartDecision:
         """Fill the records a resume from ``parent`` is attested against (see :mod:`.attest`)."""
@@ -63,7 +63,7 @@ class StartDecision:
         if self.after_save and isinstance(origin.record.get(ACCEPTED_INEXACT), dict):
             # The user accepted a resume without the saved RNG state (`trainguard restore --accept-inexact`): the
             # resume says so once, so the first step's random state is not compared (it cannot match).
-            self.after_save = [{**o, "rng": None} if isinstance(o, dict) else o for o in self.after_save]
+            self.after_save = {**self.after_save, "rng": None}
         return self
 
 

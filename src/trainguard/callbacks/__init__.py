@@ -8,7 +8,10 @@ from ._base import GuardCallback
 
 __all__ = ["GuardCallback", "all_guards"]
 
-# Guard classes in the order they should run, as (keyword, "module:Class"). all_guards() builds one of each.
+# Guard classes in the order they should run, as (keyword, "module:Class"); each keyword is the class's guard_name.
+# all_guards() builds one of each; a hand-built list is put into this order when the Trainer is built
+# (_base.put_in_order). Save requests and vetoes go through the Trainer's GuardContext, where a veto wins whatever
+# the order; the order still matters for what a guard reads and when it acts, as said below.
 _GUARDS: tuple[tuple[str, str], ...] = (
     # First: refuse at Trainer(...) before any other guard does work or writes into an output_dir another run owns.
     ("run_lock", "trainguard.callbacks.run_lock:RunLock"),

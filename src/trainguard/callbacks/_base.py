@@ -13,73 +13,91 @@ from .. import distributed
 from ..alerts import Alert, Alerter, AlertSink, CounterSink, WebhookSink, default_sinks, get_logger
 from ..checks._layout import RECORD_PATTERNS
 from ..errors import TrainGuardError, at_call_site
-from ._trainer_compat import find_trainer, install_upload_filter
+from ._context import GuardContext, context_of, put_guards_in_order
+from ._trainer_compat import find_trainer, install_upload_filter, set_callback_order, wrap_train
 
 if TYPE_CHECKING:
     from transformers import TrainerControl, TrainerState, TrainingArguments
 
-__all__ = ["GuardCallback", "find_trainer", "install_train_hook"]
-
-_HOOK_MARK = "_trainguard_train_hook"
+__all__ = ["GuardCallback", "find_trainer", "install_train_hook", "put_in_order"]
 
 
 def install_train_hook(trainer: Any) -> None:
-    """Wrap ``trainer.train`` (on this instance only, once) so that every attached :class:`GuardCallback` gets
+    """Route ``trainer.train`` (on this instance only, once, through the seam's :func:`wrap_train`) so that every
+    attached :class:`GuardCallback` gets
     :meth:`GuardCallback.before_train` before the Trainer loads a checkpoint,
     :meth:`GuardCallback.after_train` when training returns (then trains again from the checkpoint a
     :meth:`GuardCallback.rerun_request` names, if one does), and
     :meth:`GuardCallback.on_train_error` when training raises (the Trainer has no ``on_exception`` event).
 
     One wrapper serves every guard, whatever their number, and the user's code still calls ``trainer.train(...)``.
-    A :class:`~trainguard.errors.TrainGuardError` leaves it with its traceback cut to this frame
+    The guards are put into their working order first (a guard added with ``add_callback`` after the Trainer was
+    built included). A :class:`~trainguard.errors.TrainGuardError` leaves it with its traceback cut to this frame
     (:func:`~trainguard.errors.at_call_site`): the refusal's message is the news, not trainguard's frames. Any other
     exception leaves exactly as it came.
     """
-    if getattr(trainer, _HOOK_MARK, False):
-        return
-    original = trainer.train
+    wrap_train(trainer, functools.partial(_make_train, trainer))
 
-    @functools.wraps(original)
+
+def _guards_of(trainer: Any) -> list[GuardCallback]:
+    return [cb for cb in list(trainer.callback_handler.callbacks) if isinstance(cb, GuardCallback)]
+
+
+def _make_train(trainer: Any, original: Any) -> Any:
     def train(resume_from_checkpoint: Any = None, *args: Any, **kwargs: Any) -> Any:
+        put_in_order(trainer)
         try:
-            for callback in list(trainer.callback_handler.callbacks):
-                if isinstance(callback, GuardCallback):
-                    resume_from_checkpoint = callback.before_train(trainer, resume_from_checkpoint)
+            for callback in _guards_of(trainer):
+                resume_from_checkpoint = callback.before_train(trainer, resume_from_checkpoint)
         except TrainGuardError as exc:
             raise at_call_site(exc)  # noqa: B904 - trainguard refused: the message below says why
         try:
             output = original(resume_from_checkpoint, *args, **kwargs)
         except BaseException as exc:
-            for callback in list(trainer.callback_handler.callbacks):
-                if isinstance(callback, GuardCallback):
-                    try:
-                        callback.on_train_error(trainer, exc)
-                    except Exception as hook_exc:  # the training error is what the user must see
-                        get_logger().warning(
-                            "trainguard %s.on_train_error failed: %s", type(callback).__name__, hook_exc
-                        )
+            for callback in _guards_of(trainer):
+                try:
+                    callback.on_train_error(trainer, exc)
+                except Exception as hook_exc:  # the training error is what the user must see
+                    get_logger().warning("trainguard %s.on_train_error failed: %s", type(callback).__name__, hook_exc)
             _report_stop(trainer, exc)
             if isinstance(exc, TrainGuardError):
                 raise at_call_site(exc)  # noqa: B904 - trainguard refused: the message below says why
             raise  # anything else leaves exactly as it came (rule 0)
         try:
-            for callback in list(trainer.callback_handler.callbacks):
-                if isinstance(callback, GuardCallback):
-                    callback.after_train(trainer, output)
+            for callback in _guards_of(trainer):
+                callback.after_train(trainer, output)
         except TrainGuardError as exc:
             _report_stop(trainer, exc)
             raise at_call_site(exc)  # noqa: B904 - trainguard refused: the message below says why
-        for callback in list(trainer.callback_handler.callbacks):
-            if isinstance(callback, GuardCallback):
-                again = callback.rerun_request(trainer)
-                if again is not None:
-                    # A guard stopped the run to train again from a checkpoint (SpikeGuard's rollback): the same
-                    # path as the user calling train(resume_from_checkpoint=...), every before_train check included.
-                    return train(again, *args, **kwargs)
+        for callback in _guards_of(trainer):
+            again = callback.rerun_request(trainer)
+            if again is not None:
+                # A guard stopped the run to train again from a checkpoint (SpikeGuard's rollback): the same path
+                # as the user calling train(resume_from_checkpoint=...), every before_train check included.
+                return train(again, *args, **kwargs)
         return output
 
-    trainer.train = train
-    setattr(trainer, _HOOK_MARK, True)
+    return train
+
+
+def put_in_order(trainer: Any) -> None:
+    """Put the guards attached to ``trainer`` into ``all_guards()``'s order (the order their protocol needs: see
+    ``callbacks/__init__.py``), saying so once on the ``trainguard`` logger when a hand-built list was not in it."""
+    from . import _GUARDS
+
+    names = [keyword for keyword, _target in _GUARDS]
+    callbacks = list(trainer.callback_handler.callbacks)
+    ordered = put_guards_in_order(callbacks, names)
+    if ordered is None:
+        return
+    before = [cb.guard_name for cb in callbacks if isinstance(cb, GuardCallback)]
+    after = [cb.guard_name for cb in ordered if isinstance(cb, GuardCallback)]
+    set_callback_order(trainer, ordered)
+    get_logger().warning(
+        "trainguard: the guards run in this order, which their checks rely on: %s (the callback list had %s)",
+        ", ".join(after),
+        ", ".join(before),
+    )
 
 
 def _report_stop(trainer: Any, exc: BaseException) -> None:
@@ -115,6 +133,7 @@ class GuardCallback(TrainerCallback):
         self._webhook_url = webhook_url
         self._alerter: Alerter | None = None
         self._trainer_ref: weakref.ReferenceType[Any] | None = None
+        self._own_context: GuardContext | None = None
 
     # ----------------------------------------------------------------------------------------------- wiring
     @property
@@ -129,14 +148,25 @@ class GuardCallback(TrainerCallback):
             self._alerter = Alerter(sinks)
         return self._alerter
 
+    @property
+    def context(self) -> GuardContext:
+        """What the guards on this guard's Trainer share (:class:`~trainguard.callbacks._context.GuardContext`): a
+        context of its own while no Trainer was found."""
+        trainer = self.trainer
+        if trainer is not None:
+            return context_of(trainer)
+        if self._own_context is None:
+            self._own_context = GuardContext()
+        return self._own_context
+
     def _attach(self, args: Any) -> None:
         trainer = find_trainer()
         if trainer is not None:
             self._trainer_ref = weakref.ref(trainer)
         if self._alert_sinks is None and trainer is not None:
-            # One alerter per Trainer, shared by every guard on it: one event-file writer, one webhook queue, one
-            # tracker counter, so the reported trainguard/alerts is the run's count.
-            shared = _shared_alerter(trainer, args)
+            # One alerter per Trainer, owned by its context and shared by every guard on it: one event-file writer,
+            # one webhook queue, one tracker counter, so the reported trainguard/alerts is the run's count.
+            shared = self.context.shared_alerter(getattr(args, "output_dir", None))
             if self._webhook_url:  # this guard's own webhook, beside the shared sinks
                 self._alerter = Alerter([_Forward(shared), WebhookSink(self._webhook_url)])
             else:
@@ -160,6 +190,7 @@ class GuardCallback(TrainerCallback):
             )
         self._attach(args)
         if self.trainer is not None:
+            put_in_order(self.trainer)  # before any training event: every later event reaches the guards in order
             install_train_hook(self.trainer)
             # Records naming hosts, PIDs, command lines and alerts, and set-aside checkpoints, live in output_dir,
             # which push_to_hub=True uploads whole (less "_*" and "checkpoint-*"): keep them off the Hub.
@@ -210,13 +241,11 @@ class GuardCallback(TrainerCallback):
         every save; return new JSON-able values (they are written on a background thread)."""
         return None
 
-    def wait_for_other_guards(self, trainer: Any) -> None:
-        """Block until every other attached guard's background work is on disk (CheckpointVerifier: the manifests
-        of the saves so far), so a checkpoint just saved can be verified or named. Call it on every rank alike."""
-        for callback in list(getattr(getattr(trainer, "callback_handler", None), "callbacks", []) or []):
-            wait = getattr(callback, "wait", None)
-            if callback is not self and isinstance(callback, GuardCallback) and callable(wait):
-                wait()
+    def wait_for_other_guards(self) -> None:
+        """Block until every other guard's background work registered with the context is on disk
+        (CheckpointVerifier: the manifests of the saves so far), so a checkpoint just saved can be verified or
+        named. Call it on every rank alike."""
+        self.context.wait_for_background(besides=self)
 
     def summary(self) -> str:
         """One line on what this guard checked in the run so far (guards override it with their specifics), true
@@ -224,6 +253,29 @@ class GuardCallback(TrainerCallback):
         history = self._alerter.history if self._alerter is not None else []
         alerts = sum(1 for a in history if a.guard == self.guard_name)
         return f"{alerts} alert(s)" if alerts else ""
+
+    #: Whether reporting publishes this guard's :meth:`key_figures` (RunReporter, which publishes them, does not).
+    reports_figures: ClassVar[bool] = True
+
+    def key_figures(self) -> dict[str, Any]:
+        """The few figures of this guard worth seeing beside the loss, as ``{figure: str | int | float}``, read
+        (never written) from its state; reporting publishes them as ``trainguard/<guard_name>/<figure>``. The base
+        gives the :meth:`summary` line when there is one (a "not a PEFT model" row would only be noise)."""
+        line = str(self.summary())
+        return {"summary": line} if line else {}
+
+    # ------------------------------------------------------------------------------------- saves and stops
+    def request_save(self, control: TrainerControl, reason: str, *, step: int, event: str, **how: Any) -> bool:
+        """Ask the context for a checkpoint at this event (see :meth:`GuardContext.request_save`)."""
+        return self.context.request_save(control, self.guard_name, reason, step=step, event=event, **how)
+
+    def veto_save(self, control: TrainerControl, reason: str, *, step: int, event: str, **how: Any) -> None:
+        """Cancel this event's save, whatever asks for it (see :meth:`GuardContext.veto_save`)."""
+        self.context.veto_save(control, self.guard_name, reason, step=step, event=event, **how)
+
+    def request_stop(self, control: TrainerControl, reason: str, *, step: int, event: str) -> None:
+        """Stop training after this event (see :meth:`GuardContext.request_stop`)."""
+        self.context.request_stop(control, self.guard_name, reason, step=step, event=event)
 
     # ------------------------------------------------------------------------------------------------ refusals
     def refuse_together(
@@ -276,29 +328,6 @@ class GuardCallback(TrainerCallback):
                 raised=raised,
             )
         )
-
-
-_SHARED_ALERTER = "_trainguard_alerter"
-
-
-def _shared_alerter(trainer: Any, args: Any) -> Alerter:
-    """The alerter every guard with default sinks shares on ``trainer`` (made by the first one attached): the
-    logger, the JSONL event file, the ``TRAINGUARD_WEBHOOK_URL`` webhook if set, and, unless
-    ``TRAINGUARD_REPORTING=0``, the alert counters in W&B / MLflow / TensorBoard and W&B alerts (through the
-    trackers' own APIs: never ``trainer.log``, so ``log_history`` and ``on_log`` stay the plain run's)."""
-    shared = getattr(trainer, _SHARED_ALERTER, None)
-    if isinstance(shared, Alerter):
-        return shared
-    sinks = default_sinks(getattr(args, "output_dir", None))
-    from ..integrations.reporting import TrackerCounterSink, WandbAlertSink, reporting_enabled
-
-    if reporting_enabled():
-        # Neither imports a tracker; each reports only to trackers the process already runs.
-        sinks.append(TrackerCounterSink(trainer))
-        sinks.append(WandbAlertSink())
-    shared = Alerter(sinks)
-    setattr(trainer, _SHARED_ALERTER, shared)
-    return shared
 
 
 class _Forward:

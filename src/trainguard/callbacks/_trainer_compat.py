@@ -72,8 +72,10 @@ __all__ = [
     "resume_facts",
     "routing",
     "save_spec",
+    "set_callback_order",
     "set_train_batch_size",
     "weights_on_rank0_only",
+    "wrap_train",
     "zero_stage",
 ]
 
@@ -336,6 +338,46 @@ def find_trainer(max_depth: int = 12) -> Any:
         frame = frame.f_back
         depth += 1
     return None
+
+
+# ------------------------------------------------------------------------------------------- train() and order
+_TRAIN_WRAP = "_trainguard_train_wrap"
+
+
+class TrainWrap:
+    """The handle :func:`wrap_train` returns: :meth:`remove` gives the instance its own ``train`` back."""
+
+    def __init__(self, trainer: Any, original: Callable[..., Any]) -> None:
+        self._trainer = trainer
+        self._original = original
+
+    def remove(self) -> None:
+        if getattr(self._trainer, _TRAIN_WRAP, None) is self:
+            del self._trainer.train  # the instance attribute: the class's train() shows through again
+            delattr(self._trainer, _TRAIN_WRAP)
+
+
+def wrap_train(trainer: Any, make: Callable[[Callable[..., Any]], Callable[..., Any]]) -> TrainWrap:
+    """Replace ``trainer.train`` (this instance only, once) with ``make(original)``; a second call returns the first
+    handle. The user's code still calls ``trainer.train(...)``. ``make`` builds the replacement itself, so a refusal
+    leaves ``train()`` through one trainguard frame, not one more for this seam."""
+    existing = getattr(trainer, _TRAIN_WRAP, None)
+    if isinstance(existing, TrainWrap):
+        return existing
+    original = trainer.train
+    handle = TrainWrap(trainer, original)
+    trainer.train = functools.wraps(original)(make(original))
+    setattr(trainer, _TRAIN_WRAP, handle)
+    return handle
+
+
+def set_callback_order(trainer: Any, callbacks: Sequence[Any]) -> None:
+    """Make ``callbacks`` (the same callbacks, reordered) the order every later event reaches them in. A new list,
+    not an in-place change: an event being dispatched now goes on over the list it started with."""
+    handler = trainer.callback_handler
+    if sorted(map(id, handler.callbacks)) != sorted(map(id, callbacks)):
+        raise ValueError("set_callback_order only reorders the attached callbacks")
+    handler.callbacks = list(callbacks)
 
 
 def set_train_batch_size(trainer: Any, per_device: int, gradient_accumulation_steps: int) -> bool:

@@ -154,6 +154,7 @@ class CheckpointVerifier(GuardCallback):
     # -------------------------------------------------------------------------------------------- wiring
     def on_init_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> Any:
         super().on_init_end(args, state, control, **kwargs)
+        self.context.add_background(self, self.wait)  # others wait for its manifests through the context
         if self.trainer is not None:
             missing = _trainer_compat.install_checkpoint_hooks(self.trainer, self)
             for feature in missing:
@@ -166,6 +167,7 @@ class CheckpointVerifier(GuardCallback):
     # ------------------------------------------------------------------------------------------- resume
     def before_train(self, trainer: Any, resume_from_checkpoint: Any) -> Any:
         self._resume_checked = True
+        self.context.add_background(self, self.wait)  # also when added with add_callback() after __init__
         self.wait()
         output_dir = getattr(trainer.args, "output_dir", None)
         fresh = resume_from_checkpoint is None or resume_from_checkpoint is False
@@ -601,6 +603,10 @@ class CheckpointVerifier(GuardCallback):
     def manifests_written(self) -> int:
         """Manifests this guard has written so far (its saves committed)."""
         return int(self._committer.manifests)
+
+    def key_figures(self) -> dict[str, Any]:
+        lineage = {"lineage": str(self.lineage)} if self.lineage else {}
+        return {**lineage, "manifests_written": self.manifests_written, **super().key_figures()}
 
     def summary(self) -> str:
         parts = [f"{self.manifests_written} manifest(s) written"]

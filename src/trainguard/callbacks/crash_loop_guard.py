@@ -16,6 +16,7 @@ from ..checks.lineage import new_id
 from ..errors import PreflightError, UnsafeFileError
 from . import _trainer_compat
 from ._base import GuardCallback
+from ._context import GuardContext
 
 if TYPE_CHECKING:
     from transformers import TrainerControl, TrainerState, TrainingArguments
@@ -118,6 +119,7 @@ class CrashLoopGuard(GuardCallback):
                     apply_oom_fix=self.apply_oom_fix,
                     can_change_batch=not getattr(trainer, "is_deepspeed_enabled", False),
                     resume_step=resume_step,
+                    open_runs=GuardContext.open_run_ids(),
                 )
                 self._history_note = decision.history
                 payload = (new_id(), decision)  # the run-id style of every trainguard record
@@ -172,7 +174,7 @@ class CrashLoopGuard(GuardCallback):
             self._record(
                 crash_loop.record_start, str(args.output_dir), run_id=run_id, step=state.global_step, batch=_batch(args)
             )
-        crash_loop._register_open_run(run_id, str(args.output_dir), self._current_step)
+        self.context.open_runs.open(run_id, str(args.output_dir), self._current_step)
         return control
 
     def on_step_begin(
@@ -193,7 +195,7 @@ class CrashLoopGuard(GuardCallback):
         if self._started and self.run_id is not None:
             if args.should_save:
                 self._record(crash_loop.record_end, str(args.output_dir), run_id=self.run_id, step=state.global_step)
-            crash_loop._unregister_open_run(self.run_id)
+            self.context.open_runs.close(self.run_id)
         self._started = False
         self._prepared = False
         return super().on_train_end(args, state, control, **kwargs)
@@ -203,7 +205,7 @@ class CrashLoopGuard(GuardCallback):
         self._prepared = False
         if run_id is None:
             return
-        crash_loop._unregister_open_run(run_id)
+        self.context.open_runs.close(run_id)
         self._started = False
         args = trainer.args
         step = crash_loop.failing_step(exc, int(trainer.state.global_step), in_step=self._in_step)

@@ -244,5 +244,18 @@ class DatasetGuard(GuardCallback, ExportableState):
         )
         return control
 
+    def key_figures(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        identity = self.run_identity or {}
+        train = identity.get("train")
+        if isinstance(train, dict):
+            if train.get("fingerprint"):
+                out["train_fingerprint"] = str(train["fingerprint"])
+            if isinstance(train.get("num_rows"), int):
+                out["train_rows"] = train["num_rows"]
+        if isinstance(identity.get("global_batch"), int):
+            out["global_batch"] = identity["global_batch"]
+        return {**out, **super().key_figures()}
+
     def summary(self) -> str:
         return self._summary

@@ -15,12 +15,12 @@ from typing import TYPE_CHECKING, Any
 from .. import distributed
 from ..alerts import AlertSink, get_logger
 from ..bounds import seconds, whole_number, yes_no
-from ..checks import crash_loop
 from ..checks import last_save as _last_save
 from ..checks.nan.values import nonfinite_parameters
 from ..redact import redact_text
 from . import _trainer_compat
 from ._base import GuardCallback
+from ._context import GuardContext
 
 if TYPE_CHECKING:
     from transformers import TrainerControl, TrainerState, TrainingArguments
@@ -176,7 +176,7 @@ class GracefulStop(GuardCallback):
         # Second signal: the user (or the scheduler) wants out now.
         try:
             os.write(2, f"\ntrainguard: second signal {signal.Signals(signum).name}: exiting at once\n".encode())
-            crash_loop.record_interrupt_for_open_runs(f"second signal {signal.Signals(signum).name}")
+            GuardContext.mark_every_open_run_interrupted(f"second signal {signal.Signals(signum).name}")
         finally:
             os._exit(128 + signum)
 
@@ -261,11 +261,11 @@ class GracefulStop(GuardCallback):
             stop = local
         if not stop or self.stopped_at_step is not None:
             return control
-        control.should_save = True
-        control.should_training_stop = True
+        step = int(state.global_step)
         # A scheduled evaluation would spend the preemption grace period, and with save_strategy="best" its result
         # would overwrite should_save: the stop saves first; evaluate the checkpoint after the restart.
-        control.should_evaluate = False
+        self.request_save(control, "stop signal", step=step, event="on_step_end", skip_evaluation=True)
+        self.request_stop(control, "stop signal", step=step, event="on_step_end")
         self.stopped_at_step = int(state.global_step)
         received = self._received
         self.stop_signal = signal.Signals(received) if received is not None else None
@@ -354,7 +354,7 @@ class GracefulStop(GuardCallback):
         )
         try:
             saved = _trainer_compat.save_checkpoint_as_at_save_step(trainer)
-            self.wait_for_other_guards(trainer)  # the manifest is written before the error reaches the caller
+            self.wait_for_other_guards()  # the manifest is written before the error reaches the caller
         except BaseException as err:
             if world_size > 1:
                 self._post_done(redact_text(f"failed: {type(err).__name__}: {err}")[:300])

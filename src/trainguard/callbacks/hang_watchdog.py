@@ -96,8 +96,7 @@ class HangWatchdog(GuardCallback):
         try:
             from ..checks import crash_loop
 
-            open_runs = dict(getattr(crash_loop, "_OPEN_RUNS", {}))
-            for run_id, (output_dir, _getter) in open_runs.items():
+            for run_id, output_dir in self.context.open_runs.items():
                 crash_loop.record_failure(
                     output_dir, run_id=run_id, step=report.step, exc=report.error(), rank=report.rank
                 )
@@ -217,6 +216,10 @@ class HangWatchdog(GuardCallback):
 
     def on_train_error(self, trainer: Any, exc: BaseException) -> None:
         self.watchdog.stop()
+
+    def key_figures(self) -> dict[str, Any]:
+        seconds, rule = self.watchdog.step_budget()
+        return {"step_budget_s": float(seconds), "step_budget_rule": str(rule), **super().key_figures()}
 
     def summary(self) -> str:
         return self.watchdog.summary()

@@ -127,6 +127,7 @@ class NanGuard(GuardCallback):
         webhook_url: str | None = None,
     ) -> None:
         super().__init__(alert_sinks=alert_sinks, webhook_url=webhook_url)
+        self._now: tuple[int, str] = (0, "")  # (step, event) being handled: where a save veto or stop belongs
         if action not in _ACTIONS:
             raise ValueError(f"NanGuard action must be one of {_ACTIONS}, not {action!r}")
         owner = "NanGuard"
@@ -312,10 +313,10 @@ class NanGuard(GuardCallback):
                 text = finding_message(finding, action="warn", output_dir=output_dir, detected_at=detected_at)
                 self.alert("error", text, step=finding.step, evidence=finding_evidence(finding))
             return
-        control.should_save = False
-        control.should_evaluate = False
+        why, (step, event) = f"non-finite value at step {finding.step}", self._now
+        self.veto_save(control, why, step=step, event=event, skip_evaluation=True)
         if self.action == "stop":
-            control.should_training_stop = True
+            self.request_stop(control, why, step=step, event=event)
             if before_update and drop_grads:
                 self._drop_gradients(optimizer)  # the in-memory model keeps the last finite weights
             if first and report:
@@ -375,6 +376,7 @@ class NanGuard(GuardCallback):
     def on_pre_optimizer_step(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> Any:
+        self._now = (int(state.global_step), "on_pre_optimizer_step")
         if not self._hooked or self._probe is None:
             return control
         flags = self._probe.take(state.global_step + 1)
@@ -393,6 +395,7 @@ class NanGuard(GuardCallback):
         return control
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> Any:
+        self._now = (int(state.global_step), "on_step_end")
         if self._hooked and not self._sync_now and self._probe is not None:
             probe, previous, self._pending = self._probe, self._pending, None
             if previous is not None:
@@ -415,6 +418,7 @@ class NanGuard(GuardCallback):
         return control
 
     def on_epoch_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> Any:
+        self._now = (int(state.global_step), "on_epoch_end")
         if self._pending is not None and (control.should_save or control.should_evaluate):
             self._judge_pending(args, state, control)
         self._guard_save(args, state, control, kwargs.get("model"))
@@ -429,9 +433,9 @@ class NanGuard(GuardCallback):
     def _guard_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model: Any) -> None:
         if self.tripped is not None and self.action != "warn":
             # on_step_end / on_epoch_end of DefaultFlowCallback ran before us and may have scheduled a save.
-            control.should_save = False
-            control.should_evaluate = False
-            control.should_training_stop = True
+            why, (step, event) = f"non-finite value at step {self.tripped.step}", self._now
+            self.veto_save(control, why, step=step, event=event, skip_evaluation=True)
+            self.request_stop(control, why, step=step, event=event)
             return
         if not (self.check_params_on_save and control.should_save and model is not None):
             return
@@ -450,6 +454,7 @@ class NanGuard(GuardCallback):
         return distributed.is_distributed() and _trainer_compat.engine_layout(trainer) != "plain"
 
     def on_evaluate(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> Any:
+        self._now = (int(state.global_step), "on_evaluate")
         metrics = kwargs.get("metrics") or {}
         if not self.check_eval or not metrics:
             return control
@@ -462,6 +467,7 @@ class NanGuard(GuardCallback):
         return control
 
     def on_log(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> Any:
+        self._now = (int(state.global_step), "on_log")
         logs = kwargs.get("logs") or {}
         if "loss" not in logs:
             return control

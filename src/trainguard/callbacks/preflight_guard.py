@@ -324,12 +324,12 @@ class PreflightGuard(GuardCallback):
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> Any:
         if control.should_save and self.check_before_save:
-            self._check_save(args, state, control, kwargs.get("model"))
+            self._check_save(args, state, control, kwargs.get("model"), "on_step_end")
         return control
 
     def on_epoch_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> Any:
         if control.should_save and self.check_before_save:
-            self._check_save(args, state, control, kwargs.get("model"))
+            self._check_save(args, state, control, kwargs.get("model"), "on_epoch_end")
         return control
 
     def _estimate(self, args: Any, model: Any) -> CheckpointEstimate | None:
@@ -341,11 +341,13 @@ class PreflightGuard(GuardCallback):
             )
         return self.estimate
 
-    def _check_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model: Any) -> None:
-        if self.stopped is not None:  # already stopping for space (same on every rank): no second save attempt
-            control.should_save = False
-            return
+    def _check_save(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model: Any, event: str
+    ) -> None:
         step = int(state.global_step)
+        if self.stopped is not None:  # already stopping for space (same on every rank): no second save attempt
+            self.veto_save(control, "stopping for disk space", step=step, event=event)
+            return
         short = False
         detail: dict[str, Any] = {}
         if bool(getattr(args, "should_save", True)):
@@ -359,8 +361,8 @@ class PreflightGuard(GuardCallback):
         # Collective at the same event on every rank (should_save comes from the step count, so it agrees).
         if not distributed.any_rank(short):
             return
-        control.should_save = False
-        control.should_training_stop = True
+        self.veto_save(control, "not enough disk space for the save", step=step, event=event)
+        self.request_stop(control, "not enough disk space for the save", step=step, event=event)
         self.stopped = save_stopped_error(str(args.output_dir), step, detail, rank=distributed.rank())
         self.alert("critical", self.stopped.what, step=step, evidence=self.stopped.evidence)
 

@@ -36,6 +36,7 @@ class RunReporter(GuardCallback):
     """
 
     guard_name = "run_reporter"
+    reports_figures = False  # it publishes the others' figures; its own line reads what it published
 
     def on_train_begin(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any

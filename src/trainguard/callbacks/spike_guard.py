@@ -377,9 +377,9 @@ class SpikeGuard(GuardCallback):
             self._judge_pending(pending, args, control)
         if self._rollback_to is not None or self._give_up is not None:
             # Nothing of the spike step is saved or evaluated: the run goes back to a checkpoint before it.
-            control.should_save = False
-            control.should_evaluate = False
-            control.should_training_stop = True
+            step, why = int(state.global_step), "rollback" if self._rollback_to is not None else "give up"
+            self.veto_save(control, why, step=step, event="on_step_end", skip_evaluation=True)
+            self.request_stop(control, why, step=step, event="on_step_end")
         return control
 
     def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> Any:
@@ -485,7 +485,7 @@ class SpikeGuard(GuardCallback):
         chosen: str | None = None
         if self.trainer is not None:
             # A checkpoint saved a step or two ago may still be hashing: its manifest must be in before it is judged.
-            self.wait_for_other_guards(self.trainer)
+            self.wait_for_other_guards()
         if distributed.is_main_process():
             from ..checks.checkpoint import verify_checkpoint
 

@@ -34,7 +34,7 @@ from __future__ import annotations
 import json
 import os
 import socket
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,6 +49,7 @@ from ..safe_fs import display_name, parse_json, read_tail_lines
 __all__ = [
     "CRASH_LOG",
     "CrashLoop",
+    "OpenRuns",
     "RunRecord",
     "StartDecision",
     "check_crash_loop",
@@ -64,7 +65,6 @@ __all__ = [
     "oom_fix",
     "record_end",
     "record_failure",
-    "record_interrupt_for_open_runs",
     "record_start",
 ]
 
@@ -167,28 +167,39 @@ def record_end(output_dir: PathLike, *, run_id: str, step: int, status: str = "c
     _append(output_dir, record)
 
 
-# Runs of this process that have started and not ended: run_id -> (output_dir, step getter). A hard exit
-# (second stop signal) marks them interrupted so that a deliberate kill is never counted as a crash.
-_OPEN_RUNS: dict[str, tuple[Path, Any]] = {}
+class OpenRuns:
+    """Runs that have started and not ended: run_id -> (output_dir, step getter). The guards on each Trainer keep
+    one; a hard exit (second stop signal) marks its runs interrupted so that a deliberate kill is never counted as
+    a crash, and a hang abort records its failure into them."""
 
+    def __init__(self) -> None:
+        self._runs: dict[str, tuple[Path, Any]] = {}
 
-def _register_open_run(run_id: str, output_dir: PathLike, step_getter: Any) -> None:
-    _OPEN_RUNS[run_id] = (Path(output_dir), step_getter)
+    def open(self, run_id: str, output_dir: PathLike, step_getter: Any) -> None:
+        """Register run ``run_id`` writing its crash log in ``output_dir``; ``step_getter()`` gives its step."""
+        self._runs[run_id] = (Path(output_dir), step_getter)
 
+    def close(self, run_id: str) -> None:
+        """The run ended (its end or failure is recorded, or is being recorded now)."""
+        self._runs.pop(run_id, None)
 
-def _unregister_open_run(run_id: str) -> None:
-    _OPEN_RUNS.pop(run_id, None)
+    def ids(self) -> list[str]:
+        return list(self._runs)
 
+    def items(self) -> list[tuple[str, Path]]:
+        """``(run_id, output_dir)`` of every open run."""
+        return [(run_id, output_dir) for run_id, (output_dir, _getter) in list(self._runs.items())]
 
-def record_interrupt_for_open_runs(reason: str) -> None:
-    """Mark every run this process has open as interrupted (called just before a deliberate hard exit)."""
-    for run_id, (output_dir, step_getter) in list(_OPEN_RUNS.items()):
-        try:
-            step = int(step_getter()) if callable(step_getter) else 0
-            record_end(output_dir, run_id=run_id, step=step, status="interrupted", reason=reason)
-        except Exception:  # about to exit: never let bookkeeping stop the exit
-            pass
-        _OPEN_RUNS.pop(run_id, None)
+    def mark_interrupted(self, reason: str) -> None:
+        """Record every open run as interrupted and close it (called just before a deliberate hard exit: never
+        raises)."""
+        for run_id, (output_dir, step_getter) in list(self._runs.items()):
+            try:
+                step = int(step_getter()) if callable(step_getter) else 0
+                record_end(output_dir, run_id=run_id, step=step, status="interrupted", reason=reason)
+            except Exception:  # about to exit: never let bookkeeping stop the exit
+                pass
+            self._runs.pop(run_id, None)
 
 
 # -------------------------------------------------------------------------------------------------- reading
@@ -234,11 +245,11 @@ def _as_int(value: Any) -> int:
         return -1
 
 
-def _still_running(run: RunRecord, host: str) -> bool:
+def _still_running(run: RunRecord, host: str, open_runs: Collection[str]) -> bool:
     """A start without an end is alive if it is one of this process's open runs or its PID lives on this host."""
     pid = run.start.get("pid")
     if pid == os.getpid():
-        return run.run_id in _OPEN_RUNS
+        return run.run_id in open_runs
     return run.start.get("host") == host and pid_alive(pid)
 
 
@@ -296,13 +307,13 @@ def _read_records(path: Path) -> tuple[list[dict[str, Any]], list[int]]:
     return records, bad
 
 
-def load_runs(output_dir: PathLike, *, warn: bool = True) -> list[RunRecord]:
+def load_runs(output_dir: PathLike, *, warn: bool = True, open_runs: Collection[str] = ()) -> list[RunRecord]:
     """Every run recorded in ``output_dir/trainguard-crashes.jsonl``, oldest first, with its outcome.
 
     Malformed lines (not JSON, too deep, a number JSON cannot hold, a field of the wrong type) are skipped (the log
     must never stop a run); with ``warn`` they are counted and named, with the file and line, on the ``trainguard``
     logger. A run whose start has no end and no failure is ``unknown`` unless its process is alive on this host
-    (then ``running``).
+    (then ``running``); for a start of this process, unless its id is in ``open_runs`` (the runs open here).
 
     Raises:
         UnsafeFileError: A link, FIFO, device or socket is at the log's name (never followed, never blocks).
@@ -311,7 +322,7 @@ def load_runs(output_dir: PathLike, *, warn: bool = True) -> list[RunRecord]:
 
         [r.outcome for r in load_runs("out")]
     """
-    runs, bad = load_run_history(output_dir)
+    runs, bad = load_run_history(output_dir, open_runs=open_runs)
     if bad and warn:
         get_logger().warning(
             "%s: skipped %d malformed line(s) (line %s); the crash history may be incomplete",
@@ -322,7 +333,7 @@ def load_runs(output_dir: PathLike, *, warn: bool = True) -> list[RunRecord]:
     return runs
 
 
-def load_run_history(output_dir: PathLike) -> tuple[list[RunRecord], list[int]]:
+def load_run_history(output_dir: PathLike, *, open_runs: Collection[str] = ()) -> tuple[list[RunRecord], list[int]]:
     """:func:`load_runs` without the warning: the runs, and the numbers of the lines that were skipped as
     malformed (for a report such as ``trainguard inspect``).
 
@@ -349,7 +360,7 @@ def load_run_history(output_dir: PathLike) -> tuple[list[RunRecord], list[int]]:
         elif run.end is not None:
             run.outcome = "clean"
         else:
-            run.outcome = "running" if _still_running(run, host) else "unknown"
+            run.outcome = "running" if _still_running(run, host, open_runs) else "unknown"
     return list(runs.values()), bad
 
 
@@ -521,6 +532,7 @@ def decide_start(
     apply_oom_fix: bool = False,
     can_change_batch: bool = True,
     resume_step: int | None = None,
+    open_runs: Collection[str] = (),
 ) -> StartDecision:
     """Decide, from the runs recorded in ``output_dir``, whether a run with these batch settings may start.
 
@@ -529,7 +541,7 @@ def decide_start(
     the given settings; refused instead when the batch cannot be halved evenly or ``can_change_batch`` is False
     (DeepSpeed holds the batch size in its own config). Any other loop: refuse with :func:`crash_loop_error`.
     ``resume_step``: the step this start resumes from (0 for a fresh start); past the step the failing runs
-    started from, it is progress and no loop.
+    started from, it is progress and no loop. ``open_runs``: the ids of the runs this process has open.
 
     Example::
 
@@ -537,7 +549,7 @@ def decide_start(
                                 apply_oom_fix=True)
         if decision.action == "refuse": raise decision.error
     """
-    runs = load_runs(output_dir)
+    runs = load_runs(output_dir, open_runs=open_runs)
     abnormal = sum(1 for r in runs if r.outcome in ("failed", "unknown"))
     loop = find_crash_loop(output_dir, max_repeats=max_repeats, runs=runs, progress_step=resume_step)
     if loop is None:

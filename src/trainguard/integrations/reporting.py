@@ -72,7 +72,6 @@ _MAX_TEXT = 5000
 _MAX_TITLE = 63
 _RUNS_ATTR = "_trainguard_tracker_runs"
 _PUBLISHED_ATTR = "_trainguard_published_to"
-_SHARED_ALERTER = "_trainguard_alerter"  # the attribute callbacks/_base.py keeps the shared alerter in
 
 _warned: set[str] = set()
 _warned_lock = threading.Lock()
@@ -201,54 +200,13 @@ class WandbAlertSink:
 
 
 # ------------------------------------------------------------------------------------------------ key figures
-def _guards(trainer: Any) -> list[Any]:
-    handler = getattr(trainer, "callback_handler", None)
-    callbacks = getattr(handler, "callbacks", [])
-    return [cb for cb in callbacks if getattr(cb, "guard_name", None) not in (None, "run_reporter")]
-
-
-def _figures_of(guard: Any) -> dict[str, Any]:
-    """The few figures of one guard worth seeing beside the loss, read (never written) from its attributes."""
-    name = guard.guard_name
-    out: dict[str, Any] = {}
-    if name == "checkpoint_verifier":
-        if getattr(guard, "lineage", None):
-            out["lineage"] = str(guard.lineage)
-        manifests = getattr(guard, "manifests_written", None)
-        if isinstance(manifests, int):
-            out["manifests_written"] = manifests
-    elif name == "dataset_guard":
-        identity = getattr(guard, "run_identity", None)
-        train = identity.get("train") if isinstance(identity, Mapping) else None
-        if isinstance(train, Mapping):
-            if train.get("fingerprint"):
-                out["train_fingerprint"] = str(train["fingerprint"])
-            if isinstance(train.get("num_rows"), int):
-                out["train_rows"] = train["num_rows"]
-        if isinstance(identity, Mapping) and isinstance(identity.get("global_batch"), int):
-            out["global_batch"] = identity["global_batch"]
-    elif name == "hang_watchdog":
-        watchdog = getattr(guard, "watchdog", None)
-        if watchdog is not None:
-            seconds, rule = watchdog.step_budget()
-            out["step_budget_s"] = float(seconds)
-            out["step_budget_rule"] = str(rule)
-    summary = getattr(guard, "summary", None)
-    line = str(summary()) if callable(summary) else ""
-    if line:  # a guard with nothing to tell says "" (a "not a PEFT model" row would only be noise in a tracker)
-        out["summary"] = line
-    return {f"trainguard/{name}/{key}": value for key, value in out.items()}
-
-
 def key_figures(trainer: Any) -> dict[str, Any]:
-    """The attached guards' key figures as ``{"trainguard/<guard>/<figure>": str | int | float}`` (read-only)."""
-    figures: dict[str, Any] = {}
-    for guard in _guards(trainer):
-        try:
-            figures.update(_figures_of(guard))
-        except Exception as exc:
-            _warn_once(f"read the key figures of {guard.guard_name}", exc)
-    return figures
+    """The attached guards' key figures as ``{"trainguard/<guard>/<figure>": str | int | float}`` (read-only): each
+    guard's ``key_figures()``, gathered by the Trainer's guard context."""
+    from ..callbacks._context import existing_context
+
+    context = existing_context(trainer)
+    return context.key_figures() if context is not None else {}
 
 
 def _numeric(figures: Mapping[str, Any]) -> dict[str, float]:
@@ -440,7 +398,10 @@ def _stop_cause(trainer: Any, exc: BaseException) -> tuple[str, str]:
     (guards alert when they stop a run), else the error's class; the message is the error's ``what``."""
     guard = getattr(exc, "guard", None)
     if not isinstance(guard, str):
-        alerter = getattr(trainer, _SHARED_ALERTER, None)
+        from ..callbacks._context import existing_context
+
+        context = existing_context(trainer)
+        alerter = context.alerter if context is not None else None
         history: Iterable[Alert] = getattr(alerter, "history", [])
         stops = [a for a in history if a.level in ("error", "critical")]
         guard = stops[-1].guard if stops else type(exc).__name__

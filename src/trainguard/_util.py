@@ -79,3 +79,8 @@ def feature_off(reason: str, feature: str) -> None:
     logging.getLogger("trainguard").warning(
         "trainguard: %s; %s is off (upgrade trainguard, or report it)", reason, feature
     )
+
+
+# The attribute callbacks/_context.py sets on a Trainer instance for its GuardContext (trainguard's own name, no
+# Trainer internal); defined here so that layers below the callbacks (reporting) read it without importing them.
+CONTEXT_ATTR = "_trainguard_context"

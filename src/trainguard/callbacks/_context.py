@@ -26,6 +26,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from .._util import CONTEXT_ATTR
 from ..alerts import Alerter, default_sinks, get_logger
 from ..checks.crash_loop import OpenRuns
 from ..redact import redact_text
@@ -35,7 +36,7 @@ if TYPE_CHECKING:
 
 __all__ = ["GuardContext", "SaveDecision", "context_of", "existing_context", "put_guards_in_order"]
 
-_CONTEXT_ATTR = "_trainguard_context"  # trainguard's own attribute on the Trainer instance (no Trainer internal)
+_CONTEXT_ATTR = CONTEXT_ATTR  # trainguard's own attribute on the Trainer instance (no Trainer internal)
 _LIVE: weakref.WeakSet[GuardContext] = weakref.WeakSet()  # for the hard exit, which ends every run of the process
 _LIVE_LOCK = threading.Lock()
 

@@ -42,6 +42,7 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from .. import distributed
+from .._util import CONTEXT_ATTR
 from ..alerts import LEVELS, Alert, CounterSink, get_logger
 from ..redact import redact_text
 from ._tracker_compat import mlflow_callback_started, wandb_run_finished
@@ -203,10 +204,8 @@ class WandbAlertSink:
 def key_figures(trainer: Any) -> dict[str, Any]:
     """The attached guards' key figures as ``{"trainguard/<guard>/<figure>": str | int | float}`` (read-only): each
     guard's ``key_figures()``, gathered by the Trainer's guard context."""
-    from ..callbacks._context import existing_context
-
-    context = existing_context(trainer)
-    return context.key_figures() if context is not None else {}
+    gather = getattr(getattr(trainer, CONTEXT_ATTR, None), "key_figures", None)  # the GuardContext, if guards made one
+    return dict(gather()) if callable(gather) else {}
 
 
 def _numeric(figures: Mapping[str, Any]) -> dict[str, float]:
@@ -398,10 +397,7 @@ def _stop_cause(trainer: Any, exc: BaseException) -> tuple[str, str]:
     (guards alert when they stop a run), else the error's class; the message is the error's ``what``."""
     guard = getattr(exc, "guard", None)
     if not isinstance(guard, str):
-        from ..callbacks._context import existing_context
-
-        context = existing_context(trainer)
-        alerter = context.alerter if context is not None else None
+        alerter = getattr(getattr(trainer, CONTEXT_ATTR, None), "alerter", None)  # the GuardContext's, if any
         history: Iterable[Alert] = getattr(alerter, "history", [])
         stops = [a for a in history if a.level in ("error", "critical")]
         guard = stops[-1].guard if stops else type(exc).__name__

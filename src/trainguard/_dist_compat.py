@@ -7,6 +7,8 @@ returns None when the private name is missing in the installed torch, after one 
 
 Example::
 
+    # not run here: needs an initialized process group (a torchrun job)
+    import torch.distributed as dist
     from trainguard import _dist_compat
     _dist_compat.default_store(dist)      # the c10d store, or None
 """

@@ -8,6 +8,9 @@ is a :class:`PatchHandle`; :meth:`PatchHandle.remove` puts the original back.
 
 Example::
 
+    # not run here: removing the handle would take the patch away from every Trainer in the process
+    import transformers.trainer
+    from trainguard.callbacks._patches import install_dispatcher, routing
     handle = install_dispatcher(transformers.trainer, "rotate_checkpoints")
     with routing(rotate_checkpoints=lambda original, *args, **kwargs: None):
         ...                      # rotation inside this block goes to the handler

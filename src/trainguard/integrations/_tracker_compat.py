@@ -7,7 +7,9 @@ found again). A release that renames the private name turns the feature off afte
 
 Example::
 
+    from types import SimpleNamespace
     from trainguard.integrations._tracker_compat import wandb_run_finished
+    run = SimpleNamespace(_is_finished=True)   # stands in for wandb.run
     wandb_run_finished(run)        # True once the run has finished
 """
 

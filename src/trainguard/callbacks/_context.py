@@ -27,9 +27,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from .._util import CONTEXT_ATTR
-from ..alerts import Alerter, default_sinks, get_logger
+from ..alerts import Alerter, default_sinks
 from ..checks.crash_loop import OpenRuns
-from ..redact import redact_text
 
 if TYPE_CHECKING:
     from transformers import TrainerControl
@@ -206,7 +205,9 @@ class GuardContext:
             try:
                 own = guard.key_figures()
             except Exception as exc:
-                _warn_once(f"read the key figures of {guard.guard_name}", exc)
+                from ..integrations.reporting import warn_once  # the one "reports go on" warning, said once
+
+                warn_once(f"read the key figures of {guard.guard_name}", exc)
                 continue
             figures.update({f"trainguard/{guard.guard_name}/{key}": value for key, value in own.items()})
         return figures
@@ -228,21 +229,6 @@ class GuardContext:
         with _LIVE_LOCK:
             contexts = list(_LIVE)
         return frozenset(run_id for context in contexts for run_id in context.open_runs.ids())
-
-
-_warned: set[str] = set()
-
-
-def _warn_once(what: str, exc: BaseException) -> None:
-    if what in _warned:
-        return
-    _warned.add(what)
-    get_logger().warning(
-        "trainguard could not %s (%s: %s); training continues, the other reports are unaffected",
-        what,
-        type(exc).__name__,
-        redact_text(str(exc)),
-    )
 
 
 def context_of(trainer: Any) -> GuardContext:

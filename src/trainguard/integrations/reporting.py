@@ -83,7 +83,8 @@ def reporting_enabled() -> bool:
     return os.environ.get(REPORTING_ENV, "1").strip().lower() not in ("0", "false", "off", "no")
 
 
-def _warn_once(what: str, exc: BaseException) -> None:
+def warn_once(what: str, exc: BaseException) -> None:
+    """Log once per ``what`` that a report failed and training goes on (the exception's text redacted)."""
     with _warned_lock:
         if what in _warned:
             return
@@ -278,7 +279,7 @@ def log_numbers(trainer: Any, numbers: Mapping[str, float]) -> list[str]:
             run.log({**{f"train/{key}": value for key, value in numbers.items()}, "train/global_step": step})
             reached.append("wandb")
         except Exception as exc:
-            _warn_once("log trainguard's numbers to W&B", exc)
+            warn_once("log trainguard's numbers to W&B", exc)
     try:
         run_id = _mlflow_run_id(trainer)
         if run_id is not None:
@@ -289,7 +290,7 @@ def log_numbers(trainer: Any, numbers: Mapping[str, float]) -> list[str]:
             _mlflow().MlflowClient().log_batch(run_id, metrics=metrics)  # one request, not one per key
             reached.append("mlflow")
     except Exception as exc:
-        _warn_once("log trainguard's numbers to MLflow", exc)
+        warn_once("log trainguard's numbers to MLflow", exc)
     try:
         writer = _tensorboard_writer(trainer)
         if writer is not None:
@@ -298,7 +299,7 @@ def log_numbers(trainer: Any, numbers: Mapping[str, float]) -> list[str]:
             writer.flush()
             reached.append("tensorboard")
     except Exception as exc:
-        _warn_once("log trainguard's numbers to TensorBoard", exc)
+        warn_once("log trainguard's numbers to TensorBoard", exc)
     return reached
 
 
@@ -339,7 +340,7 @@ def publish_start(trainer: Any) -> dict[str, Any]:
                 runs["wandb"] = str(run.id)
                 reached.add("wandb")
             except Exception as exc:
-                _warn_once("put trainguard's key figures into the W&B config", exc)
+                warn_once("put trainguard's key figures into the W&B config", exc)
         try:
             run_id = _mlflow_run_id(trainer)
             if run_id is not None:
@@ -347,7 +348,7 @@ def publish_start(trainer: Any) -> dict[str, Any]:
                 _mlflow_tags(run_id, figures)
                 reached.add("mlflow")
         except Exception as exc:
-            _warn_once("put trainguard's key figures into MLflow tags", exc)
+            warn_once("put trainguard's key figures into MLflow tags", exc)
         try:
             writer = _tensorboard_writer(trainer)
             if writer is not None:
@@ -357,7 +358,7 @@ def publish_start(trainer: Any) -> dict[str, Any]:
                 writer.flush()
                 reached.add("tensorboard")
         except Exception as exc:
-            _warn_once("put trainguard's key figures into TensorBoard", exc)
+            warn_once("put trainguard's key figures into TensorBoard", exc)
     setattr(trainer, _RUNS_ATTR, runs)
     reached.update(log_numbers(trainer, _numeric(figures)))  # never raises
     setattr(trainer, _PUBLISHED_ATTR, sorted(reached))
@@ -381,13 +382,13 @@ def publish_end(trainer: Any, extra: Mapping[str, Any] | None = None) -> dict[st
         try:
             run.summary.update(figures)
         except Exception as exc:
-            _warn_once("put trainguard's key figures into the W&B summary", exc)
+            warn_once("put trainguard's key figures into the W&B summary", exc)
     try:
         run_id = _mlflow_run_id(trainer)
         if run_id is not None:
             _mlflow_tags(run_id, figures)
     except Exception as exc:
-        _warn_once("put trainguard's key figures into MLflow tags", exc)
+        warn_once("put trainguard's key figures into MLflow tags", exc)
     return figures
 
 
@@ -418,20 +419,20 @@ def report_stop(trainer: Any, exc: BaseException) -> dict[str, str]:
     try:
         guard, message = _stop_cause(trainer, exc)
     except Exception as err:
-        _warn_once("name the guard that stopped the run", err)
+        warn_once("name the guard that stopped the run", err)
         guard, message = type(exc).__name__, str(exc)
     stop = dict(zip(STOP_KEYS, (guard, _clip(message), type(exc).__name__), strict=True))
     try:
         publish_end(trainer, stop)
     except Exception as err:
-        _warn_once("publish trainguard's final key figures", err)
+        warn_once("publish trainguard's final key figures", err)
     run = _wandb_run()
     if run is not None:
         try:
             run.summary.update(stop)
             run.finish(exit_code=1)
         except Exception as err:
-            _warn_once("mark the W&B run failed", err)
+            warn_once("mark the W&B run failed", err)
     mlflow = _mlflow()
     if mlflow is not None:
         try:
@@ -444,5 +445,5 @@ def report_stop(trainer: Any, exc: BaseException) -> dict[str, str]:
                 else:
                     mlflow.MlflowClient().set_terminated(run_id, status="FAILED")
         except Exception as err:
-            _warn_once("mark the MLflow run FAILED", err)
+            warn_once("mark the MLflow run FAILED", err)
     return stop
